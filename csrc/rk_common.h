@@ -1,0 +1,135 @@
+// Shared host-side logic of the scaled Runge-Kutta ops: argument checks and the
+// description of one problem (how many samples, how many elements per sample,
+// whether coefficients are shared or per sample). CPU and CUDA kernels both start here,
+// so every error message is the same on every device.
+#pragma once
+
+#include <torch/types.h>
+
+#include <vector>
+
+namespace bespoke_ext {
+
+// Kernels pass term pointers by value; 16 covers RK updates (2-3 terms), Hermite
+// interpolation (4) and non-stationary solvers with up to 15 stored velocities.
+constexpr int64_t kMaxTerms = 16;
+
+// Fixed reduction block (elements per partial sum). Partial sums are added in a fixed
+// order afterwards, so coefficient gradients and RMS values do not depend on the number
+// of threads: the same bits every run.
+constexpr int64_t kReduceBlock = 16384;
+
+#define BX_CHECK(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
+
+struct RkProblem {
+  int64_t k = 0;          // number of terms
+  int64_t n = 1;          // samples (leading dimension; 1 for 0-dim terms)
+  int64_t len = 1;        // elements per sample
+  bool per_sample = false;  // coeffs is [n, k] rather than [k]
+  at::ScalarType dtype;   // terms' dtype
+};
+
+inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+inline bool is_supported_term_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Checks terms against each other and coeffs against the terms; returns the problem's
+// shape. `op` names the op in messages.
+inline RkProblem check_rk_args(const char* op, at::TensorList terms, const at::Tensor& coeffs,
+                               bool need_leading_dim = false) {
+  RkProblem p;
+  p.k = static_cast<int64_t>(terms.size());
+  BX_CHECK(p.k >= 1, op, ": `terms` must hold at least one tensor, got an empty list");
+  BX_CHECK(p.k <= kMaxTerms, op, ": at most ", kMaxTerms, " terms are supported, got ", p.k);
+  const at::Tensor& t0 = terms[0];
+  BX_CHECK(t0.defined(), op, ": terms[0] is undefined");
+  p.dtype = t0.scalar_type();
+  BX_CHECK(is_supported_term_dtype(p.dtype), op,
+           ": terms must be float16, bfloat16, float32 or float64, got terms[0] of dtype ",
+           dtype_name(p.dtype));
+  if (need_leading_dim) {
+    BX_CHECK(t0.dim() >= 1, op,
+             ": terms must have a leading sample dimension [N, ...], got a 0-dim tensor");
+  }
+  for (int64_t j = 1; j < p.k; ++j) {
+    const at::Tensor& tj = terms[j];
+    BX_CHECK(tj.defined(), op, ": terms[", j, "] is undefined");
+    BX_CHECK(tj.sizes() == t0.sizes(), op, ": all terms must share one shape; terms[0] has shape ",
+             t0.sizes(), " but terms[", j, "] has shape ", tj.sizes());
+    BX_CHECK(tj.scalar_type() == p.dtype, op, ": all terms must share one dtype; terms[0] is ",
+             dtype_name(p.dtype), " but terms[", j, "] is ", dtype_name(tj.scalar_type()));
+    BX_CHECK(tj.device() == t0.device(), op, ": all terms must be on one device; terms[0] is on ",
+             t0.device(), " but terms[", j, "] is on ", tj.device());
+  }
+  if (t0.dim() >= 1) {
+    p.n = t0.size(0);
+    p.len = 1;
+    for (int64_t d = 1; d < t0.dim(); ++d) p.len *= t0.size(d);
+  }
+
+  BX_CHECK(coeffs.defined(), op, ": `coeffs` is undefined");
+  BX_CHECK(coeffs.scalar_type() == at::kFloat || coeffs.scalar_type() == at::kDouble, op,
+           ": `coeffs` must be float32 or float64, got ", dtype_name(coeffs.scalar_type()));
+  BX_CHECK(coeffs.device() == t0.device(), op, ": `coeffs` must be on the terms' device (",
+           t0.device(), "), got ", coeffs.device());
+  if (coeffs.dim() == 1) {
+    BX_CHECK(coeffs.size(0) == p.k, op, ": `coeffs` of shape [k] must have k = len(terms) = ", p.k,
+             " entries, got shape ", coeffs.sizes());
+    p.per_sample = false;
+  } else if (coeffs.dim() == 2) {
+    BX_CHECK(t0.dim() >= 1, op,
+             ": per-sample `coeffs` [N, k] need terms with a leading dimension, got 0-dim terms");
+    BX_CHECK(coeffs.size(0) == p.n && coeffs.size(1) == p.k, op,
+             ": per-sample `coeffs` must have shape [N, k] = [", p.n, ", ", p.k, "], got ",
+             coeffs.sizes());
+    p.per_sample = true;
+  } else {
+    BX_CHECK(false, op, ": `coeffs` must have shape [k] or [N, k] (k = ", p.k, ", N = ", p.n,
+             "), got shape ", coeffs.sizes());
+  }
+  return p;
+}
+
+// A tensor that must match the terms exactly (target, out, incoming gradient).
+inline void check_like_terms(const char* op, const char* name, const at::Tensor& x,
+                             const at::Tensor& t0) {
+  BX_CHECK(x.defined(), op, ": `", name, "` is undefined");
+  BX_CHECK(x.sizes() == t0.sizes(), op, ": `", name, "` must have the terms' shape ", t0.sizes(),
+           ", got ", x.sizes());
+  BX_CHECK(x.scalar_type() == t0.scalar_type(), op, ": `", name, "` must have the terms' dtype ",
+           dtype_name(t0.scalar_type()), ", got ", dtype_name(x.scalar_type()));
+  BX_CHECK(x.device() == t0.device(), op, ": `", name, "` must be on the terms' device ",
+           t0.device(), ", got ", x.device());
+}
+
+// Per-sample vectors (residual output and its incoming gradient): shape [N].
+inline void check_per_sample(const char* op, const char* name, const at::Tensor& v,
+                             const RkProblem& p, const at::Tensor& like) {
+  BX_CHECK(v.defined(), op, ": `", name, "` is undefined");
+  BX_CHECK(v.dim() == 1 && v.size(0) == p.n, op, ": `", name, "` must have shape [N] = [", p.n,
+           "], got ", v.sizes());
+  BX_CHECK(v.device() == like.device(), op, ": `", name, "` must be on the terms' device ",
+           like.device(), ", got ", v.device());
+  BX_CHECK(v.is_floating_point(), op, ": `", name, "` must be floating point, got ",
+           dtype_name(v.scalar_type()));
+}
+
+// Contiguous views of the inputs (a copy only where an input is strided).
+inline std::vector<at::Tensor> contiguous_terms(at::TensorList terms) {
+  std::vector<at::Tensor> out;
+  out.reserve(terms.size());
+  for (const auto& t : terms) out.push_back(t.contiguous());
+  return out;
+}
+
+// Math type: float32 for float16/bfloat16/float32 terms, float64 for float64 terms.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Coefficients in the math type, contiguous, as [rows, k] with rows = 1 when shared.
+inline at::Tensor coeffs_for_math(const at::Tensor& coeffs, const RkProblem& p) {
+  return coeffs.to(acc_dtype(p.dtype)).contiguous();
+}
+
+}  // namespace bespoke_ext

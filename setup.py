@@ -1,0 +1,61 @@
+"""Builds bespoke_ext._C: the C++ (always) and CUDA (when available) kernels of the ops.
+
+Switches (environment variables):
+  BESPOKE_EXT_FORCE_CPU=1   build the CPU kernels only, even with a CUDA toolkit present
+  BESPOKE_EXT_FORCE_CUDA=1  compile the CUDA kernels even when no GPU is visible (the usual
+                            case on build machines); fails if torch or the toolkit lacks CUDA
+By default CUDA kernels are compiled when torch is a CUDA build and a toolkit is found
+(CUDA_HOME). TORCH_CUDA_ARCH_LIST picks the GPU architectures, as for any torch extension.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _use_cuda() -> bool:
+    if _flag("BESPOKE_EXT_FORCE_CPU"):
+        return False
+    import torch
+
+    has_toolkit = cpp_extension.CUDA_HOME is not None
+    if _flag("BESPOKE_EXT_FORCE_CUDA"):
+        if torch.version.cuda is None or not has_toolkit:
+            raise RuntimeError(
+                "BESPOKE_EXT_FORCE_CUDA=1 but "
+                + ("torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit was found (set CUDA_HOME)")
+            )
+        return True
+    return torch.version.cuda is not None and has_toolkit
+
+
+def _extension():
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    link = ["-fopenmp"]
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    if _use_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "bespoke_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DBESPOKE_EXT_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
+        )
+    return cpp_extension.CppExtension(
+        "bespoke_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
