@@ -38,12 +38,12 @@ def _use_cuda() -> bool:
 
 
 def _extension():
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     link = ["-fopenmp"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if _use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        nvcc = ["-O3", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "bespoke_ext._C",
             sources,

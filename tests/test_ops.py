@@ -1,0 +1,341 @@
+"""The fused ops against a float64 reference, under opcheck, gradcheck, torch.compile,
+hypothesis, and with bad inputs. Runs on the CPU everywhere and on CUDA where available."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bespoke_ext import ops
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# relative tolerance of one result element: output rounding of the dtype plus float32 math
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def ref_update(terms, coeffs):
+    """sum_j c[..., j] T_j in float64."""
+    t64 = [t.double() for t in terms]
+    c = coeffs.double()
+    if c.dim() == 1:
+        return sum(c[j] * t64[j] for j in range(len(terms)))
+    shape = (-1,) + (1,) * (terms[0].dim() - 1)
+    return sum(c[:, j].reshape(shape) * t64[j] for j in range(len(terms)))
+
+
+def ref_residual(terms, coeffs, target):
+    r = ref_update(terms, coeffs) - target.double()
+    return r.pow(2).reshape(r.shape[0], -1).mean(1).sqrt()
+
+
+def scale_of(terms, coeffs):
+    """A bound on |sum_j c_j T_j| elementwise, for error tolerances."""
+    c = coeffs.double().abs()
+    if c.dim() == 1:
+        return sum(c[j] * t.double().abs() for j, t in enumerate(terms))
+    shape = (-1,) + (1,) * (terms[0].dim() - 1)
+    return sum(c[:, j].reshape(shape) * t.double().abs() for j, t in enumerate(terms))
+
+
+def make_terms(k, shape, dtype, device, strided=False, gen=None):
+    terms = []
+    for _ in range(k):
+        if strided:
+            # every other element of a wider tensor, transposed: neither contiguous nor dense
+            big = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64)
+            t = big[..., ::2]
+        else:
+            t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        terms.append(t.to(dtype=dtype, device=device))
+    return terms
+
+
+def make_coeffs(k, n, per_sample, cdtype, device, gen=None):
+    shape = (n, k) if per_sample else (k,)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=cdtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_update_matches_float64_reference(device, dtype, k, per_sample, strided):
+    gen = torch.Generator().manual_seed(1000 * k + 10 * per_sample + strided)
+    terms = make_terms(k, (7, 3, 37), dtype, device, strided, gen)
+    coeffs = make_coeffs(k, 7, per_sample, torch.float64 if k % 2 else torch.float32, device, gen)
+    out = ops.rk_update(terms, coeffs)
+    assert out.dtype == dtype and out.shape == terms[0].shape and out.device == terms[0].device
+    assert out.is_contiguous()
+    expected = ref_update(terms, coeffs)
+    err = (out.double() - expected).abs()
+    tol = RTOL[dtype] * (scale_of(terms, coeffs) + expected.abs()) + 1e-30
+    assert bool((err <= tol).all()), f"max error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_residual_matches_float64_reference(device, dtype, per_sample, strided):
+    gen = torch.Generator().manual_seed(7 + per_sample + 2 * strided)
+    k = 3
+    terms = make_terms(k, (5, 4, 33), dtype, device, strided, gen)
+    target = make_terms(1, (5, 4, 33), dtype, device, strided, gen)[0]
+    coeffs = make_coeffs(k, 5, per_sample, torch.float32, device, gen)
+    out = ops.rk_residual(terms, coeffs, target)
+    assert out.shape == (5,) and out.dtype == dtype
+    expected = ref_residual(terms, coeffs, target)
+    torch.testing.assert_close(out.double().cpu(), expected.cpu(), rtol=max(RTOL[dtype], 1e-7) * 4, atol=1e-12)
+
+
+def test_large_rows_use_several_reduction_blocks(device):
+    # more than one reduction chunk per sample (16384 elements) and an odd tail
+    gen = torch.Generator().manual_seed(3)
+    terms = make_terms(2, (2, 40001), torch.float32, device, gen=gen)
+    target = make_terms(1, (2, 40001), torch.float32, device, gen=gen)[0]
+    coeffs = make_coeffs(2, 2, True, torch.float64, device, gen)
+    torch.testing.assert_close(
+        ops.rk_residual(terms, coeffs, target).double().cpu(), ref_residual(terms, coeffs, target).cpu(), rtol=1e-5, atol=0
+    )
+
+
+def test_update_out_writes_in_place_and_into_strided_out(device):
+    gen = torch.Generator().manual_seed(5)
+    x, u = make_terms(2, (6, 10), torch.float32, device, gen=gen)
+    c = torch.tensor([0.5, -2.0], device=device)
+    expected = ref_update([x, u], c)
+    x_alias = x.clone()
+    assert ops.rk_update_out([x_alias, u], c, x_alias) is x_alias  # x <- a x + b u in place
+    torch.testing.assert_close(x_alias.double(), expected)
+    out = torch.zeros(10, 6, device=device).t()  # non-contiguous destination
+    ops.rk_update_out([x, u], c, out)
+    torch.testing.assert_close(out.double(), expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0,), (4, 0), (3, 0, 2)])
+def test_empty_inputs(device, shape):
+    terms = [torch.randn(shape, device=device) for _ in range(2)]
+    n = shape[0]
+    for coeffs in (torch.ones(2, device=device), torch.ones(n, 2, device=device)):
+        out = ops.rk_update(terms, coeffs)
+        assert out.shape == shape
+        rms = ops.rk_residual(terms, coeffs, terms[0])
+        assert rms.shape == (n,)
+        # the mean over zero elements is NaN, as torch's mean() gives
+        assert bool(torch.isnan(rms).all()) if n > 0 else rms.numel() == 0
+        cg = coeffs.clone().requires_grad_()
+        tg = [t.clone().requires_grad_() for t in terms]
+        ops.rk_update(tg, cg).sum().backward()
+        assert cg.grad.shape == cg.shape and bool((cg.grad == 0).all())
+
+
+def test_zero_dim_terms(device):
+    a, b = torch.tensor(2.0, device=device), torch.tensor(3.0, device=device)
+    out = ops.rk_update([a, b], torch.tensor([1.5, -1.0], device=device))
+    assert out.shape == () and out.item() == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+
+
+def _leaf(ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_update_gradcheck(device, per_sample):
+    gen = torch.Generator().manual_seed(11)
+    terms = _leaf(make_terms(3, (4, 5), torch.float64, device, gen=gen))
+    coeffs = make_coeffs(3, 4, per_sample, torch.float64, device, gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, *t: ops.rk_update(list(t), c), (coeffs, *terms))
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_residual_gradcheck(device, per_sample):
+    gen = torch.Generator().manual_seed(12)
+    terms = _leaf(make_terms(3, (4, 2, 3), torch.float64, device, gen=gen))
+    target = _leaf(make_terms(1, (4, 2, 3), torch.float64, device, gen=gen))[0]
+    coeffs = make_coeffs(3, 4, per_sample, torch.float64, device, gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, y, *t: ops.rk_residual(list(t), c, y), (coeffs, target, *terms))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_have_input_dtypes_and_match_autograd_reference(device, dtype):
+    gen = torch.Generator().manual_seed(13)
+    terms = _leaf(make_terms(3, (6, 50), dtype, device, gen=gen))
+    target = _leaf(make_terms(1, (6, 50), dtype, device, gen=gen))[0]
+    coeffs = make_coeffs(3, 6, True, torch.float64, device, gen).requires_grad_()
+    w = torch.rand(6, generator=gen, dtype=torch.float64).to(device)
+    (ops.rk_residual(terms, coeffs, target).double() * w).sum().backward()
+    # reference: the same expression in float64 through torch autograd
+    t64 = _leaf([t.double() for t in terms])
+    y64 = _leaf([target.double()])[0]
+    c64 = coeffs.detach().clone().requires_grad_()
+    (ref_residual(t64, c64, y64) * w).sum().backward()
+    assert coeffs.grad.dtype == torch.float64 and terms[0].grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(coeffs.grad, c64.grad, rtol=tol, atol=tol)
+    for t, r in zip(terms + [target], t64 + [y64]):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=tol, atol=tol)
+
+
+def test_only_requested_gradients_are_computed():
+    terms = [torch.randn(4, 3), torch.randn(4, 3)]
+    gt, gc = torch.ops.bespoke_ext.rk_update_backward(torch.ones(4, 3), terms, torch.ones(2), False, True)
+    assert gt == [] and gc.shape == (2,)
+    gt, gc = torch.ops.bespoke_ext.rk_update_backward(torch.ones(4, 3), terms, torch.ones(2), True, False)
+    assert len(gt) == 2 and gc.numel() == 0
+
+
+def test_coefficient_gradients_are_deterministic_across_thread_counts():
+    gen = torch.Generator().manual_seed(14)
+    terms = make_terms(3, (3, 100_003), torch.float32, "cpu", gen=gen)
+    coeffs = make_coeffs(3, 3, False, torch.float32, "cpu", gen)
+    grad = torch.randn(3, 100_003, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, threads, 1):
+            torch.set_num_threads(n)
+            results.append(torch.ops.bespoke_ext.rk_update_backward(grad, terms, coeffs, False, True)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+
+
+def _opcheck_samples(device):
+    gen = torch.Generator().manual_seed(15)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for per_sample in (False, True):
+            terms = make_terms(3, (4, 6), dtype, device, gen=gen)
+            coeffs = make_coeffs(3, 4, per_sample, torch.float32, device, gen)
+            target = make_terms(1, (4, 6), dtype, device, gen=gen)[0]
+            yield terms, coeffs, target
+
+
+def test_opcheck_all_ops(device):
+    o = torch.ops.bespoke_ext
+    for terms, coeffs, target in _opcheck_samples(device):
+        rg = terms[0].dtype != torch.bfloat16  # gradcheck-style checks need float32/64
+        tl = [t.clone().requires_grad_(rg) for t in terms]
+        torch.library.opcheck(o.rk_update.default, (tl, coeffs.clone().requires_grad_(rg)))
+        torch.library.opcheck(
+            o.rk_residual.default, (tl, coeffs.clone().requires_grad_(rg), target.clone().requires_grad_(rg))
+        )
+        torch.library.opcheck(o.rk_update_out.default, (terms, coeffs, torch.empty_like(terms[0])))
+        grad = torch.randn_like(terms[0])
+        torch.library.opcheck(o.rk_update_backward.default, (grad, terms, coeffs, True, True))
+        rms = o.rk_residual(terms, coeffs, target)
+        g = torch.rand_like(rms)
+        torch.library.opcheck(o.rk_residual_backward.default, (g, rms, terms, coeffs, target, True, True, True))
+        torch.library.opcheck(o.rk_residual_backward.default, (g, rms, terms, coeffs, target, False, True, False))
+
+
+def test_torch_compile_fullgraph_parity(device):
+    gen = torch.Generator().manual_seed(16)
+    terms = _leaf(make_terms(3, (5, 8), torch.float32, device, gen=gen))
+    target = make_terms(1, (5, 8), torch.float32, device, gen=gen)[0]
+    coeffs = make_coeffs(3, 5, True, torch.float32, device, gen).requires_grad_()
+
+    def f(terms, coeffs, target):
+        x = ops.rk_update(terms, coeffs)
+        return ops.rk_residual([x, terms[1]], coeffs[:, :2], target).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    eager_loss = f(terms, coeffs, target)
+    eager_grads = torch.autograd.grad(eager_loss, [coeffs, *terms])
+    comp_loss = compiled(terms, coeffs, target)
+    comp_grads = torch.autograd.grad(comp_loss, [coeffs, *terms])
+    torch.testing.assert_close(comp_loss, eager_loss)
+    for a, b in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# property test
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 6),
+    inner=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+    k=st.integers(1, 8),
+    dtype=st.sampled_from(DTYPES),
+    per_sample=st.booleans(),
+    transpose=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_update_and_residual(n, inner, k, dtype, per_sample, transpose, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, *inner)
+    terms = []
+    for _ in range(k):
+        t = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        if transpose and t.dim() >= 3:
+            t = t.transpose(1, 2).contiguous().transpose(1, 2)  # same values, permuted strides
+        terms.append(t)
+    coeffs = make_coeffs(k, n, per_sample, torch.float64, "cpu", gen)
+    out = ops.rk_update(terms, coeffs)
+    expected = ref_update(terms, coeffs)
+    tol = RTOL[dtype] * (scale_of(terms, coeffs) + expected.abs()) + 1e-30
+    assert bool(((out.double() - expected).abs() <= tol).all())
+    if math.prod(inner) > 0 and n > 0:
+        target = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        rms = ops.rk_residual(terms, coeffs, target)
+        torch.testing.assert_close(rms.double(), ref_residual(terms, coeffs, target), rtol=8 * RTOL[dtype] + 1e-9, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs: clear errors that name the argument
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ops.rk_update([], torch.ones(0)), "at least one tensor"),
+        (lambda: ops.rk_update([torch.ones(2, 3), torch.ones(2, 4)], torch.ones(2)), "terms[1] has shape"),
+        (lambda: ops.rk_update([torch.ones(2, 3), torch.ones(2, 3).double()], torch.ones(2)), "share one dtype"),
+        (lambda: ops.rk_update([torch.ones(2, 3, dtype=torch.int32)], torch.ones(1)), "float16, bfloat16, float32 or float64"),
+        (lambda: ops.rk_update([torch.ones(2, 3)] * 2, torch.ones(3)), "k = len(terms) = 2"),
+        (lambda: ops.rk_update([torch.ones(2, 3)] * 2, torch.ones(3, 2)), "per-sample `coeffs` must have shape [N, k] = [2, 2]"),
+        (lambda: ops.rk_update([torch.ones(2, 3)] * 2, torch.ones(2, 2, 1)), "`coeffs` must have shape [k] or [N, k]"),
+        (lambda: ops.rk_update([torch.ones(2, 3)] * 2, torch.ones(2, dtype=torch.float16)), "`coeffs` must be float32 or float64"),
+        (lambda: ops.rk_update([torch.ones(2, 3)] * 17, torch.ones(17)), "at most 16 terms"),
+        (lambda: ops.rk_update_out([torch.ones(2, 3)], torch.ones(1), torch.ones(3, 2)), "`out` must have the terms' shape"),
+        (lambda: ops.rk_update_out([torch.ones(2, 3)], torch.ones(1), torch.ones(2, 3).double()), "`out` must have the terms' dtype"),
+        (lambda: ops.rk_residual([torch.ones(2, 3)], torch.ones(1), torch.ones(2, 4)), "`target` must have the terms' shape"),
+        (lambda: ops.rk_residual([torch.tensor(1.0)], torch.ones(1), torch.tensor(1.0)), "leading sample dimension"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(make, message):
+    with pytest.raises(RuntimeError) as info:
+        make()
+    assert message in str(info.value)
+
+
+@pytest.mark.cuda
+def test_coeffs_on_another_device_are_refused():
+    with pytest.raises(RuntimeError, match="`coeffs` must be on the terms' device"):
+        ops.rk_update([torch.ones(2, 3, device="cuda")], torch.ones(1))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_of_update():
+    x, u = torch.randn(64, 100, device="cuda"), torch.randn(64, 100, device="cuda")
+    c = torch.tensor([1.0, 0.1], device="cuda")
+    out = torch.empty_like(x)
+    ops.rk_update_out([x, u], c, out)  # warm up outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.rk_update_out([x, u], c, out)
+    c.copy_(torch.tensor([2.0, -1.0], device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, 2 * x - u)
