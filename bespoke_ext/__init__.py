@@ -2,10 +2,17 @@
 
 Learn a few dozen numbers (a re-timing and re-scaling of a model's ODE) and sample in 5-20
 model evaluations at the quality plain solvers need several times more for.
+
+    import bespoke_ext as bx
+    x1 = bx.sample(model, x0, method="midpoint", nfe=10)          # a baseline, drop-in for flow_matching
+    solver = bx.train(model, bx.BespokeSolver(steps=5, order=2), shape=(2,), iterations=300, batch_size=64)
+    x1 = bx.sample(model, x0, solver=solver)                      # 10 model evaluations
 """
 
 from . import ops
+from .sampling import METHODS, SampleStats, sample
+from .solvers import BespokeSolver, SolverFileError
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "sample", "SampleStats", "METHODS", "BespokeSolver", "SolverFileError", "__version__"]

@@ -1,0 +1,158 @@
+"""The executor: the only loop over solver stages in the package.
+
+It runs a :class:`Program` (see program.py). Before the loop: the float64 time and coefficient
+tables are cast to the state's device (times in the state's dtype, coefficients in the math type of
+the fused ops: float32, or float64 for float64 states) and every Eval's time and every Combine's
+coefficient row is sliced as a view (once per program, device and dtype: reused programs keep them
+in ``Program.views``), and the buffers are allocated (every call: results are handed out). The
+loop then does nothing per stage but the model call or one ``rk_update_out`` launch: no
+allocation of its own, no host synchronisation, no autograd (inference mode). With
+``enable_grad`` it runs the differentiable ``rk_update`` instead, so gradients reach x0, the model
+and the tables (a learned solver's parameters).
+
+Buffers and the intermediates tensor are allocated outside inference mode, so the tensors returned
+are ordinary tensors that later autograd code may use, like flow_matching's results.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .program import Eval, Program
+from .stats import ForwardCounter, SampleStats
+
+__all__ = ["execute", "coefficient_dtype", "check_velocity"]
+
+_rk_update_out = torch.ops.bespoke_ext.rk_update_out.default
+
+# One resolved instruction: (is_eval, dst, src | srcs, time view | coefficient view).
+Step = Tuple[bool, int, object, Tensor]
+
+
+def coefficient_dtype(state_dtype: torch.dtype) -> torch.dtype:
+    """The fused ops compute in float32 (float64 for float64 states): hand them that dtype."""
+    return torch.float64 if state_dtype == torch.float64 else torch.float32
+
+
+def check_velocity(v, x: Tensor, time: Tensor, method: str) -> None:
+    """The model's output must be a tensor like its input x (checked once per call, no sync)."""
+    if torch.is_tensor(v) and v.shape == x.shape and v.dtype == x.dtype and v.device == x.device:
+        return
+    # Only now read the time (a host sync on CUDA) to say where it happened.
+    at = f"model(x, t={float(time.detach()):.6g}) while sampling with {method!r}"
+    if not torch.is_tensor(v):
+        raise TypeError(f"{at} returned {type(v).__name__}; expected a velocity tensor of x's shape {tuple(x.shape)}")
+    if v.shape != x.shape:
+        raise ValueError(f"{at} returned shape {tuple(v.shape)}; expected x's shape {tuple(x.shape)}")
+    if v.dtype != x.dtype:
+        raise ValueError(f"{at} returned dtype {v.dtype}; expected x's dtype {x.dtype} (cast inside the model)")
+    raise ValueError(f"{at} returned a tensor on {v.device}; expected x's device {x.device}")
+
+
+def execute(program: Program, model: Callable, x0: Tensor, extras: dict, *,
+            enable_grad: bool = False) -> Tuple[Tensor, Optional[Tensor], SampleStats]:
+    """Run ``program`` from x0; returns (final state, stacked intermediates or None, stats)."""
+    counter = ForwardCounter(model)
+    first = _FirstEvalCheck(program.method, counter)
+    if enable_grad:
+        with torch.enable_grad():
+            slots, steps, _ = prepare(program, x0, differentiable=True)
+            run_steps(steps, slots, model, extras, _combine_differentiable, first)
+            traj = torch.stack(slots[program.num_slots:]) if program.num_records else None
+    else:
+        with torch.no_grad():
+            slots, steps, traj = prepare(program, x0)
+        with torch.inference_mode():
+            run_steps(steps, slots, model, extras, combine_into, first)
+    return slots[program.output], traj, stats_of(program, counter)
+
+
+def stats_of(program: Program, counter: ForwardCounter) -> SampleStats:
+    return SampleStats(nfe=program.nfe, network_forwards=program.nfe * counter.per_eval,
+                       steps=program.steps, method=program.method)
+
+
+class _FirstEvalCheck:
+    """Validates the first model output and reads the forward counter; a no-op afterwards."""
+
+    def __init__(self, method: str, counter: ForwardCounter):
+        self.method = method
+        self.counter = counter
+
+    def __call__(self, v, x: Tensor, time: Tensor) -> None:
+        check_velocity(v, x, time, self.method)
+        self.counter.after_first_eval()
+
+
+def prepare(program: Program, x0: Tensor, differentiable: bool = False,
+            tables: Optional[Tuple[Tensor, Tensor]] = None
+            ) -> Tuple[List[Optional[Tensor]], List[Step], Optional[Tensor]]:
+    """Resolve every instruction to its tensors (tables cast once), allocate the buffers and the
+    intermediates (not when differentiable: then every combination is a new tensor).
+
+    ``tables``: (times, coeffs) already cast, to be used in place (CUDA graphs' static tables).
+    """
+    if tables is not None:
+        steps = _resolve(program, *tables)
+    elif differentiable:
+        steps = _resolve(program, *_cast(program.times, program.coeffs, x0))
+    else:
+        key = (x0.device, x0.dtype)
+        steps = program.views.get(key)
+        if steps is None:
+            steps = program.views[key] = _resolve(program, *_cast(program.times.detach(), program.coeffs.detach(), x0))
+    slots: List[Optional[Tensor]] = [None] * (program.num_slots + program.num_records)
+    slots[program.INPUT] = x0
+    traj = None
+    if not differentiable:
+        for s in program.buffers:
+            slots[s] = torch.empty_like(x0, memory_format=torch.contiguous_format)
+        if program.num_records:
+            traj = x0.new_empty((program.num_records, *x0.shape))
+            for j in range(program.num_records):
+                slots[program.num_slots + j] = traj[j]
+    return slots, steps, traj
+
+
+def _cast(times: Tensor, coeffs: Tensor, x0: Tensor) -> Tuple[Tensor, Tensor]:
+    return (times.to(device=x0.device, dtype=x0.dtype),
+            coeffs.to(device=x0.device, dtype=coefficient_dtype(x0.dtype)))
+
+
+def _resolve(program: Program, times: Tensor, coeffs: Tensor) -> List[Step]:
+    steps: List[Step] = []
+    for op in program.instructions:
+        if isinstance(op, Eval):
+            steps.append((True, op.dst, op.src, times[op.time]))
+        else:
+            steps.append((False, op.dst, op.srcs, coeffs[op.start:op.start + len(op.srcs)]))
+    return steps
+
+
+def combine_into(terms: List[Tensor], coeffs: Tensor, out: Tensor) -> Tensor:
+    """Inference: write the combination into the slot's preallocated tensor."""
+    _rk_update_out(terms, coeffs, out)
+    return out
+
+
+def _combine_differentiable(terms: List[Tensor], coeffs: Tensor, out: Optional[Tensor]) -> Tensor:
+    return ops.rk_update(terms, coeffs)
+
+
+def run_steps(steps: List[Step], slots: List[Optional[Tensor]], model: Callable, extras: dict,
+              combine: Callable, first_eval: Optional[Callable] = None) -> None:
+    """The hot loop: a model call or one fused combination per instruction, nothing else."""
+    check = first_eval
+    for is_eval, dst, src, arg in steps:
+        if is_eval:
+            v = model(slots[src], arg, **extras)
+            if check is not None:
+                check(v, slots[src], arg)
+                check = None
+            slots[dst] = v
+        else:
+            slots[dst] = combine([slots[i] for i in src], arg, slots[dst])

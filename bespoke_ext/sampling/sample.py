@@ -1,0 +1,190 @@
+"""``sample``: a drop-in for flow_matching's ``ODESolver(model).sample(x_init=x0, ...)``."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..solvers.adaptive import ADAPTIVE_METHODS, solve_adaptive
+from ..solvers.dpm_solver import DPM_METHOD, dpm_solver_program
+from ..solvers.tableaus import TABLEAUS, fixed_step_program
+from ..solvers.time_grid import (
+    as_time_grid, check_step_size, record_plan, step_size_grid, steps_for_nfe, uniform_grid,
+)
+from .cuda_graph import execute_graphed
+from .executor import execute
+from .program import Program
+
+__all__ = ["sample", "METHODS", "DEFAULT_METHOD"]
+
+METHODS = (*TABLEAUS, DPM_METHOD, *ADAPTIVE_METHODS)
+DEFAULT_METHOD = "euler"  # flow_matching's default
+_ALIASES = {"heun2": "heun"}  # torchdiffeq's name
+
+
+def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = None,
+           nfe: Optional[int] = None, step_size: Optional[float] = None, time_grid=None,
+           atol: float = 1e-5, rtol: float = 1e-5, return_intermediates: bool = False,
+           enable_grad: bool = False, return_stats: bool = False, cuda_graph: bool = False,
+           **model_extras):
+    """Solve dx/dt = model(x, t, **model_extras) from x(time_grid[0]) = x0 (t = 0 noise, t = 1 data).
+
+    Arguments mean what they mean in flow_matching's ``ODESolver.sample``:
+
+    - ``method``: "euler" (the default, as in flow_matching), "midpoint", "heun" (torchdiffeq's
+      "heun2"), "rk4" (torchdiffeq's 3/8-rule RK4, as flow_matching runs it), "dpm++2m"
+      (DPM-Solver++(2M) on the OT path, for comparison) or "dopri5" (adaptive, ``atol``/``rtol``).
+      With no nfe / step_size / time_grid either, that is one Euler step, as in flow_matching.
+    - ``time_grid`` (default [0., 1.]): increasing or decreasing times. Fixed-step methods step
+      from point to point unless ``step_size`` or ``nfe`` is given; intermediates are reported at
+      these points (linearly interpolated inside a step, as torchdiffeq does).
+    - ``step_size``: fixed steps of this size from time_grid[0] (the last one shortened).
+    - ``nfe`` (beyond flow_matching): exactly this many model evaluations with uniform steps over
+      [time_grid[0], time_grid[-1]]; a ValueError if the method cannot make exactly that many.
+    - ``solver``: a learned solver (``BespokeSolver``) instead of ``method``; it fixes its own time
+      grid (``solver.times()``, where intermediates are then reported) and NFE.
+    - ``return_intermediates``: return the states at the time_grid points stacked, [T, *x0.shape].
+    - ``enable_grad``: keep the autograd graph (to x0, the model and a solver's parameters);
+      otherwise the loop runs under inference mode and returns ordinary tensors without history.
+
+    Beyond flow_matching:
+
+    - ``return_stats``: also return a SampleStats (nfe, network_forwards, steps, method).
+    - ``cuda_graph``: for CUDA x0 and fixed-step methods or solvers, capture the whole run, model
+      included, in a CUDA graph on the first call and replay it afterwards (sampling/cuda_graph.py);
+      no effect for CPU tensors; an error with "dopri5" or enable_grad.
+
+    The model is called as ``model(x, t, **model_extras)`` with t a 0-dim tensor in x's dtype and
+    must return a new tensor of x's shape, dtype and device (checked on the first call).
+    ``return_stats`` and ``cuda_graph`` are therefore not passed on as model extras.
+    """
+    _check_model_and_x0(model, x0)
+    if cuda_graph and enable_grad:
+        raise ValueError("cuda_graph=True replays an inference-only run; it cannot be combined with enable_grad=True")
+    if solver is not None:
+        program = _solver_program(solver, x0, method=method, nfe=nfe, step_size=step_size,
+                                  time_grid=time_grid, intermediates=return_intermediates,
+                                  enable_grad=enable_grad)
+    else:
+        name = _method_name(method)
+        grid = as_time_grid(time_grid)
+        if name in ADAPTIVE_METHODS:
+            _check_adaptive_args(name, nfe=nfe, step_size=step_size, atol=atol, rtol=rtol, cuda_graph=cuda_graph)
+            traj, stats = solve_adaptive(model, x0, grid, atol=atol, rtol=rtol, extras=model_extras,
+                                         enable_grad=enable_grad, method=name)
+            return _result(traj[-1], traj, stats, return_intermediates, return_stats)
+        program = _fixed_program(name, grid, nfe=nfe, step_size=step_size, intermediates=return_intermediates)
+    if cuda_graph and x0.is_cuda:
+        final, traj, stats = execute_graphed(program, model, x0, model_extras)
+    else:
+        final, traj, stats = execute(program, model, x0, model_extras, enable_grad=enable_grad)
+    return _result(final, traj, stats, return_intermediates, return_stats)
+
+
+def _result(final, traj, stats, intermediates: bool, with_stats: bool):
+    out = traj if intermediates else final
+    return (out, stats) if with_stats else out
+
+
+def _check_model_and_x0(model: Callable, x0) -> None:
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t, **extras), got {type(model).__name__}")
+    if not torch.is_tensor(x0):
+        raise TypeError(f"x0 must be a tensor [batch, ...], got {type(x0).__name__}")
+    if not x0.is_floating_point():
+        raise ValueError(f"x0 must be a floating-point tensor (float16/bfloat16/float32/float64), got {x0.dtype}")
+    device = _module_device(model)
+    if device is not None and device != x0.device:
+        raise ValueError(f"x0 is on {x0.device} but the model's parameters are on {device}; "
+                         f"move one of them (e.g. x0.to({str(device)!r}))")
+
+
+def _module_device(module) -> Optional[torch.device]:
+    """The device of a module's first parameter or buffer (None: not a module, none, or meta)."""
+    if not isinstance(module, nn.Module):
+        return None
+    for t in module.parameters():
+        return None if t.is_meta else t.device
+    for t in module.buffers():
+        return None if t.is_meta else t.device
+    return None
+
+
+def _method_name(method) -> str:
+    if method is None:
+        return DEFAULT_METHOD
+    if not isinstance(method, str):
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    name = _ALIASES.get(method.lower(), method.lower())
+    if name not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS} (or pass solver=)")
+    return name
+
+
+def _fixed_program(name: str, grid: Tensor, *, nfe, step_size, intermediates: bool) -> Program:
+    step = check_step_size(step_size)
+    if nfe is not None and step is not None:
+        raise ValueError(f"give nfe or step_size, not both (got nfe={nfe!r}, step_size={step_size!r})")
+    evals_per_step = TABLEAUS[name].stages if name in TABLEAUS else 1
+    if nfe is not None:
+        steps = steps_for_nfe(nfe, evals_per_step, name)
+        steps_grid = uniform_grid(float(grid[0]), float(grid[-1]), steps)
+    elif step is not None:
+        steps_grid = step_size_grid(grid, step)
+    else:
+        steps_grid = grid.to(torch.float64)
+    if name == DPM_METHOD and not (0.0 <= float(grid[0]) < float(grid[-1]) <= 1.0):
+        raise ValueError(f"method {DPM_METHOD!r} integrates from noise to data: time_grid must increase "
+                         f"inside [0, 1], got {grid.tolist()}")
+    plan = record_plan(steps_grid, grid) if intermediates else None
+    return _cached_program(name, tuple(steps_grid.tolist()),
+                           None if plan is None else tuple(tuple(step) for step in plan))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_program(name: str, grid: Tuple[float, ...], plan) -> Program:
+    """Fixed methods' programs depend only on these (hashable) arguments; building one costs about
+    as much as a few fused launches, so repeated calls reuse it (programs are never mutated)."""
+    steps_grid = torch.tensor(grid, dtype=torch.float64)
+    if name == DPM_METHOD:
+        return dpm_solver_program(steps_grid, plan)
+    return fixed_step_program(TABLEAUS[name], steps_grid, plan)
+
+
+def _check_adaptive_args(name: str, *, nfe, step_size, atol, rtol, cuda_graph: bool) -> None:
+    if nfe is not None:
+        raise ValueError(f"method {name!r} is adaptive: it chooses its own NFE (see return_stats=True); drop nfe={nfe!r}")
+    if step_size is not None:
+        raise ValueError(f"method {name!r} is adaptive: step_size applies to fixed-step methods; drop step_size={step_size!r}")
+    if cuda_graph:
+        raise ValueError(f"cuda_graph=True needs a fixed number of steps; method {name!r} is adaptive")
+    for label, tol in (("atol", atol), ("rtol", rtol)):
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol > 0 and math.isfinite(tol)):
+            raise ValueError(f"{label} must be a positive number, got {tol!r}")
+
+
+def _solver_program(solver, x0: Tensor, *, method, nfe, step_size, time_grid, intermediates: bool,
+                    enable_grad: bool) -> Program:
+    if method is not None:
+        raise ValueError(f"give solver= or method=, not both (got method={method!r})")
+    if step_size is not None or time_grid is not None:
+        raise ValueError("a learned solver fixes its own time grid (solver.times()); step_size and "
+                         "time_grid apply to method= only")
+    if not callable(getattr(solver, "program", None)):
+        raise TypeError(f"solver must be a learned solver such as BespokeSolver, got {type(solver).__name__}")
+    if nfe is not None and nfe != solver.nfe:
+        raise ValueError(f"this solver makes {solver.nfe} model evaluations; got nfe={nfe!r} "
+                         f"(train a solver with that NFE, or drop nfe)")
+    device = _module_device(solver)
+    if device is not None and device != x0.device:
+        raise ValueError(f"the solver is on {device} but x0 is on {x0.device}; move it with solver.to(x0.device)")
+    with torch.set_grad_enabled(enable_grad):
+        program = solver.program(intermediates=intermediates)
+    # One host sync per call, before the loop: a diverged solver fails here, not as NaN samples.
+    if not (bool(torch.isfinite(program.coeffs).all()) and bool(torch.isfinite(program.times).all())):
+        raise ValueError(f"the solver's coefficients are not finite ({solver!r}); was its training diverging?")
+    return program

@@ -1,0 +1,383 @@
+"""sample(): agreement with flow_matching, NFE accounting, intermediates, gradients, input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flow_matching.solver import ODESolver
+
+from bespoke_ext.sampling import METHODS, SampleStats, sample
+from bespoke_ext.solvers import BespokeSolver
+
+F64 = torch.float64
+
+
+class Field(torch.nn.Module):
+    """A small nonlinear velocity model with a parameter, an optional extra and a call counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.7, -0.4, 1.1]))
+        self.calls = 0
+
+    def forward(self, x, t, scale=1.0, shift=None):
+        self.calls += 1
+        out = scale * (torch.sin(2 * x) * self.w * (1 + t) - x * t * t)
+        return out if shift is None else out + shift
+
+
+class GuidedField(Field):
+    """Counts two network forwards per evaluation, as classifier-free guidance does."""
+
+    def __init__(self):
+        super().__init__()
+        self.network_forwards = 0
+
+    def forward(self, x, t, **extras):
+        self.network_forwards += 2
+        return super().forward(x, t, **extras)
+
+
+@pytest.fixture
+def x0():
+    return torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+
+
+def reference(model, x0, method, **kwargs):
+    return ODESolver(model).sample(x_init=x0, method={"heun": "heun2"}.get(method, method), **kwargs)
+
+
+# -- drop-in agreement with flow_matching ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun", "rk4"])
+@pytest.mark.parametrize("grid, step_size", [
+    ([0.0, 1.0], 0.05),
+    ([0.0, 1.0], 0.3),  # last step shortened
+    ([0.0, 0.2, 0.55, 0.9, 1.0], None),
+    ([0.0, 0.33, 0.5, 1.0], 0.1),  # intermediates interpolated inside steps
+    ([1.0, 0.6, 0.0], 0.15),  # decreasing: solved backwards
+])
+def test_matches_flow_matching(x0, method, grid, step_size):
+    model = Field()
+    tg = torch.tensor(grid)
+    kwargs = dict(step_size=step_size, time_grid=tg, scale=1.3, shift=0.1)
+    got = sample(model, x0, method=method, return_intermediates=True, **kwargs)
+    with torch.no_grad():
+        expected = reference(model, x0, method, return_intermediates=True, **kwargs)
+    assert got.shape == expected.shape == (len(grid), *x0.shape)
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+    final = sample(model, x0, method=method, **kwargs)
+    torch.testing.assert_close(final, expected[-1], rtol=2e-6, atol=2e-6)
+
+
+def test_default_is_one_euler_step_like_flow_matching(x0):
+    model = Field()
+    got, stats = sample(model, x0, return_stats=True)
+    with torch.no_grad():
+        expected = ODESolver(model).sample(x_init=x0, step_size=None)
+    torch.testing.assert_close(got, expected)
+    assert stats == SampleStats(nfe=1, network_forwards=1, steps=1, method="euler")
+
+
+def test_dopri5_matches_flow_matching_and_counts_evaluations(x0):
+    model = Field()
+    tg = torch.tensor([0.0, 0.5, 1.0])
+    got, stats = sample(model, x0, method="dopri5", time_grid=tg, return_intermediates=True,
+                        atol=1e-6, rtol=1e-6, return_stats=True)
+    calls = model.calls
+    with torch.no_grad():
+        expected = ODESolver(model).sample(x_init=x0, step_size=None, method="dopri5", time_grid=tg,
+                                           return_intermediates=True, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert stats.nfe == calls > 6 and stats.steps is None
+
+
+def test_float64_agrees_tightly(x0):
+    """With float64 states and a float64 time grid both do all arithmetic in float64 (with the
+    default float32 grid torchdiffeq rounds step lengths to float32, where this package does not)."""
+    model = Field().double()
+    tg = torch.tensor([0.0, 1.0], dtype=F64)
+    got = sample(model, x0.double(), method="midpoint", step_size=0.1, time_grid=tg)
+    with torch.no_grad():
+        expected = reference(model, x0.double(), "midpoint", step_size=0.1, time_grid=tg)
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+
+
+# -- NFE ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, nfe", [("euler", 7), ("midpoint", 20), ("heun", 8), ("rk4", 12), ("dpm++2m", 5)])
+def test_nfe_is_exact(x0, method, nfe):
+    model = Field()
+    _, stats = sample(model, x0, method=method, nfe=nfe, return_stats=True)
+    assert model.calls == nfe == stats.nfe == stats.network_forwards
+    per_step = {"midpoint": 2, "heun": 2, "rk4": 4}.get(method, 1)
+    assert stats.steps == nfe // per_step and stats.method == method
+
+
+@pytest.mark.parametrize("method, nfe, hint", [("midpoint", 7, "6 or 8"), ("rk4", 10, "8 or 12"), ("rk4", 2, "4")])
+def test_impossible_nfe_is_an_error(x0, method, nfe, hint):
+    with pytest.raises(ValueError, match=f"multiple of .*nearest: {hint}.*nfe={nfe}"):
+        sample(Field(), x0, method=method, nfe=nfe)
+
+
+def test_network_forwards_follow_the_models_counter(x0):
+    model = GuidedField()
+    _, stats = sample(model, x0, method="midpoint", nfe=10, return_stats=True)
+    assert stats.nfe == 10 and stats.network_forwards == 20 == model.network_forwards
+    _, stats = sample(model, x0, solver=BespokeSolver(3, 2), return_stats=True)
+    assert stats == SampleStats(nfe=6, network_forwards=12, steps=3, method="bespoke-rk2")
+
+
+def test_nfe_with_time_grid_interpolates_its_points(x0):
+    model = Field()
+    tg = torch.tensor([0.0, 0.3, 1.0])
+    got = sample(model, x0, method="euler", nfe=4, time_grid=tg, return_intermediates=True)
+    with torch.no_grad():
+        expected = reference(model, x0, "euler", step_size=0.25, time_grid=tg, return_intermediates=True)
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+
+
+# -- Bespoke solvers through sample ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order, method", [(1, "euler"), (2, "midpoint")])
+def test_identity_bespoke_samples_like_its_base(x0, order, method):
+    model = Field()
+    solver = BespokeSolver(10 if order == 2 else 20, order)
+    got, stats = sample(model, x0, solver=solver, return_stats=True)
+    expected = sample(model, x0, method=method, nfe=20)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        flow_matching = reference(model, x0, method, step_size=0.05 if order == 1 else 0.1)
+    torch.testing.assert_close(got, flow_matching, rtol=2e-6, atol=2e-6)
+    assert stats.nfe == 20
+
+
+def test_solver_intermediates_are_at_its_times(x0):
+    model = Field()
+    solver = BespokeSolver(4, 2)
+    with torch.no_grad():
+        solver.time_logits.normal_(generator=torch.Generator().manual_seed(0))
+    traj = sample(model, x0, solver=solver, return_intermediates=True)
+    assert traj.shape == (5, *x0.shape)
+    torch.testing.assert_close(traj[0], x0, rtol=0, atol=0)
+    torch.testing.assert_close(traj[-1], sample(model, x0, solver=solver), rtol=0, atol=0)
+
+
+def test_solver_changes_are_seen_by_the_next_call(x0):
+    """Inference programs are memoised; any change of the raw parameters must invalidate them."""
+    model = Field()
+    solver = BespokeSolver(3, 2)
+    first = sample(model, x0, solver=solver)
+    solver.ds.data.add_(0.2)  # .data: not even autograd's version counter sees this
+    second = sample(model, x0, solver=solver)
+    fresh = BespokeSolver(3, 2)
+    fresh.load_state_dict(solver.state_dict())
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second, sample(model, x0, solver=fresh), rtol=0, atol=0)
+
+
+def test_gradients_reach_x0_model_and_solver(x0):
+    model = Field()
+    solver = BespokeSolver(3, 2)
+    x = x0.clone().requires_grad_(True)
+    out = sample(model, x, solver=solver, enable_grad=True)
+    out.square().sum().backward()
+    assert x.grad is not None and model.w.grad is not None
+    assert all(p.grad is not None for p in solver.parameters())
+    # x0's gradient agrees with flow_matching's autograd through the same midpoint steps.
+    x_ref = x0.clone().requires_grad_(True)
+    reference(Field(), x_ref, "midpoint", step_size=1 / 3, enable_grad=True).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_results_are_plain_tensors(x0):
+    model = Field()
+    out = sample(model, x0.requires_grad_(True), method="midpoint", nfe=4, return_intermediates=True)
+    assert not out.requires_grad and not out.is_inference()
+    (out * model.w).sum().backward()  # usable in later autograd code, like flow_matching's results
+    assert model.w.grad is not None
+    assert x0.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_states(x0, dtype):
+    model = lambda x, t: torch.sin(2 * x) * (1 + t) - x * t  # noqa: E731
+    got = sample(model, x0.to(dtype), method="midpoint", nfe=10)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), sample(model, x0, method="midpoint", nfe=10), rtol=3e-2, atol=3e-2)
+
+
+# -- input errors ---------------------------------------------------------------------------------
+
+
+def test_model_output_is_checked_once(x0):
+    with pytest.raises(ValueError, match=r"returned shape \(64, 2\); expected x's shape \(64, 3\)"):
+        sample(lambda x, t: x[:, :2], x0, method="euler", nfe=2)
+    with pytest.raises(ValueError, match="returned dtype torch.float64; expected x's dtype torch.float32"):
+        sample(lambda x, t: x.double(), x0, method="midpoint", nfe=2)
+    with pytest.raises(TypeError, match="returned tuple"):
+        sample(lambda x, t: (x,), x0, solver=BespokeSolver(2))
+    with pytest.raises(ValueError, match="returned shape"):
+        sample(lambda x, t: x[:1], x0, method="dopri5")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(method="rk45"), ValueError, "unknown method 'rk45'"),
+    (dict(method="midpoint", nfe=4, step_size=0.1), ValueError, "nfe or step_size, not both"),
+    (dict(method="euler", nfe=0), ValueError, "nfe must be a positive integer"),
+    (dict(method="euler", nfe=2.0), ValueError, "nfe must be a positive integer"),
+    (dict(method="euler", step_size=-0.1), ValueError, "step_size must be a positive"),
+    (dict(method="euler", time_grid=[0.0, 0.5, 0.4, 1.0]), ValueError, "strictly increasing or strictly decreasing"),
+    (dict(method="euler", time_grid=[0.0, 0.0, 1.0]), ValueError, "strictly increasing"),
+    (dict(method="euler", time_grid=[0.0]), ValueError, "at least 2 points"),
+    (dict(method="euler", time_grid=[0.0, float("nan")]), ValueError, "finite"),
+    (dict(method="dopri5", nfe=10), ValueError, "adaptive"),
+    (dict(method="dopri5", step_size=0.1), ValueError, "adaptive"),
+    (dict(method="dopri5", atol=0.0), ValueError, "atol must be a positive"),
+    (dict(method="dopri5", cuda_graph=True), ValueError, "adaptive"),
+    (dict(method="euler", cuda_graph=True, enable_grad=True), ValueError, "inference-only"),
+    (dict(method="dpm++2m", time_grid=[1.0, 0.0]), ValueError, "increase inside"),
+    (dict(method="dpm++2m", time_grid=[0.0, 1.5]), ValueError, "increase inside"),
+    (dict(solver=BespokeSolver(2), method="euler"), ValueError, "solver= or method=, not both"),
+    (dict(solver=BespokeSolver(2), nfe=5), ValueError, "makes 4 model evaluations"),
+    (dict(solver=BespokeSolver(2), time_grid=[0.0, 1.0]), ValueError, "fixes its own time grid"),
+    (dict(solver=object()), TypeError, "learned solver"),
+])
+def test_bad_arguments(x0, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sample(Field(), x0, **kwargs)
+
+
+def test_bad_model_or_x0(x0):
+    with pytest.raises(TypeError, match="model must be callable"):
+        sample("model", x0)
+    with pytest.raises(TypeError, match="x0 must be a tensor"):
+        sample(Field(), [[0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="floating-point"):
+        sample(Field(), torch.ones(4, 3, dtype=torch.int64))
+
+
+def test_devices_must_match():
+    x_meta = torch.empty(4, 3, device="meta")
+    with pytest.raises(ValueError, match="x0 is on meta but the model's parameters are on cpu"):
+        sample(Field(), x_meta, method="euler")
+    with pytest.raises(ValueError, match="solver is on cpu but x0 is on meta"):
+        sample(lambda x, t: x, x_meta, solver=BespokeSolver(2))
+
+
+def test_diverged_solver_is_refused(x0):
+    solver = BespokeSolver(2)
+    with torch.no_grad():
+        solver.ds.fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        sample(Field(), x0, solver=solver)
+
+
+def test_methods_listed():
+    assert set(METHODS) == {"euler", "midpoint", "heun", "rk4", "dpm++2m", "dopri5"}
+
+
+# -- CUDA graphs ------------------------------------------------------------------------------------
+
+
+class _RecordingGraph:
+    """CPU stand-in for a captured CUDA graph: replay re-runs the captured function, which reads
+    and writes the same static tensors a real graph would."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+def test_graph_replay_plumbing_on_cpu(monkeypatch):
+    """Static inputs, tables, extras and outputs of the CUDA-graph path, with the capture replaced
+    by a stand-in (the real capture runs in test_cuda_graph_replay_equals_eager on a GPU)."""
+    from bespoke_ext.sampling import cuda_graph
+    from bespoke_ext.sampling.executor import execute
+    from bespoke_ext.sampling.sample import _fixed_program
+    from bespoke_ext.solvers.tableaus import TABLEAUS, fixed_step_program
+    from bespoke_ext.solvers.time_grid import record_plan, uniform_grid
+
+    graphs = []
+    monkeypatch.setattr(cuda_graph, "_on_side_stream", lambda fn, device: fn())
+    monkeypatch.setattr(cuda_graph, "_capture", lambda fn: graphs.append(_RecordingGraph(fn)) or graphs[-1])
+    cuda_graph.clear_cuda_graphs()
+    model = Field().double()
+    gen = torch.Generator().manual_seed(0)
+    solver = BespokeSolver(3, 2)
+    # Two rk4 programs of one structure (one graph) and a Bespoke one. Expected results come from
+    # programs built afresh, so a graph writing into a cached program's tables would show.
+    def rk4(end, cached=True):
+        if cached:
+            return _fixed_program("rk4", torch.tensor([0.0, end]), nfe=8, step_size=None, intermediates=True)
+        grid = uniform_grid(0.0, end, 2)
+        return fixed_step_program(TABLEAUS["rk4"], grid, record_plan(grid, torch.tensor([0.0, end])))
+
+    def bespoke(cached=True):
+        with torch.set_grad_enabled(not cached):  # with autograd on, nothing is memoised
+            return solver.program()
+
+    makers = [lambda cached=True: rk4(1.0, cached), lambda cached=True: rk4(0.5, cached), bespoke]
+    for trial in range(3):
+        x0 = torch.randn(16, 3, dtype=F64, generator=gen)
+        extras = dict(shift=torch.full((3,), 0.1 * trial, dtype=F64), scale=1.5)
+        with torch.no_grad():
+            solver.ds.add_(0.2)  # new tables for the same structure
+        for make in makers:
+            final, traj, stats = cuda_graph.execute_graphed(make(), model, x0, extras)
+            cached_final = execute(make(), model, x0, extras)[0]  # cached programs still intact?
+            e_final, e_traj, e_stats = execute(make(cached=False), model, x0, extras)
+            torch.testing.assert_close(final, e_final, rtol=0, atol=0)
+            torch.testing.assert_close(cached_final, e_final, rtol=0, atol=0)
+            if e_traj is not None:
+                torch.testing.assert_close(traj, e_traj, rtol=0, atol=0)
+            assert stats == e_stats
+    assert len(graphs) == 2 and sum(g.replays for g in graphs) == 9  # rk4 (shared) and bespoke
+    cuda_graph.clear_cuda_graphs()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_equals_eager():
+    model = Field().cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for kwargs in (dict(method="midpoint", nfe=8), dict(method="rk4", nfe=8, return_intermediates=True),
+                   dict(solver=BespokeSolver(4, 2).cuda())):
+        for trial in range(3):
+            x0 = torch.randn(128, 3, device="cuda", generator=gen)
+            shift = torch.full((3,), 0.1 * trial, device="cuda")
+            if trial == 2 and "solver" in kwargs:
+                with torch.no_grad():
+                    kwargs["solver"].ds.add_(0.3)  # new coefficients: the same graph, new tables
+            eager, s_eager = sample(model, x0, shift=shift, return_stats=True, **kwargs)
+            graphed, s_graph = sample(model, x0, shift=shift, cuda_graph=True, return_stats=True, **kwargs)
+            torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+            assert s_graph == s_eager
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def test_sample_command_writes_samples(tmp_path):
+    from safetensors import safe_open
+
+    from bespoke_ext.cli import main
+
+    embedded = pytest.importorskip("bespoke_ext.models.embedded")
+    if "moons2d" not in embedded.list_embedded():
+        pytest.skip("the embedded moons2d model is not installed")
+    solver_file = tmp_path / "solver.safetensors"
+    BespokeSolver(2, 2).save(solver_file, metadata={"model": "moons2d"})
+    for extra, method, nfe in ((["--method", "euler", "--nfe", "3"], "euler", 3), (["--solver", str(solver_file)], "bespoke-rk2", 4)):
+        out = tmp_path / f"{method}.safetensors"
+        assert main(["sample", "moons2d", "-n", "5", "-o", str(out), *extra]) == 0
+        with safe_open(str(out), "pt") as f:
+            assert f.get_tensor("samples").shape == (5, 2)
+            assert f.metadata()["method"] == method and f.metadata()["nfe"] == str(nfe)
