@@ -12,7 +12,11 @@ model evaluations at the quality plain solvers need several times more for.
 from . import ops
 from .sampling import METHODS, SampleStats, sample
 from .solvers import BespokeSolver, SolverFileError
+from .training import TrainHistory, TrainOptions, train
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "sample", "SampleStats", "METHODS", "BespokeSolver", "SolverFileError", "__version__"]
+__all__ = [
+    "ops", "sample", "SampleStats", "METHODS", "BespokeSolver", "SolverFileError",
+    "train", "TrainOptions", "TrainHistory", "__version__",
+]

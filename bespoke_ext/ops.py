@@ -105,13 +105,22 @@ def _update_setup(ctx, inputs, output):
     ctx.k = len(terms)
 
 
+def _needs(flag) -> bool:
+    # needs_input_grad holds a list of flags for a Tensor[] input
+    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
+
+
+def _term_grads(gterms, k: int, need: bool):
+    # a Tensor[] input takes a list of gradients back, one entry (or None) per term
+    return list(gterms) if need else [None] * k
+
+
 def _update_backward(ctx, grad):
     saved = ctx.saved_tensors
     terms, coeffs = list(saved[: ctx.k]), saved[ctx.k]
-    need_terms = any(ctx.needs_input_grad[0]) if isinstance(ctx.needs_input_grad[0], (list, tuple)) else bool(ctx.needs_input_grad[0])
-    need_coeffs = bool(ctx.needs_input_grad[1])
+    need_terms, need_coeffs = _needs(ctx.needs_input_grad[0]), _needs(ctx.needs_input_grad[1])
     gterms, gcoeffs = _ops.rk_update_backward.default(grad.contiguous(), terms, coeffs, need_terms, need_coeffs)
-    return (gterms if need_terms else None), (gcoeffs if need_coeffs else None)
+    return _term_grads(gterms, ctx.k, need_terms), (gcoeffs if need_coeffs else None)
 
 
 def _residual_setup(ctx, inputs, output):
@@ -124,13 +133,12 @@ def _residual_backward(ctx, grad):
     saved = ctx.saved_tensors
     k = ctx.k
     terms, coeffs, target, rms = list(saved[:k]), saved[k], saved[k + 1], saved[k + 2]
-    need_terms = any(ctx.needs_input_grad[0]) if isinstance(ctx.needs_input_grad[0], (list, tuple)) else bool(ctx.needs_input_grad[0])
-    need_coeffs = bool(ctx.needs_input_grad[1])
-    need_target = bool(ctx.needs_input_grad[2])
+    need_terms, need_coeffs, need_target = (_needs(f) for f in ctx.needs_input_grad)
     gterms, gcoeffs, gtarget = _ops.rk_residual_backward.default(
         grad.contiguous(), rms, terms, coeffs, target, need_terms, need_coeffs, need_target
     )
-    return (gterms if need_terms else None), (gcoeffs if need_coeffs else None), (gtarget if need_target else None)
+    return (_term_grads(gterms, k, need_terms), (gcoeffs if need_coeffs else None),
+            (gtarget if need_target else None))
 
 
 torch.library.register_autograd("bespoke_ext::rk_update", _update_backward, setup_context=_update_setup)

@@ -339,3 +339,20 @@ def test_cuda_graph_capture_of_update():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, 2 * x - u)
+
+
+@pytest.mark.parametrize("op", ["update", "residual"])
+def test_gradient_for_coefficients_alone(device, op):
+    # terms are data (no gradient), only the coefficients learn: the ground-truth readers' case
+    gen = torch.Generator().manual_seed(17)
+    terms = make_terms(2, (3, 4), torch.float64, device, gen=gen)
+    coeffs = make_coeffs(2, 3, True, torch.float64, device, gen).requires_grad_()
+    if op == "update":
+        out = ops.rk_update(terms, coeffs).sum()
+    else:
+        out = ops.rk_residual(terms, coeffs, torch.zeros_like(terms[0])).sum()
+    (g,) = torch.autograd.grad(out, [coeffs])
+    c64 = coeffs.detach().clone().requires_grad_()
+    ref = ref_update(terms, c64).sum() if op == "update" else ref_residual(terms, c64, torch.zeros_like(terms[0])).sum()
+    (g_ref,) = torch.autograd.grad(ref, [c64])
+    torch.testing.assert_close(g, g_ref)

@@ -1,0 +1,18 @@
+"""Training Bespoke solvers (method.md §5-6): losses, the trainer, checkpoints, torch.distributed glue.
+
+    train(model, solver, *, shape, iterations, batch_size, seed=0, **options) -> solver
+        (options: TrainOptions; the run's record: solver.history, a TrainHistory)
+    bound_loss / end_to_end_loss / solver_table / lipschitz_weights / rollout   the losses, for reuse
+"""
+
+from .history import TrainHistory, plot_history
+from .loss import SolverTable, bound_loss, end_to_end_loss, lipschitz_weights, local_errors, rollout, solver_table
+from .options import TrainOptions
+from .trainer import default_cache_root, train
+from .validation import ValidationSet, rmse_psnr
+
+__all__ = [
+    "train", "TrainOptions", "TrainHistory", "plot_history", "default_cache_root",
+    "SolverTable", "solver_table", "bound_loss", "end_to_end_loss", "lipschitz_weights", "local_errors", "rollout",
+    "ValidationSet", "rmse_psnr",
+]

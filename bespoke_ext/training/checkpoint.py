@@ -1,0 +1,61 @@
+"""Training checkpoints: everything needed to continue a run as if it had never stopped.
+
+A checkpoint holds the solver's parameters, the best solver so far, the optimizer's state, the batch
+generator's state, the iteration count, the history and the accumulated wall-clock, plus a fingerprint
+of the run (model tag, shape, steps, order, batch size, seed, options that change results). It is
+written atomically (temporary file, fsync, rename) by rank 0 only, and read with
+``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, no code runs.
+
+Resuming with a different fingerprint is refused with the differing fields named; only ``iterations``
+may differ (a finished run can be extended).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..groundtruth.atomic import atomic_write
+
+__all__ = ["save_checkpoint", "load_checkpoint", "check_fingerprint", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+
+CHECKPOINT_FORMAT = "bespoke_ext.train_checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path, state: Dict[str, Any]) -> None:
+    """Write ``state`` (plus format and version) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(state, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path) -> Optional[Dict[str, Any]]:
+    """The state saved at ``path`` (None when there is no file); clear errors for foreign or damaged files."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
+                         f"delete it to start over") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a bespoke_ext training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} has version {state.get('version')}, this package reads {CHECKPOINT_VERSION}")
+    return state
+
+
+def check_fingerprint(path, saved_json: str, current: Dict[str, Any]) -> None:
+    """Refuse to resume a different run (all fields but ``iterations`` must match)."""
+    saved = json.loads(saved_json)
+    diff = [f"{k}: checkpoint has {saved.get(k)!r}, this run {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if k != "iterations" and saved.get(k) != current.get(k)]
+    if diff:
+        raise ValueError(f"checkpoint {path} belongs to a different training run ({'; '.join(diff)}); "
+                         f"use another checkpoint path or delete this one")

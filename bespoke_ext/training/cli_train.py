@@ -1,0 +1,193 @@
+"""``bespoke-ext train``: train a Bespoke solver for a model from the command line.
+
+    bespoke-ext train moons2d --steps 5 --order 2 --iterations 300
+    bespoke-ext train mypackage.models:make_model --shape 1,28,28 -o solver.safetensors
+    bespoke-ext train path/to/model.safetensors          (an embedded-style model: weights + JSON card)
+
+The model is one of
+  - ``module:attribute``: a velocity model ``model(x, t)``, or a zero-argument factory returning one
+    (an object with ``.velocity`` and ``.shape``, like an embedded model, is accepted too);
+  - a checkpoint file: ``<name>.safetensors`` with its card ``<name>.json`` next to it (the format of the
+    package's embedded models);
+  - the name of an embedded model ("moons2d", "mnist", ...).
+Writes the solver file (data only) and a learning-curve PNG next to it; prints the validation RMSE of
+the base method (iteration 0) and of the trained solver. Under torchrun only rank 0 writes.
+
+The lead wires this in ``bespoke_ext/cli.py``:  add_train_arguments(subparser); run_train(args).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .options import GT_MODES, LOSSES, LR_SCHEDULES, TrainOptions
+
+__all__ = ["add_train_arguments", "run_train", "resolve_model"]
+
+_DEFAULTS = TrainOptions()
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand's arguments to ``parser``."""
+    parser.add_argument("model", help="module:attribute (a model or a zero-argument factory), a model checkpoint "
+                                      "file (.safetensors with its .json card), or an embedded model name")
+    parser.add_argument("--shape", default=None, help="per-sample shape, e.g. 2 or 1,28,28 (default: the model's .shape)")
+    parser.add_argument("--steps", type=int, default=5, help="solver steps n (default 5)")
+    parser.add_argument("--order", type=int, default=2, choices=(1, 2), help="1: Euler base (NFE n); 2: midpoint base (NFE 2n)")
+    parser.add_argument("--iterations", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--batch-size", type=int, default=256, help="noise samples per iteration (default 256)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", default=None,
+                        help="solver file (default bespoke-<model>-rk<order>-nfe<NFE>.safetensors)")
+    parser.add_argument("--plot", default=None, help="learning-curve PNG (default: the solver file with .png)")
+    g = parser.add_argument_group("training options (see bespoke_ext.training.TrainOptions)")
+    g.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    g.add_argument("--L-tau", dest="L_tau", type=float, default=_DEFAULTS.L_tau)
+    g.add_argument("--loss", choices=LOSSES, default=_DEFAULTS.loss)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None)
+    g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--gt", choices=GT_MODES, default=_DEFAULTS.gt, help="ground truth: cached trajectories or online solves")
+    g.add_argument("--gt-tol", type=float, default=_DEFAULTS.gt_rtol, help="dopri5 rtol = atol of the ground truth (<= 1e-5)")
+    g.add_argument("--cache-dir", default=None)
+    g.add_argument("--cache-samples", type=int, default=_DEFAULTS.cache_samples)
+    g.add_argument("--val-size", type=int, default=_DEFAULTS.val_size)
+    g.add_argument("--val-every", type=int, default=_DEFAULTS.val_every)
+    g.add_argument("--device", default=None)
+    g.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    g.add_argument("--checkpoint", default=None, help="checkpoint file; rerunning the same command resumes from it")
+    g.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
+    g.add_argument("--model-tag", default=None)
+    g.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for every model call (VALUE parsed as JSON, else kept as text); repeatable")
+    g.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _factory_or_model(obj):
+    """Call zero-argument factories (functions or classes); keep models (modules, (x, t) callables)."""
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj):
+        try:
+            sig = inspect.signature(obj)
+        except (TypeError, ValueError):
+            return obj
+        required = [p for p in sig.parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not required:
+            return obj()
+    return obj
+
+
+def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[Tuple[int, ...]], str]:
+    """(velocity model, per-sample shape or None, a name for file names) from a command-line spec."""
+    kw = {}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    if device is not None:
+        kw["device"] = device
+    path = Path(spec)
+    if path.suffix in (".safetensors", ".json") and (path.is_file() or path.with_suffix(".json").is_file()):
+        from ..models.embedded import load_embedded
+
+        if not path.with_suffix(".json").is_file():
+            raise FileNotFoundError(f"model checkpoint {path}: its card {path.with_suffix('.json')} is missing")
+        m = load_embedded(path.stem, weights_dir=path.parent, **kw)
+        return m.velocity, tuple(m.shape), path.stem
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"model {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ValueError(f"model {spec!r}: {module_name} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        obj = _factory_or_model(obj)
+        shape = getattr(obj, "shape", None)
+        model = getattr(obj, "velocity", obj)
+        if not callable(model):
+            raise ValueError(f"model {spec!r} is not callable as model(x, t) (got {type(model).__name__})")
+        if isinstance(model, torch.nn.Module):
+            model = model.to(**{k: v for k, v in kw.items()})
+        return model, (tuple(int(s) for s in shape) if shape is not None else None), attr.split(".")[-1]
+    from ..models.embedded import list_embedded, load_embedded
+
+    if spec not in list_embedded():
+        raise ValueError(f"model {spec!r} is neither module:attribute, nor an existing .safetensors checkpoint, nor an "
+                         f"embedded model ({', '.join(list_embedded()) or 'none installed'})")
+    m = load_embedded(spec, **kw)
+    return m.velocity, tuple(m.shape), spec
+
+
+def _parse_shape(text: str) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--shape must be sizes separated by commas, e.g. 2 or 1,28,28; got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--shape must hold positive sizes, got {text!r}")
+    return shape
+
+
+def _parse_extras(items) -> dict:
+    extras = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--extra must be KEY=VALUE, got {item!r}")
+        try:
+            extras[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extras[key] = value
+    return extras
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run the ``train`` subcommand; returns the exit status."""
+    from ..solvers import BespokeSolver
+    from .distributed import _launched_by_torchrun
+    from .history import plot_history
+    from .trainer import train
+
+    dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
+    model, shape, name = resolve_model(args.model, device=args.device, dtype=dtype)
+    if args.shape is not None:
+        shape = _parse_shape(args.shape)
+    if shape is None:
+        raise ValueError(f"model {args.model!r} does not say its per-sample shape: pass --shape (e.g. --shape 2)")
+    solver = BespokeSolver(args.steps, order=args.order)
+    output = Path(args.output or f"bespoke-{name}-rk{args.order}-nfe{solver.nfe}.safetensors")
+    plot = Path(args.plot) if args.plot else output.with_suffix(".png")
+    solver = train(model, solver, shape=shape, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
+                   lr=args.lr, L_tau=args.L_tau, loss=args.loss, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
+                   gt=args.gt, gt_rtol=args.gt_tol, gt_atol=args.gt_tol, cache_dir=args.cache_dir,
+                   cache_samples=args.cache_samples, val_size=args.val_size, val_every=args.val_every,
+                   device=args.device, dtype=dtype, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                   model_tag=args.model_tag, model_extras=_parse_extras(args.extra), progress=not args.no_progress)
+    rank = int(os.environ.get("RANK", "0")) if _launched_by_torchrun() else 0
+    if rank != 0:
+        return 0
+    h = solver.history
+    output.parent.mkdir(parents=True, exist_ok=True)
+    solver.save(output, metadata={"model": args.model})
+    base = "midpoint" if args.order == 2 else "Euler"
+    print(f"validation RMSE vs ground truth at NFE {solver.nfe}: {base} {h.base_rmse:.5g}, "
+          f"bespoke {h.best_rmse:.5g} ({h.best_rmse / h.base_rmse:.3f}x; iteration {h.best_iteration})"
+          if h.base_rmse else f"validation RMSE: bespoke {h.best_rmse:.5g}")
+    print(f"wrote {output}")
+    try:
+        plot_history(h, plot, title=f"{name}: bespoke order {args.order}, {args.steps} steps (NFE {solver.nfe})")
+        print(f"wrote {plot}")
+    except ImportError:
+        print("matplotlib is not installed: no learning-curve PNG (pip install matplotlib)")
+    return 0

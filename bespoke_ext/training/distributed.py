@@ -1,0 +1,127 @@
+"""torch.distributed glue: the same ``train`` call runs in one process or under ``torchrun``.
+
+Detection: an initialised default process group is used as is; otherwise, when the standard launcher
+variables are present (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and WORLD_SIZE > 1,
+the group is initialised here (gloo for CPU, nccl for CUDA) and kept for the rest of the process, so
+that later ``train`` calls reuse it; it is destroyed at exit. (Destroying and re-initialising the
+default group in one process races: a rank can read the other's stale gloo address from the launcher's
+store and hang; measured here as an intermittent hang of the second of two train() calls.)
+
+Division of work (every rank holds the same solver and optimizer state):
+- every rank draws the same global batch (same generator), then takes its own contiguous slice;
+- each rank back-propagates sum over its slice / (global batch size), and the gradients are summed
+  across ranks, which is the average over the global batch: the single-process gradient up to the
+  order of the summation;
+- trajectory-cache shards and validation ground-truth groups are split round-robin by rank;
+- only rank 0 writes checkpoints, solver files and plots.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "distributed_context", "local_slice"]
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum across ranks (a no-op in one process)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def sum_gradients_(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` across ranks, flattened into one message."""
+        if not self.enabled:
+            return
+        params = [p for p in params if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+
+
+def _launched_by_torchrun() -> bool:
+    env = os.environ
+    return all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and int(env["WORLD_SIZE"]) > 1
+
+
+def distributed_context(device: torch.device) -> DistContext:
+    """The process group this training runs in (initialising it from torchrun's variables if needed)."""
+    if not dist.is_available():
+        return DistContext()
+    if dist.is_initialized():
+        return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+    if not _launched_by_torchrun():
+        return DistContext()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    atexit.register(_destroy_at_exit)
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _destroy_at_exit() -> None:
+    # Destroy the group while the interpreter is alive (gloo worker threads left to the interpreter's
+    # teardown abort the process: "terminate called without an active exception"), and only once every
+    # rank got here, so that no rank tears its connections down under another's feet. A rank that died
+    # instead makes the launcher stop the others, so this barrier cannot wait forever under torchrun.
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def resolve_device(device) -> torch.device:
+    """A CUDA device without an index means this process's GPU (LOCAL_RANK under torchrun), made current
+    (nccl needs it before the group is initialised)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def local_slice(total: int, rank: int, world_size: int, align: int = 1) -> Tuple[int, int]:
+    """[start, stop) of this rank's share of ``total`` items: contiguous, as even as possible.
+
+    Shares are multiples of ``align`` where possible (ground-truth groups stay whole, so the adaptive
+    solves see the same groups whatever the number of processes).
+    """
+    units = -(-total // align)
+    per, extra = divmod(units, world_size)
+    start_unit = rank * per + min(rank, extra)
+    stop_unit = start_unit + per + (1 if rank < extra else 0)
+    return min(total, start_unit * align), min(total, stop_unit * align)
+
+
+def round_robin(count: int, rank: int, world_size: int) -> List[int]:
+    return list(range(rank, count, world_size))

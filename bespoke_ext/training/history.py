@@ -1,0 +1,100 @@
+"""The record of a training run, attached to the returned solver as ``solver.history``.
+
+Per iteration: ``loss`` (the training loss of that iteration's global batch) and ``lr``.
+Per validation (iteration 0 = the solver as given, usually the identity = plain Euler / midpoint, then
+every ``val_every`` iterations and the last): ``val_iteration``, ``val_rmse``, ``val_psnr`` (against
+ground truth x(1)), ``val_times`` (the solver's time grid then) and ``val_wall`` (seconds since the
+run started, summed over resumed runs). Summary: ``best_iteration``/``best_rmse`` (the solver returned
+when keep_best), ``base_rmse`` (iteration 0), ``gt_seconds`` (ground-truth work: cache build or online
+solves), ``wall_seconds`` (whole run), ``nfe``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+__all__ = ["TrainHistory", "plot_history"]
+
+
+@dataclass
+class TrainHistory:
+    loss: List[float] = field(default_factory=list)
+    lr: List[float] = field(default_factory=list)
+    val_iteration: List[int] = field(default_factory=list)
+    val_rmse: List[float] = field(default_factory=list)
+    val_psnr: List[float] = field(default_factory=list)
+    val_times: List[List[float]] = field(default_factory=list)
+    val_wall: List[float] = field(default_factory=list)
+    best_iteration: Optional[int] = None
+    best_rmse: float = math.inf
+    gt_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    nfe: int = 0
+    options: Dict = field(default_factory=dict)
+
+    @property
+    def base_rmse(self) -> Optional[float]:
+        """Validation RMSE at iteration 0 (the solver as given: the base method for a fresh solver)."""
+        return self.val_rmse[0] if self.val_iteration and self.val_iteration[0] == 0 else None
+
+    @property
+    def iterations(self) -> int:
+        return len(self.loss)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["best_rmse"] = None if math.isinf(self.best_rmse) else self.best_rmse
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainHistory":
+        d = json.loads(text)
+        d["best_rmse"] = math.inf if d.get("best_rmse") is None else d["best_rmse"]
+        return cls(**d)
+
+    def truncate(self, iterations: int, validations: int) -> None:
+        """Drop records beyond ``iterations`` losses and ``validations`` validations (interrupt rollback)."""
+        del self.loss[iterations:], self.lr[iterations:]
+        for name in ("val_iteration", "val_rmse", "val_psnr", "val_times", "val_wall"):
+            del getattr(self, name)[validations:]
+
+    def summary(self) -> Dict:
+        """Small JSON-safe dict for solver-file metadata."""
+        return {"iterations": self.iterations, "best_iteration": self.best_iteration,
+                "best_val_rmse": None if math.isinf(self.best_rmse) else self.best_rmse,
+                "base_val_rmse": self.base_rmse, "final_loss": self.loss[-1] if self.loss else None,
+                "wall_seconds": round(self.wall_seconds, 3), "gt_seconds": round(self.gt_seconds, 3)}
+
+
+def plot_history(history: TrainHistory, path, title: str = "") -> None:
+    """Learning curve PNG: training loss per iteration and validation RMSE (log scales)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if history.loss:
+        ax1.plot(range(1, len(history.loss) + 1), history.loss, color="tab:blue", lw=1, alpha=0.8, label="training loss")
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("training loss", color="tab:blue")
+    ax1.set_yscale("log")
+    ax2 = ax1.twinx()
+    if history.val_rmse:
+        ax2.plot(history.val_iteration, history.val_rmse, "o-", color="tab:red", ms=3, label="validation RMSE")
+        if history.base_rmse is not None:
+            ax2.axhline(history.base_rmse, color="tab:gray", ls="--", lw=1, label="base method (iteration 0)")
+        if history.best_iteration is not None:
+            ax2.plot([history.best_iteration], [history.best_rmse], "*", color="black", ms=10, label="kept (best)")
+    ax2.set_ylabel("validation RMSE vs ground truth", color="tab:red")
+    ax2.set_yscale("log")
+    lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax1.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax2.legend(lines, labels, loc="upper right", fontsize=8)
+    ax1.set_title(title or f"Bespoke solver training (NFE {history.nfe})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,165 @@
+"""Training options: every knob of ``train`` with its default and the reason for it.
+
+Defaults were chosen from runs of 300 iterations, batch 256, order 2 with 5 steps (NFE 10) on a sharp
+64-D Gaussian-mixture oracle and on the embedded 2-D model (benchmarks/bench_training.py):
+  - lr 5e-3: best validation RMSE / midpoint's, bound loss: lr 1e-3 -> 0.17x mixture, 0.51x 2-D;
+    3e-3 -> 0.30x, 0.47x; 5e-3 -> 0.26x, 0.46x; 1e-2 -> 0.42x, 0.45x. End-to-end loss at 5e-3:
+    0.20x, 0.39x.
+  - L_tau 1 (the paper's): 0, 0.3, 1 and 3 gave 0.24x, 0.23x, 0.30x, 0.31x on the mixture at lr 3e-3,
+    within the run-to-run spread of that sharp case.
+  - cached ground truth of 2048 trajectories on a 64-interval grid: same validation RMSE as online
+    ground truth (ratio 0.996) at 9.9x less wall-clock, cache build included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..groundtruth.grid import DEFAULT_GRID_INTERVALS, DEFAULT_GRID_KIND, GRID_KINDS
+
+__all__ = ["TrainOptions", "LOSSES", "GT_MODES", "LR_SCHEDULES"]
+
+LOSSES = ("bound", "end_to_end")
+GT_MODES = ("cached", "online")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainOptions:
+    """Options of ``bespoke_ext.train`` (pass them as keyword arguments).
+
+    Optimisation
+        lr: Adam learning rate on the solver's raw parameters.
+        L_tau: Lipschitz stand-in of the model in the bound loss's weights M_i (method.md §5).
+        loss: "bound" (the paper's: sum_i M_i d_i over teacher-forced local errors) or "end_to_end"
+            (|| x_n(theta) - x(1) || through the whole solver: a fine-tuning stage; start it from a
+            bound-trained solver, with a small lr, cosine decay and clipping).
+        lr_schedule: "constant" or "cosine" (decay to lr_final_fraction * lr at the last iteration);
+            None picks constant for "bound" and cosine for "end_to_end".
+        lr_final_fraction: where the cosine schedule ends.
+        grad_clip: clip the solver's gradient to this 2-norm (None: no clipping); None by default for
+            "bound", 1.0 for "end_to_end" (the end-to-end loss can spike when a time step collapses).
+        keep_best: return the solver of the best validation RMSE seen, not the last one.
+    Ground truth
+        gt: "cached" (solve a fixed set of trajectories once on a fine grid, read back by Hermite
+            interpolation) or "online" (the paper's: fresh noise and an adaptive solve every iteration).
+        gt_rtol, gt_atol: dopri5 tolerances of every ground-truth solve (<= 1e-5).
+        gt_group_size: samples per adaptive solve (a group shares one step sequence, so a sample's ground
+            truth depends on its group at the tolerance level; under torchrun each rank solves its slice of
+            the batch in groups, which matches one process exactly when the per-rank batch is a multiple of
+            gt_group_size, and to the tolerance otherwise).
+        cache_dir: folder of the trajectory cache; None: a folder named by the cache's contents under
+            $BESPOKE_EXT_CACHE_DIR (default ~/.cache/bespoke_ext/trajectories), reused across runs.
+        cache_samples: trajectories in the cache (the training set of "cached" mode).
+        cache_grid: intervals of the fine grid; cache_grid_kind: "mixed", "cosine" or "uniform".
+        cache_shard_size: trajectories per shard file (unit of resumption and of parallel building).
+        cache_in_memory: bytes up to which the cache is read into memory instead of memory-mapped.
+    Validation
+        val_size: held-out noise samples whose ground truth x(1) is solved once.
+        val_every: iterations between validations (also the first and last iteration).
+    Execution
+        device, dtype: where and in what precision the model runs (default: the model's own).
+        model_extras: keyword arguments passed to every model call (class labels, guidance...).
+        model_tag: the model's identity in caches and checkpoints (default: class + weights hash).
+        chunk_size: most samples per model call in the loss (bounds memory: the n*B teacher-forced
+            evaluations are split into chunks whose graphs are freed one by one).
+        progress: tqdm progress bars (rank 0 only).
+        checkpoint: file for periodic, atomic training checkpoints; rerunning with the same path resumes.
+        checkpoint_every: iterations between checkpoints (and at the end, and on KeyboardInterrupt).
+    """
+
+    lr: float = 5e-3
+    L_tau: float = 1.0
+    loss: str = "bound"
+    lr_schedule: Optional[str] = None
+    lr_final_fraction: float = 0.05
+    grad_clip: Optional[float] = None
+    keep_best: bool = True
+    gt: str = "cached"
+    gt_rtol: float = 1e-5
+    gt_atol: float = 1e-5
+    gt_group_size: int = 256
+    cache_dir: Optional[str] = None
+    cache_samples: int = 2048
+    cache_grid: int = DEFAULT_GRID_INTERVALS
+    cache_grid_kind: str = DEFAULT_GRID_KIND
+    cache_shard_size: int = 512
+    cache_in_memory: int = 1 << 30
+    val_size: int = 512
+    val_every: int = 25
+    device: Optional[Any] = None
+    dtype: Optional[torch.dtype] = None
+    model_extras: Dict[str, Any] = field(default_factory=dict)
+    model_tag: Optional[str] = None
+    chunk_size: int = 16384
+    progress: bool = True
+    checkpoint: Optional[str] = None
+    checkpoint_every: int = 50
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "TrainOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"train() got unknown option(s) {unknown}; known options: {sorted(names)}")
+        opts = cls(**kwargs)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def positive(name, integer=False, allow_zero=False):
+            v = getattr(self, name)
+            ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+            if not ok or isinstance(v, bool) or (v < 0 if allow_zero else v <= 0):
+                kind = "an integer" if integer else "a number"
+                raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+        positive("lr")
+        positive("L_tau", allow_zero=True)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES} or None, got {self.lr_schedule!r}")
+        if not 0 < self.lr_final_fraction <= 1:
+            raise ValueError(f"lr_final_fraction must be in (0, 1], got {self.lr_final_fraction!r}")
+        if self.grad_clip is not None:
+            positive("grad_clip")
+        if self.gt not in GT_MODES:
+            raise ValueError(f"gt must be one of {GT_MODES}, got {self.gt!r}")
+        for name in ("gt_rtol", "gt_atol"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v <= 1e-5:
+                raise ValueError(f"{name} must be in (0, 1e-5] (ground truth is solved at 1e-5 or tighter), got {v!r}")
+        for name in ("gt_group_size", "cache_samples", "cache_grid", "cache_shard_size", "val_size", "val_every",
+                     "chunk_size", "checkpoint_every"):
+            positive(name, integer=True)
+        if self.cache_grid < 2:
+            raise ValueError(f"cache_grid must be >= 2 intervals, got {self.cache_grid}")
+        if self.cache_grid_kind not in GRID_KINDS:
+            raise ValueError(f"cache_grid_kind must be one of {GRID_KINDS}, got {self.cache_grid_kind!r}")
+        if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64 (or None: the model's), got {self.dtype!r}")
+        if not isinstance(self.model_extras, dict):
+            raise ValueError(f"model_extras must be a dict of keyword arguments, got {type(self.model_extras).__name__}")
+
+    @property
+    def schedule(self) -> str:
+        return self.lr_schedule or ("cosine" if self.loss == "end_to_end" else "constant")
+
+    @property
+    def clip(self) -> Optional[float]:
+        if self.grad_clip is not None:
+            return self.grad_clip
+        return 1.0 if self.loss == "end_to_end" else None
+
+    def to_json(self) -> Dict[str, Any]:
+        """JSON-safe summary (for checkpoints and solver metadata); tensors in extras are described, not stored."""
+        d = asdict(self)
+        d["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
+        d["device"] = None if self.device is None else str(self.device)
+        d["model_extras"] = {k: (f"<tensor {tuple(v.shape)}>" if torch.is_tensor(v) else repr(v))
+                             for k, v in self.model_extras.items()}
+        return d

@@ -1,0 +1,321 @@
+"""``train``: learn a Bespoke solver's parameters theta for a frozen flow model (method.md §5).
+
+One iteration:
+    1. table  = the solver's coefficient table (times, stage times, update rows, weights M_i),
+                differentiable in theta;
+    2. ground truth at table.times for this iteration's batch (online solve or cache), differentiable
+                in the times (x_aux or Hermite);
+    3. loss   = bound loss (teacher-forced, all n steps in one batch) or end-to-end loss, back-propagated
+                chunk by chunk;
+    4. gradients summed across ranks (average over the global batch), optionally clipped; Adam step.
+Every ``val_every`` iterations the solver is validated against held-out ground truth; the best solver
+by validation RMSE is kept. Checkpoints are periodic and atomic; rerunning with the same checkpoint path
+resumes, and an interrupted run (Ctrl-C) saves its last complete iteration before it stops.
+
+The model's weights are frozen for the duration (requires_grad False, eval mode; both restored after),
+but the model is NOT run under no_grad: the loss differentiates through its inputs x and t.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Sequence, Tuple
+
+import torch
+
+from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache, model_tag
+from .batches import CachedBatches, OnlineBatches, derive_seed
+from .checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
+from .distributed import DistContext, distributed_context, resolve_device
+from .history import TrainHistory
+from .loss import bound_loss, end_to_end_loss, solver_table
+from .options import TrainOptions
+from .validation import ValidationSet
+
+__all__ = ["train", "default_cache_root"]
+
+
+def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, batch_size: int, seed: int = 0,
+          **options):
+    """Train ``solver`` (a BespokeSolver, changed in place and returned) for the velocity field ``model``.
+
+    Args:
+        model: ``model(x, t, **extras)`` with x [B, *shape] and per-sample times t [B]; differentiable in x
+            and t. Its weights are frozen during training. (An object with a ``.velocity`` attribute, such
+            as an embedded model, is accepted too.)
+        solver: the solver to train, e.g. ``BespokeSolver(5, order=2)`` (identity-initialised).
+        shape: per-sample shape of x, e.g. (2,) or (1, 28, 28).
+        iterations: optimizer steps.
+        batch_size: noise samples per iteration (global, split across ranks under torchrun).
+        seed: seeds every random stream (batches, validation noise, cache noise).
+        **options: see ``TrainOptions`` (lr, L_tau, loss, gt, gt_rtol/gt_atol, cache_*, val_size, val_every,
+            device, dtype, model_extras, model_tag, chunk_size, progress, checkpoint, checkpoint_every, ...).
+    Returns the solver, with ``solver.history`` (a ``TrainHistory``) attached; with keep_best (default) its
+    parameters are those of the best validation RMSE seen.
+    """
+    opts = TrainOptions.from_kwargs(**options)
+    model = getattr(model, "velocity", model) if not callable(model) else model
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+    shape = _check_shape(shape)
+    for name, value, low in (("iterations", iterations, 0), ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    for attr in ("step_coefficients", "times", "lipschitz", "steps", "order", "nfe"):
+        if not hasattr(solver, attr):
+            raise TypeError(f"solver must be a BespokeSolver (lacks .{attr}), got {type(solver).__name__}")
+    device, dtype = _resolve_device_dtype(model, opts)
+    device = resolve_device(device)          # under torchrun, "cuda" means this process's GPU
+    ctx = distributed_context(device)
+    with _frozen(model):
+        return _Run(model, solver, shape, iterations, batch_size, seed, opts, device, dtype, ctx).run()
+
+
+def _check_shape(shape) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape must be a sequence of positive integers (per-sample shape), got {shape!r}") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"shape must be a non-empty sequence of positive integers, got {shape!r}")
+    return shape
+
+
+def _resolve_device_dtype(model, opts: TrainOptions):
+    tensors = []
+    if isinstance(model, torch.nn.Module):
+        tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    device = torch.device(opts.device) if opts.device is not None else (tensors[0].device if tensors else torch.device("cpu"))
+    params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, torch.nn.Module) else []
+    dtype = opts.dtype or (params[0].dtype if params else torch.float32)
+    return device, dtype
+
+
+@contextmanager
+def _frozen(model):
+    """Weights frozen and eval mode while training; the caller's settings restored afterwards."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False).eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def default_cache_root() -> Path:
+    """$BESPOKE_EXT_CACHE_DIR, else $XDG_CACHE_HOME/bespoke_ext/trajectories (~/.cache by default)."""
+    if os.environ.get("BESPOKE_EXT_CACHE_DIR"):
+        return Path(os.environ["BESPOKE_EXT_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "bespoke_ext" / "trajectories"
+
+
+class _Run:
+    def __init__(self, model, solver, shape, iterations, batch_size, seed, opts: TrainOptions, device, dtype,
+                 ctx: DistContext):
+        self.model, self.solver, self.shape = model, solver, shape
+        self.iterations, self.batch_size, self.seed = iterations, batch_size, seed
+        self.opts, self.device, self.dtype, self.ctx = opts, device, dtype, ctx
+        self.extras = dict(opts.model_extras)
+        self.tag = opts.model_tag or model_tag(model)
+        self.show = opts.progress and ctx.is_main
+
+    # -- identity of the run (checkpoints refuse to resume anything else) ------------------------
+    def fingerprint(self) -> dict:
+        o = self.opts
+        return {"model_tag": self.tag, "shape": list(self.shape), "steps": self.solver.steps, "order": self.solver.order,
+                "solver_class": type(self.solver).__name__, "iterations": self.iterations,
+                "batch_size": self.batch_size, "seed": self.seed, "dtype": str(self.dtype), "lr": o.lr,
+                "L_tau": o.L_tau, "loss": o.loss, "schedule": o.schedule, "lr_final_fraction": o.lr_final_fraction,
+                "clip": o.clip, "keep_best": o.keep_best, "gt": o.gt, "gt_rtol": o.gt_rtol, "gt_atol": o.gt_atol,
+                "gt_group_size": o.gt_group_size, "cache_samples": o.cache_samples, "cache_grid": o.cache_grid,
+                "cache_grid_kind": o.cache_grid_kind, "cache_shard_size": o.cache_shard_size, "val_size": o.val_size,
+                "val_every": o.val_every, "model_extras": o.to_json()["model_extras"]}
+
+    def lr_at(self, it: int) -> float:
+        o = self.opts
+        if o.schedule == "constant":
+            return o.lr
+        frac = it / max(1, self.iterations - 1)   # cosine from lr to lr_final_fraction * lr
+        return o.lr * (o.lr_final_fraction + (1 - o.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    # -- ground truth ------------------------------------------------------------------------------
+    def cache_spec(self) -> CacheSpec:
+        o = self.opts
+        return CacheSpec(model_tag=self.tag, shape=self.shape, dtype=str(self.dtype).replace("torch.", ""),
+                         rtol=o.gt_rtol, atol=o.gt_atol, grid=tuple(fine_grid(o.cache_grid, o.cache_grid_kind).tolist()),
+                         num_samples=o.cache_samples, shard_size=o.cache_shard_size, seed=self.seed)
+
+    def cache_dir(self, spec: CacheSpec) -> Path:
+        if self.opts.cache_dir is not None:
+            return Path(self.opts.cache_dir)
+        key = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+        return default_cache_root() / key
+
+    def batches(self, generator: torch.Generator):
+        o = self.opts
+        if o.gt == "online":
+            return OnlineBatches(self.model, self.shape, batch_size=self.batch_size, generator=generator, ctx=self.ctx,
+                                 dtype=self.dtype, device=self.device, rtol=o.gt_rtol, atol=o.gt_atol,
+                                 group_size=o.gt_group_size, chunk_size=o.chunk_size, extras=self.extras)
+        spec = self.cache_spec()
+        directory = self.cache_dir(spec)
+        kw = dict(model_extras=self.extras, device=self.device, group_size=o.gt_group_size, chunk_size=o.chunk_size,
+                  progress=self.show)
+        if self.ctx.enabled:
+            # Ranks build disjoint shards; one finalises the manifest once all are on disk.
+            build_cache(self.model, directory, spec, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                        finalize=False, **kw)
+            self.ctx.barrier()
+            if self.ctx.is_main:
+                finalize_cache(directory)
+            self.ctx.barrier()
+        else:
+            build_cache(self.model, directory, spec, **kw)
+        cache = TrajectoryCache(directory, expect=spec, device=self.device, in_memory=o.cache_in_memory)
+        return CachedBatches(cache, batch_size=self.batch_size, generator=generator, ctx=self.ctx)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self):
+        o, solver = self.opts, self.solver
+        started = time.perf_counter()
+        solver.to(self.device)
+        optimizer = torch.optim.Adam(solver.parameters(), lr=o.lr)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "batches"))
+        history = TrainHistory(nfe=solver.nfe, options=o.to_json())
+        start, best_state, elapsed_before = 0, None, 0.0
+        fingerprint = self.fingerprint()
+
+        state = load_checkpoint(o.checkpoint) if o.checkpoint else None
+        if state is not None:
+            check_fingerprint(o.checkpoint, state["fingerprint"], fingerprint)
+            solver.load_state_dict(state["solver"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            history = TrainHistory.from_json(state["history"])
+            start, elapsed_before = int(state["iteration"]), float(state["elapsed"])
+            best_state = {k: v.to(self.device) for k, v in state["best_solver"].items()} if state["best_solver"] else None
+
+        clock = lambda: elapsed_before + time.perf_counter() - started
+
+        def snapshot(iteration):
+            # Small (a few hundred numbers): the state an interrupt rolls back to. The history is recorded
+            # by its lengths and best-so-far, and cut back to them when saved.
+            return {"iteration": iteration, "solver": copy.deepcopy(solver.state_dict()),
+                    "optimizer": copy.deepcopy(optimizer.state_dict()), "generator": generator.get_state(),
+                    "best_solver": best_state, "best": (history.best_rmse, history.best_iteration),
+                    "lengths": (len(history.loss), len(history.val_iteration))}
+
+        def save(snap):
+            if not (o.checkpoint and self.ctx.is_main):
+                return
+            saved = copy.deepcopy(history)
+            saved.truncate(*snap["lengths"])
+            saved.best_rmse, saved.best_iteration = snap["best"]
+            saved.wall_seconds = clock()
+            save_checkpoint(o.checkpoint, {
+                "iteration": snap["iteration"], "solver": snap["solver"], "optimizer": snap["optimizer"],
+                "generator": snap["generator"], "best_solver": snap["best_solver"] or {},
+                "history": saved.to_json(), "fingerprint": json.dumps(fingerprint), "elapsed": clock()})
+
+        if start < self.iterations:
+            gt_started = time.perf_counter()
+            batches = self.batches(generator)
+            history.gt_seconds += time.perf_counter() - gt_started
+            val = ValidationSet(self.model, self.shape, size=o.val_size, seed=derive_seed(self.seed, "validation"),
+                                dtype=self.dtype, device=self.device, rtol=o.gt_rtol, atol=o.gt_atol,
+                                group_size=o.gt_group_size, extras=self.extras, ctx=self.ctx, progress=self.show)
+
+            def validate(iteration):
+                nonlocal best_state
+                with torch.no_grad():
+                    table = solver_table(solver)
+                    rmse, psnr = val.evaluate(self.model, table, extras=self.extras, chunk_size=o.chunk_size)
+                    times = table.times.detach().cpu().tolist()
+                history.val_iteration.append(iteration)
+                history.val_rmse.append(rmse)
+                history.val_psnr.append(psnr)
+                history.val_times.append(times)
+                history.val_wall.append(clock())
+                if math.isfinite(rmse) and rmse < history.best_rmse:
+                    history.best_rmse, history.best_iteration = rmse, iteration
+                    best_state = {k: v.detach().clone() for k, v in solver.state_dict().items()}
+
+            if not history.val_iteration:
+                validate(0)
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.iterations, initial=start, desc=f"training bespoke NFE {solver.nfe}", unit="it",
+                       disable=not self.show)
+            snap = snapshot(start)
+            try:
+                for it in range(start, self.iterations):
+                    snap = snapshot(it)   # small (a few hundred numbers): the state an interrupt rolls back to
+                    gt_before = batches.gt_seconds
+                    loss = self.step(optimizer, batches, self.lr_at(it))
+                    history.gt_seconds += batches.gt_seconds - gt_before
+                    history.loss.append(loss)
+                    history.lr.append(self.lr_at(it))
+                    done = it + 1
+                    if done % o.val_every == 0 or done == self.iterations:
+                        validate(done)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3g}", val=f"{history.val_rmse[-1]:.3g}", best=f"{history.best_rmse:.3g}")
+                    if o.checkpoint and (done % o.checkpoint_every == 0 or done == self.iterations):
+                        save(snapshot(done))
+            except KeyboardInterrupt:
+                save(snap)  # the last complete iteration: rerunning resumes exactly there
+                raise
+            finally:
+                bar.close()
+        if o.keep_best and best_state is not None:
+            solver.load_state_dict(best_state)
+        history.wall_seconds = clock()
+        solver.history = history
+        if isinstance(getattr(solver, "metadata", None), dict):
+            # Goes into the solver file on save(): how it was trained and for which model.
+            solver.metadata["training"] = {**history.summary(), "model_tag": self.tag, "shape": list(self.shape),
+                                           "batch_size": self.batch_size, "seed": self.seed, "options": o.to_json()}
+        return solver
+
+    def step(self, optimizer, batches, lr: float) -> float:
+        """One optimizer step; returns the global batch's loss."""
+        o, solver = self.opts, self.solver
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        kw = dict(normalizer=self.batch_size, chunk_size=o.chunk_size, extras=self.extras, backward=True)
+        if o.loss == "bound":
+            table = solver_table(solver, L_tau=o.L_tau)
+            local = bound_loss(self.model, table, batches.states(table.times), **kw)
+        else:
+            table = solver_table(solver)
+            x0, x1 = batches.endpoints()
+            local = end_to_end_loss(self.model, table, x0, x1, **kw)
+        loss = float(self.ctx.all_reduce_sum_(local.to(self.device)))
+        params = [p for p in solver.parameters() if p.requires_grad]
+        self.ctx.sum_gradients_(params)
+        grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        if not (math.isfinite(loss) and grads_finite):
+            # A diverging step (a collapsed time step, an overflow) is skipped, not applied; every rank
+            # sees the same summed gradients and so skips alike.
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+        if o.clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, o.clip)
+        optimizer.step()
+        return loss

@@ -1,0 +1,312 @@
+"""Tests for bespoke_ext.training: the bound loss against a slow reference, gradients against finite
+differences, the identity solver against the base methods' local errors, and training itself."""
+
+import pytest
+import torch
+
+from bespoke_ext.groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, model_tag, online_states
+from bespoke_ext.models.oracle import GaussianMixtureFlow
+from bespoke_ext.solvers import BespokeSolver
+from bespoke_ext.training import (
+    TrainOptions,
+    bound_loss,
+    end_to_end_loss,
+    lipschitz_weights,
+    rollout,
+    solver_table,
+    train,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: two intra-op threads on a shared 2-core machine cost more than they give.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mixture(dim=4, std=0.15, seed=0):
+    return GaussianMixtureFlow.random(dim=dim, components=5, std=std, seed=seed)
+
+
+def perturbed(steps, order, scale=0.3, seed=0):
+    """A solver away from the identity (every raw parameter moved), so all terms of the loss matter."""
+    s = BespokeSolver(steps, order)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return s
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    m = mixture()
+    spec = CacheSpec(model_tag=model_tag(m), shape=(4,), dtype="float64", rtol=1e-9, atol=1e-9,
+                     grid=tuple(fine_grid(64).tolist()), num_samples=8, shard_size=8, seed=1)
+    d = tmp_path_factory.mktemp("gt")
+    build_cache(m, d, spec, progress=False)
+    return m, TrajectoryCache(d, expect=spec)
+
+
+# ------------------------------------------------------------------------------ slow reference
+
+def reference_bound_loss(model, solver, states, L_tau):
+    """method.md §3 and §5 written out step by step from grid(): plain torch, no fused ops, no batching
+    over steps. ``states`` [n+1, B, D] is the ground truth at the solver's times."""
+    g = solver.grid()
+    n, h = solver.steps, 1.0 / solver.steps
+    b = states.shape[1]
+    u = lambda x, t: model(x, t.expand(b))
+    d, L = [], []
+    for i in range(n):
+        x = states[i]
+        u1 = u(x, g.t[i])
+        if solver.order == 1:
+            nxt = ((g.s[i] + h * g.ds[i]) / g.s[i + 1]) * x + (h * g.dt[i] * g.s[i] / g.s[i + 1]) * u1
+            lbar = g.ds[i].abs() / g.s[i] + g.dt[i] * L_tau
+            L.append(g.s[i] / g.s[i + 1] * (1 + h * lbar))
+        else:
+            xm = ((g.s[i] + h / 2 * g.ds[i]) / g.sm[i]) * x + (h / 2 * g.dt[i] * g.s[i] / g.sm[i]) * u1
+            u2 = u(xm, g.tm[i])
+            nxt = (g.s[i] / g.s[i + 1]) * x + (h * g.dsm[i] / g.s[i + 1]) * xm + (h * g.dtm[i] * g.sm[i] / g.s[i + 1]) * u2
+            lbar_i = g.ds[i].abs() / g.s[i] + g.dt[i] * L_tau
+            lbar_m = g.dsm[i].abs() / g.sm[i] + g.dtm[i] * L_tau
+            L.append(g.s[i] / g.s[i + 1] * (1 + h * lbar_m * (1 + h / 2 * lbar_i)))
+        d.append((nxt - states[i + 1]).pow(2).mean(dim=1).sqrt())          # per-sample RMS
+    total = 0
+    for i in range(n):
+        M = 1.0
+        for j in range(i + 1, n):
+            M = M * L[j]
+        total = total + M * d[i]
+    return total.mean()
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_bound_loss_equals_slow_reference(cache, order):
+    m, c = cache
+    solver = perturbed(4, order, seed=order)
+    idx = torch.arange(8)
+    table = solver_table(solver, L_tau=0.7)
+    fast = bound_loss(m, table, c.states(idx, table.times), chunk_size=5)
+    slow = reference_bound_loss(m, solver, c.states(idx, solver.grid().t.detach()), L_tau=0.7)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=0)
+
+
+def test_lipschitz_weights_are_reversed_products():
+    L = torch.tensor([2.0, 3.0, 5.0, 7.0], dtype=F64)
+    torch.testing.assert_close(lipschitz_weights(L), torch.tensor([105.0, 35.0, 7.0, 1.0], dtype=F64))
+
+
+# ------------------------------------------------------------------------------ gradients
+
+def loss_of_params(model, solver, flat, c, idx, L_tau, loss="bound"):
+    """The loss as a function of a flat parameter vector (ground truth re-read at the new times)."""
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(flat, solver.parameters())
+    table = solver_table(solver, L_tau=L_tau)
+    if loss == "bound":
+        return float(bound_loss(model, table, c.states(idx, table.times)).detach())
+    x0, x1 = c.endpoints(idx)
+    return float(end_to_end_loss(model, table, x0, x1).detach())
+
+
+@pytest.mark.parametrize("order,loss", [(1, "bound"), (2, "bound"), (2, "end_to_end")])
+def test_gradients_match_finite_differences(cache, order, loss):
+    # Through everything: coefficients, model time inputs, x_m, the weights M_i and the Hermite
+    # ground truth at the learnable times. Chunked backward (chunk_size 3) exercises the two-stage path.
+    m, c = cache
+    solver = perturbed(3, order, scale=0.2, seed=10 + order)
+    idx = torch.tensor([0, 2, 3, 6, 7])
+    table = solver_table(solver, L_tau=1.0 if loss == "bound" else None)
+    solver.zero_grad()
+    if loss == "bound":
+        bound_loss(m, table, c.states(idx, table.times), chunk_size=3, backward=True)
+    else:
+        x0, x1 = c.endpoints(idx)
+        end_to_end_loss(m, table, x0, x1, chunk_size=3, backward=True)
+    grad = torch.cat([p.grad.reshape(-1) for p in solver.parameters()])
+    theta = torch.nn.utils.parameters_to_vector(solver.parameters()).detach().clone()
+    eps = 1e-6
+    fd = torch.zeros_like(theta)
+    for k in range(theta.numel()):
+        e = torch.zeros_like(theta)
+        e[k] = eps
+        fd[k] = (loss_of_params(m, solver, theta + e, c, idx, 1.0, loss)
+                 - loss_of_params(m, solver, theta - e, c, idx, 1.0, loss)) / (2 * eps)
+    torch.testing.assert_close(grad, fd, rtol=2e-5, atol=2e-8)
+
+
+def test_online_gradient_matches_finite_differences_of_exact_solves():
+    # x_aux: the time gradient of the online ground truth is the true derivative dx/dt = u; finite
+    # differences of tightly solved trajectories (rtol 1e-11) agree.
+    m = mixture(dim=2, std=0.3, seed=4)
+    solver = perturbed(2, 1, scale=0.2, seed=5)
+    x0 = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    tol = dict(rtol=1e-11, atol=1e-11)
+
+    def loss_at(flat):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat, solver.parameters())
+        table = solver_table(solver, L_tau=1.0)
+        return bound_loss(m, table, online_states(m, x0, table.times, **tol))
+
+    theta = torch.nn.utils.parameters_to_vector(solver.parameters()).detach().clone()
+    solver.zero_grad()
+    loss_at(theta).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in solver.parameters()])
+    eps = 1e-5
+    fd = torch.tensor([(float(loss_at(theta + eps * e).detach()) - float(loss_at(theta - eps * e).detach())) / (2 * eps)
+                       for e in torch.eye(theta.numel(), dtype=F64)], dtype=F64)
+    torch.testing.assert_close(grad, fd, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ identity solver
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("L_tau", [0.0, 1.0])
+def test_identity_loss_is_base_method_local_errors(order, L_tau):
+    # A fresh solver is plain Euler / midpoint: its loss is their local errors measured from ground truth
+    # on the uniform grid, weighted by M_i = L^(n-1-i) with L = 1 + h L_tau (Euler) or
+    # 1 + h L_tau (1 + h L_tau / 2) (midpoint).
+    m = mixture(dim=3, std=0.2, seed=2)
+    n, h = 4, 0.25
+    x0 = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    grid = torch.linspace(0, 1, n + 1, dtype=F64)
+    gt = online_states(m, x0, grid, rtol=1e-10, atol=1e-10)
+    solver = BespokeSolver(n, order)
+    table = solver_table(solver, L_tau=L_tau)
+    torch.testing.assert_close(table.times.detach(), grid, rtol=0, atol=1e-15)
+    loss = bound_loss(m, table, gt)
+    L = 1 + h * L_tau if order == 1 else 1 + h * L_tau * (1 + h / 2 * L_tau)
+    expected = 0
+    for i in range(n):
+        x, t = gt[i], grid[i].expand(6)
+        step = x + h * m(x, t) if order == 1 else x + h * m(x + h / 2 * m(x, t), t + h / 2)
+        expected = expected + L ** (n - 1 - i) * (step - gt[i + 1]).pow(2).mean(1).sqrt()
+    torch.testing.assert_close(loss.detach(), expected.mean(), rtol=1e-12, atol=0)
+
+
+def test_rollout_of_identity_is_midpoint_and_e2e_loss_is_its_error():
+    m = mixture(dim=3, std=0.2, seed=2)
+    x0 = torch.randn(5, 3, dtype=F64)
+    solver = BespokeSolver(3, 2)
+    x = x0.clone()
+    for i in range(3):
+        t = torch.tensor(i / 3, dtype=F64).expand(5)
+        x = x + (1 / 3) * m(x + (1 / 6) * m(x, t), t + 1 / 6)
+    torch.testing.assert_close(rollout(m, solver_table(solver), x0), x, rtol=1e-13, atol=1e-13)
+    x1 = torch.randn(5, 3, dtype=F64)
+    torch.testing.assert_close(end_to_end_loss(m, solver_table(solver), x0, x1).detach(),
+                               (x - x1).pow(2).mean(1).sqrt().mean(), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------ training
+
+@pytest.mark.parametrize("order,steps,ratio", [(2, 3, 0.6), (1, 6, 0.75)])
+def test_training_on_mixture_oracle_reduces_validation_rmse(tmp_path, order, steps, ratio):
+    # 40 iterations only (a test); benchmarks/bench_training.py measures full runs.
+    m = GaussianMixtureFlow.random(dim=8, components=6, std=0.05, seed=3)
+    solver = train(m, BespokeSolver(steps, order), shape=(8,), iterations=40, batch_size=32, seed=0, lr=1e-2,
+                   cache_dir=str(tmp_path / "gt"), cache_samples=128, cache_shard_size=64, val_size=64,
+                   val_every=10, progress=False, dtype=F64)
+    h = solver.history
+    assert h.val_iteration == [0, 10, 20, 30, 40] and len(h.loss) == 40
+    assert h.best_rmse < ratio * h.base_rmse, (h.base_rmse, h.val_rmse)
+    assert h.best_iteration in h.val_iteration
+    assert solver.metadata["training"]["best_val_rmse"] == h.best_rmse
+    # What is returned is the kept (best) solver.
+    assert h.val_rmse[h.val_iteration.index(h.best_iteration)] == h.best_rmse
+
+
+def test_training_online_ground_truth_and_end_to_end_run(tmp_path):
+    m = mixture(dim=4, std=0.1, seed=6)
+    solver = train(m, BespokeSolver(2, 2), shape=(4,), iterations=6, batch_size=8, gt="online", val_size=16,
+                   val_every=3, progress=False, dtype=F64)
+    assert solver.history.val_iteration == [0, 3, 6] and solver.history.gt_seconds > 0
+    solver = train(m, solver, shape=(4,), iterations=6, batch_size=8, loss="end_to_end", lr=1e-3,
+                   cache_dir=str(tmp_path / "gt"), cache_samples=16, val_size=16, val_every=3, progress=False,
+                   dtype=F64)
+    h = solver.history
+    assert h.best_rmse <= h.base_rmse and h.lr[0] == pytest.approx(1e-3) and h.lr[-1] == pytest.approx(5e-5)
+
+
+def test_model_weights_frozen_during_training_and_restored():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            return self.net(torch.cat([x, t[:, None]], dim=1))
+
+    model = Net().train()
+    solver = train(model, BespokeSolver(2, 1), shape=(2,), iterations=3, batch_size=4, gt="online", val_size=4,
+                   progress=False)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert model.training
+    assert any(float(p.grad.abs().sum()) > 0 for p in solver.parameters())   # the solver did learn
+
+
+def test_options_are_checked_with_clear_errors():
+    m, s = mixture(), BespokeSolver(2, 1)
+    with pytest.raises(TypeError, match="unknown option"):
+        train(m, s, shape=(4,), iterations=1, batch_size=2, learning_rate=1)
+    with pytest.raises(ValueError, match="gt must be one of"):
+        train(m, s, shape=(4,), iterations=1, batch_size=2, gt="exact")
+    with pytest.raises(ValueError, match="gt_rtol"):
+        train(m, s, shape=(4,), iterations=1, batch_size=2, gt_rtol=1e-3)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(m, s, shape=(4,), iterations=1, batch_size=0)
+    with pytest.raises(ValueError, match="shape"):
+        train(m, s, shape=(), iterations=1, batch_size=2)
+    with pytest.raises(TypeError, match="BespokeSolver"):
+        train(m, object(), shape=(4,), iterations=1, batch_size=2)
+    assert TrainOptions().schedule == "constant" and TrainOptions(loss="end_to_end").clip == 1.0
+
+
+# ------------------------------------------------------------------------------ command line
+
+def test_cli_train_with_module_factory_writes_solver_and_curve(tmp_path, monkeypatch):
+    import argparse
+
+    from bespoke_ext.training.cli_train import add_train_arguments, run_train
+
+    (tmp_path / "my_flow_models.py").write_text(
+        "from bespoke_ext.models.oracle import GaussianMixtureFlow\n"
+        "def make():\n    return GaussianMixtureFlow.random(dim=3, components=4, std=0.2, seed=0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parser = add_train_arguments(argparse.ArgumentParser())
+    out = tmp_path / "solver.safetensors"
+    args = parser.parse_args(["my_flow_models:make", "--shape", "3", "--steps", "2", "--order", "1", "--iterations", "4",
+                              "--batch-size", "8", "--val-size", "8", "--val-every", "2", "--cache-samples", "16",
+                              "--cache-dir", str(tmp_path / "gt"), "-o", str(out), "--no-progress"])
+    assert run_train(args) == 0
+    solver = BespokeSolver.load(out)
+    assert solver.order == 1 and solver.steps == 2 and solver.metadata["model"] == "my_flow_models:make"
+    assert solver.metadata["training"]["iterations"] == 4
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_cli_model_specs_resolve():
+    from pathlib import Path
+
+    import bespoke_ext.models.embedded as embedded
+    from bespoke_ext.training.cli_train import resolve_model
+
+    weights = Path(embedded.WEIGHTS_DIR) / "moons2d.safetensors"
+    if not weights.exists():
+        pytest.skip("embedded moons2d weights not installed")
+    model, shape, name = resolve_model(str(weights))
+    assert shape == (2,) and name == "moons2d" and model(torch.zeros(3, 2), torch.zeros(3)).shape == (3, 2)
+    with pytest.raises(ValueError, match="neither module:attribute"):
+        resolve_model("no-such-model")
+    with pytest.raises(ValueError, match="cannot import"):
+        resolve_model("no_such_module_xyz:f")
