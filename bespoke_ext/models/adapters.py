@@ -106,10 +106,11 @@ class VelocityAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, t, **extras) -> torch.Tensor:
         t = as_time(t, x)
+        if self.prediction == "velocity":  # u = f: no coefficients to form
+            tc = t.clamp(self.t_eps, 1.0 - self.t_eps) if self.t_eps > 0 else t
+            return _first_output(self.model(x, tc, **extras))
         beta, gamma, tc = self.coefficients(t)
         f = _first_output(self.model(x, tc, **extras))
-        if self.prediction == "velocity":
-            return f
         return batch_view(beta, x) * x + batch_view(gamma, x) * f
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ._time import as_time, per_sample_time
 
-__all__ = ["SinusoidalTimeEmbedding", "MLPVelocity", "UNetVelocity"]
+__all__ = ["SinusoidalTimeEmbedding", "MLPVelocity", "UNetVelocity", "NETS", "build_net"]
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -115,7 +115,7 @@ class UNetVelocity(nn.Module):
     """A small U-Net with two resolutions (H x W and H/2 x W/2) for 1x28x28 or 1x8x8 images.
 
     in-conv -> ResBlock(c0) [skip] -> down(stride 2) -> ResBlock(c1) -> [attention] -> ResBlock(c1)
-    -> up(nearest, conv) -> concat skip -> ResBlock(c0) -> GN, SiLU, out-conv.
+    -> up(transposed conv 2x2) -> concat skip -> ResBlock(c0) -> GN, SiLU, out-conv.
     The time embedding (sinusoidal -> MLP) is added in every ResBlock. Height and width must be even.
 
     Args:
@@ -140,7 +140,7 @@ class UNetVelocity(nn.Module):
         self.mid1 = ResBlock(c0, c1, time_dim, groups)
         self.attn = SelfAttention(c1, groups) if attention else nn.Identity()
         self.mid2 = ResBlock(c1, c1, time_dim, groups)
-        self.up = nn.Conv2d(c1, c0, 3, padding=1)
+        self.up = nn.ConvTranspose2d(c1, c0, 2, stride=2)  # cheaper than upsample + 3x3 conv at full size
         self.up_block = ResBlock(2 * c0, c0, time_dim, groups)
         self.norm_out = nn.GroupNorm(_groups(c0, groups), c0)
         self.conv_out = nn.Conv2d(c0, in_channels, 3, padding=1)
@@ -155,6 +155,19 @@ class UNetVelocity(nn.Module):
         h0 = self.down_block(self.conv_in(x), temb)                 # H x W
         h = self.mid1(self.down(h0), temb)                          # H/2 x W/2
         h = self.mid2(self.attn(h), temb)
-        h = self.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        h = self.up(h)
         h = self.up_block(torch.cat([h, h0], dim=1), temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+NETS = {"MLPVelocity": MLPVelocity, "UNetVelocity": UNetVelocity}
+
+
+def build_net(class_name: str, kwargs: dict) -> nn.Module:
+    """Construct a network from its class name and constructor kwargs (as stored in a model card)."""
+    if class_name not in NETS:
+        raise ValueError(f"architecture: unknown class {class_name!r}; expected one of {sorted(NETS)}")
+    try:
+        return NETS[class_name](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"architecture: bad kwargs for {class_name}: {kwargs!r} ({exc})") from exc
