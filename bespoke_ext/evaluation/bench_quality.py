@@ -1,0 +1,286 @@
+"""Quality versus NFE: every solver on the same noise, against the same ground truth, per model.
+
+The demo's machinery does the work (ground truth, Bespoke training, the baseline sweep and the
+distribution metric: bespoke_ext/evaluation/demo.py); this stage adds what a benchmark needs beyond it:
+the analytic oracle as a model, diffusers' DPM-Solver++ and UniPC in flow mode on the same noise
+(bench_diffusers.py), dopri5 at more than one tolerance, reuse of trained solver files, and the
+quality targets read off the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import demo, metrics
+from .bench_diffusers import SCHEDULERS, diffusers_missing, diffusers_sample
+from .report import Row
+
+__all__ = ["QualityModel", "oracle_model", "quality_models", "weights_id", "run_quality", "settings",
+           "evaluation_noise", "solver_search_path", "find_solver", "quality_targets", "BESPOKE_NFES", "FIXED_METHODS"]
+
+BESPOKE_NFES = (10, 20)  # the targets' NFEs; order 1 and order 2 at each
+QUICK_BESPOKE_NFES = (10,)
+DOPRI5_TOLS = (1e-2, 1e-4)  # with the demo's 1e-3 row: a short error-vs-NFE curve for the adaptive solver
+ORACLE = dict(dim=64, components=10, std=0.1, seed=0, shape=(1, 8, 8))  # sharp: low NFE visibly off
+# The oracle is cheap to evaluate: a larger batch and cache than the demo's default (MNIST) settings.
+ORACLE_SETTINGS = dict(batch=512, train_batch=64, cache_samples=512)
+# Fixed-NFE solvers that the "Bespoke order 2 ahead at NFE 10" target compares against.
+FIXED_METHODS = ("bespoke-rk1", *demo.BASELINES, *SCHEDULERS)
+
+
+@dataclass
+class QualityModel:
+    """What the demo's helpers need from a model: its name, velocity field, per-sample shape, dtype and
+    card (``card["weights"]["sha256"]`` identifies the weights that solver files were trained for)."""
+
+    name: str
+    velocity: Callable
+    shape: Tuple[int, ...]
+    card: dict
+    dtype: torch.dtype = torch.float32
+    overrides: Optional[dict] = None  # changes to the demo's settings (full runs only)
+    embedded: bool = True             # the quality target names the embedded models; the oracle informs
+
+
+def oracle_model() -> QualityModel:
+    """The Gaussian-mixture oracle: an exact velocity field, 64-D shaped as 1x8x8 images."""
+    from ..groundtruth import model_tag
+    from ..models.oracle import GaussianMixtureFlow
+
+    velocity = GaussianMixtureFlow.random(**ORACLE).float()
+    card = {"description": (f"analytic Gaussian-mixture flow (OT path), {ORACLE['components']} components of std "
+                            f"{ORACLE['std']} in {ORACLE['dim']}-D"),
+            "weights": {"sha256": model_tag(velocity)}}
+    return QualityModel("oracle-gmm64", velocity, tuple(ORACLE["shape"]), card, overrides=ORACLE_SETTINGS,
+                        embedded=False)
+
+
+def quality_models(names: Optional[Sequence[str]] = None) -> List[QualityModel]:
+    """Every embedded model and the oracle (or the named ones), in that order."""
+    from ..models.embedded import list_embedded, load_embedded
+
+    available = [*list_embedded(), "oracle-gmm64"]
+    wanted = list(names) if names else available
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; available: {available}")
+    out = []
+    for name in wanted:
+        if name == "oracle-gmm64":
+            out.append(oracle_model())
+        else:
+            em = load_embedded(name)
+            out.append(QualityModel(em.name, em.velocity, em.shape, em.card, em.dtype))
+    return out
+
+
+def weights_id(name: str) -> Optional[str]:
+    """The identity of a model's weights as its results entries record it (None: no such model now)."""
+    from ..models.embedded import list_embedded, read_card
+
+    if name == "oracle-gmm64":
+        return oracle_model().card["weights"]["sha256"]
+    return read_card(name)["weights"]["sha256"] if name in list_embedded() else None
+
+
+@dataclass
+class _Provenance:
+    """Where each Bespoke solver of a run came from."""
+
+    files: Dict[str, str] = field(default_factory=dict)     # "rk2-nfe10" -> path (relative to the results)
+    trained_here: List[str] = field(default_factory=list)
+    train_seconds: float = 0.0                               # wall-clock of what was trained in this run
+
+
+def run_quality(models: Sequence[QualityModel], *, quick: bool, seed: int, results_dir: Path,
+                solver_dirs: Sequence[Path] = (), progress: bool = False,
+                say: Callable[[str], None] = print) -> dict:
+    """The quality section of the results file: one entry per model."""
+    note = diffusers_missing()
+    if note:
+        say(f"quality: {note}")
+    section = {"bespoke_nfes": list(QUICK_BESPOKE_NFES if quick else BESPOKE_NFES), "models": {},
+               "notes": [note] if note else []}
+    for qm in models:
+        started = time.perf_counter()
+        say(f"quality: {qm.name}")
+        section["models"][qm.name] = _one_model(qm, quick=quick, seed=seed, results_dir=results_dir,
+                                                solver_dirs=solver_dirs, progress=progress, say=say)
+        section["models"][qm.name]["seconds"] = round(time.perf_counter() - started, 1)
+    return section
+
+
+def settings(qm: QualityModel, quick: bool) -> "demo.Preset":
+    """The demo's settings for the model (its --quick ones for a quick run), with the model's overrides."""
+    cfg = demo._settings(qm.name, batch=None, iterations=None, loss=None, quick=quick)
+    return dataclasses.replace(cfg, **qm.overrides) if qm.overrides and not quick else cfg
+
+
+def evaluation_noise(qm: QualityModel, batch: int, seed: int) -> torch.Tensor:
+    """The evaluation batch x0 (its own random stream: never the training or validation noise)."""
+    g = torch.Generator().manual_seed(demo._stream_seed(seed, "bench-evaluation"))
+    return torch.randn(batch, *qm.shape, generator=g, dtype=qm.dtype)
+
+
+def _one_model(qm: QualityModel, *, quick, seed, results_dir: Path, solver_dirs, progress, say) -> dict:
+    cfg = settings(qm, quick)
+    nfes = list(QUICK_BESPOKE_NFES if quick else BESPOKE_NFES)
+    reference = demo._Reference.for_model(qm, cfg.batch, seed)
+    x0 = evaluation_noise(qm, cfg.batch, seed)
+    truth, truth_nfe, truth_seconds = demo._ground_truth(qm.velocity, x0, progress)
+
+    solvers, provenance = _solvers(qm, nfes, cfg, seed, results_dir, solver_dirs, progress, say)
+    rows, _ = demo._evaluate(qm.velocity, x0, truth, truth_nfe, truth_seconds, solvers, nfes, cfg, reference,
+                             labels=demo.baseline_labels(qm.card), progress=progress)
+    rows += _extra_rows(qm, x0, truth, sorted(set(cfg.sweep) | set(nfes)), reference)
+    return {
+        "description": qm.card.get("description", ""),
+        "weights_sha256": qm.card["weights"]["sha256"],
+        "embedded": qm.embedded,
+        "batch": cfg.batch,
+        "distribution_metric": reference.metric,
+        "ground_truth": {"method": "dopri5", "tol": demo.GT_TOL, "nfe": truth_nfe},
+        "training": {"loss": cfg.loss, "iterations": cfg.iterations, "batch_size": cfg.train_batch, "lr": cfg.lr,
+                     "gt": "cached", "cache_samples": cfg.cache_samples},
+        "solvers": asdict(provenance),
+        "rows": [asdict(r) for r in rows],
+        "targets": quality_targets(rows),
+    }
+
+
+def _row(method: str, label: str, nfe: int, x, truth, seconds: float, reference) -> Row:
+    return Row(method=method, label=label, nfe=int(nfe), rmse=metrics.rmse(x, truth), psnr=metrics.psnr(x, truth),
+               seconds=seconds, distribution=reference.distance(x))
+
+
+def _extra_rows(qm: QualityModel, x0, truth, nfes: Sequence[int], reference) -> List[Row]:
+    """diffusers' solvers at every NFE of the sweep, and dopri5 at the extra tolerances."""
+    from ..sampling import sample
+
+    rows = []
+    # diffusers' flow mode assumes the OT path: on a model of another path (VP) it still solves the velocity
+    # field's ODE consistently, but it is not that path's dedicated solver, and the label says so (as demo's).
+    path = (qm.card.get("schedule") or {}).get("name", "ot")
+    suffix = f", flow mode on a {path.upper()} model" if path != "ot" else ""
+    if diffusers_missing() is None:
+        for method, (_, label) in SCHEDULERS.items():
+            for n in nfes:
+                start = time.perf_counter()
+                x = diffusers_sample(method, qm.velocity, x0, n)
+                rows.append(_row(method, label + suffix, n, x, truth, time.perf_counter() - start, reference))
+    for tol in DOPRI5_TOLS:
+        start = time.perf_counter()
+        x, stats = sample(qm.velocity, x0, method="dopri5", atol=tol, rtol=tol, return_stats=True)
+        rows.append(_row("dopri5", f"dopri5 (tol {tol:g})", stats.nfe, x, truth, time.perf_counter() - start,
+                         reference))
+    return rows
+
+
+def _solver_key(order: int, nfe: int) -> str:
+    return f"rk{order}-nfe{nfe}"
+
+
+def _reusable(path: Path, qm: QualityModel, cfg):
+    """The solver in ``path`` if it was trained for this model's weights with the settings' loss and at least
+    their iterations (a quick run's solvers never stand in for a full run's), else None."""
+    from ..solvers import BespokeSolver, SolverFileError
+
+    if not path.is_file():
+        return None
+    try:
+        solver = BespokeSolver.load(path)
+    except SolverFileError:
+        return None
+    meta = solver.metadata
+    training = meta.get("training") or {}
+    if meta.get("model") != qm.name or meta.get("model_weights_sha256") != qm.card["weights"]["sha256"]:
+        return None
+    if (training.get("options") or {}).get("loss") != cfg.loss or training.get("iterations", 0) < cfg.iterations:
+        return None
+    return solver
+
+
+def solver_search_path(qm: QualityModel, results_dir: Path, solver_dirs: Sequence[Path] = ()) -> List[Path]:
+    """Folders whose solvers/ subfolder may hold this model's trained solvers, in the order searched:
+    this results folder's <model>/, the given folders, the demo's default output ./bespoke-demo."""
+    return [Path(results_dir) / qm.name, *map(Path, solver_dirs), Path("bespoke-demo")]
+
+
+def find_solver(qm: QualityModel, order: int, nfe: int, search: Sequence[Path], cfg):
+    """(solver, path) of the first solver file in ``search`` trained for this model with the settings ``cfg``
+    (settings()), else None."""
+    for d in search:
+        path = Path(d) / "solvers" / f"bespoke-rk{order}-nfe{nfe}.safetensors"
+        solver = _reusable(path, qm, cfg)
+        if solver is not None:
+            return solver, path
+    return None
+
+
+def _solvers(qm: QualityModel, nfes, cfg, seed, results_dir: Path, solver_dirs, progress, say):
+    """Bespoke order 1 and 2 at each NFE: reused where a file is found (solver_search_path), else trained
+    here (demo._train_solvers, saved to ``<results>/<model>/solvers`` for the next run)."""
+    search = solver_search_path(qm, results_dir, solver_dirs)
+    own = search[0]
+    found, provenance, missing = {}, _Provenance(), []
+
+    def where(path: Path) -> str:  # relative to the results folder, so committed results hold no local paths
+        try:
+            return str(path.resolve().relative_to(Path(results_dir).resolve()))
+        except ValueError:
+            return str(path)
+
+    for n in nfes:
+        pair = {order: find_solver(qm, order, n, search, cfg) for order in (2, 1)}
+        if all(pair.values()):
+            for order, (solver, path) in pair.items():
+                found[(order, n)] = solver
+                provenance.files[_solver_key(order, n)] = where(path)
+        else:
+            missing.append(n)
+    if missing:
+        say(f"quality: {qm.name}: training Bespoke solvers for NFE {missing} "
+            f"({cfg.iterations} iterations each, cached ground truth)")
+        own.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="bespoke-bench-gt-") as cache_dir:
+            trained, wall, _ = demo._train_solvers(qm, missing, cfg, seed, cache_dir, own, progress)
+        provenance.train_seconds = round(wall, 1)
+        for s in trained:
+            found[(s.order, s.nfe)] = s
+            key = _solver_key(s.order, s.nfe)
+            provenance.trained_here.append(key)
+            provenance.files[key] = where(own / "solvers" / demo._solver_file(s))
+    return [found[(order, n)] for n in nfes for order in (2, 1)], provenance
+
+
+def quality_targets(rows: Sequence[Row], nfe: int = 10, reach_nfe: int = 20) -> List[dict]:
+    """The issue's quality targets, read off the rows (RMSE against ground truth, lower is better).
+
+    1. Bespoke order 2 at NFE ``nfe`` below every other fixed-NFE solver in the table at that NFE (Bespoke
+       order 1 included; the best baseline, Bespoke excluded, is reported beside it).
+    2. At ``reach_nfe``: Bespoke order 2's RMSE over the best other fixed-NFE solver's ("within reach":
+       met when <= 1.5).
+    """
+    out = []
+    for n, kind in ((nfe, "ahead"), (reach_nfe, "reach")):
+        mine = next((r for r in rows if r.method == "bespoke-rk2" and r.nfe == n), None)
+        others = [r for r in rows if r.method in FIXED_METHODS and r.nfe == n]
+        baselines = [r for r in others if not r.method.startswith("bespoke")]
+        if mine is None or not baselines:
+            continue
+        best, base = min(others, key=lambda r: r.rmse), min(baselines, key=lambda r: r.rmse)
+        ratio = mine.rmse / best.rmse if best.rmse > 0 else math.inf
+        target = (f"Bespoke order 2 at NFE {n} ahead of every other fixed-NFE solver at NFE {n}" if kind == "ahead" else
+                  f"Bespoke order 2 at NFE {n} within reach (<= 1.5x RMSE) of the best other fixed-NFE solver")
+        out.append({"target": target, "bespoke_rmse": mine.rmse, "best_other": best.label,
+                    "best_other_rmse": best.rmse, "ratio": ratio, "best_baseline": base.label,
+                    "best_baseline_rmse": base.rmse, "met": ratio < 1.0 if kind == "ahead" else ratio <= 1.5})
+    return out

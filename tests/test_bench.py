@@ -1,0 +1,218 @@
+"""Smoke tests of the benchmark suite's code paths (bespoke_ext/evaluation/bench*.py, benchmarks/report.py,
+benchmarks/gpu/sampling.py): tiny models and settings, no timing assertions."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bespoke_ext.evaluation import bench, bench_diffusers, bench_report, bench_timing, bench_wallclock
+from bespoke_ext.evaluation.bench_quality import quality_targets
+from bespoke_ext.evaluation.report import Row
+from bespoke_ext.models.oracle import GaussianMixtureFlow
+from bespoke_ext.sampling import sample
+
+ROOT = Path(__file__).resolve().parents[1]
+# diffusers' own set_timesteps calls np.array on a tensor (a NumPy 2 deprecation inside diffusers, not here)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+needs_diffusers = pytest.mark.skipif(bench_diffusers.diffusers_missing() is not None,
+                                     reason="diffusers is not installed (optional benchmark dependency)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and on shared busy cores more threads spin (see demo.run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _Counting(torch.nn.Module):
+    """A tiny velocity field that counts its evaluations."""
+
+    def __init__(self):
+        super().__init__()
+        self.field = GaussianMixtureFlow.random(dim=2, components=3, std=0.3, seed=0).float()
+        self.calls = 0
+
+    def forward(self, x, t, **extras):
+        self.calls += 1
+        return self.field(x, t)
+
+
+@needs_diffusers
+def test_diffusers_flow_mapping_converges_to_ground_truth():
+    """Sign and time mapping: with more steps UniPC approaches the dopri5 ground truth, and DPM-Solver++ the
+    ground truth of the ODE started where its grid starts (t = 1/num_train_timesteps); a wrong sign or time
+    map would leave O(1) errors at every NFE."""
+    m = GaussianMixtureFlow.random(dim=4, components=3, std=0.3, seed=1).double()
+    x0 = m.sample_noise(32, torch.Generator().manual_seed(0), dtype=torch.float64)
+    truth = sample(m, x0, method="dopri5", atol=1e-7, rtol=1e-7)
+    start = 1.0 / bench_diffusers.FLOW_CONFIG["num_train_timesteps"]
+    shifted = sample(m, x0, method="dopri5", atol=1e-7, rtol=1e-7,
+                     time_grid=torch.tensor([start, 1.0], dtype=torch.float64))
+
+    def error(method, nfe, reference):
+        x = bench_diffusers.diffusers_sample(method, m, x0, nfe)
+        return float((x - reference).pow(2).mean(1).sqrt().mean())
+
+    assert error("diffusers-unipc", 80, truth) < 5e-4 < error("diffusers-unipc", 20, truth) < 0.02
+    coarse, fine = error("diffusers-dpm++2m", 20, shifted), error("diffusers-dpm++2m", 80, shifted)
+    assert fine < 2e-3 and fine < coarse / 3
+
+
+@needs_diffusers
+def test_diffusers_makes_exactly_nfe_evaluations():
+    model = _Counting()
+    x0 = torch.randn(8, 2)
+    for method in bench_diffusers.SCHEDULERS:
+        model.calls = 0
+        bench_diffusers.diffusers_sample(method, model, x0, 7)
+        assert model.calls == 7
+
+
+def test_without_diffusers_rows_are_skipped_with_a_note(monkeypatch):
+    real = bench_diffusers.importlib.util.find_spec
+    monkeypatch.setattr(bench_diffusers.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "diffusers" else real(name, *a))
+    note = bench_diffusers.diffusers_missing()
+    assert note and "pip install diffusers" in note
+    with pytest.raises(ImportError, match="diffusers is not installed"):
+        bench_diffusers.make_scheduler("diffusers-unipc", 10)
+    runners, notes = bench_wallclock.contenders(_Counting(), torch.randn(4, 2), 4)
+    assert not set(runners) & set(bench_diffusers.SCHEDULERS) and note in notes
+
+
+def test_contenders_make_nfe_evaluations_and_the_same_samples():
+    model = _Counting()
+    x0 = torch.randn(16, 2)
+    runners, _ = bench_wallclock.contenders(model, x0, 6)
+    for name, run in runners.items():
+        model.calls = 0
+        run()
+        assert model.calls == 6, name
+    deviation = bench_wallclock.same_samples(runners)
+    assert set(deviation) >= {"plain_loop", "bespoke", "torchdiffeq"}
+    assert max(deviation.values()) < 1e-5
+    with pytest.raises(ValueError, match="even"):
+        bench_wallclock.contenders(model, x0, 5)
+
+
+def test_interleaved_timing_and_statistics():
+    order = []
+    runners = {name: (lambda n=name: order.append(n)) for name in ("floor", "a", "b")}
+    times = bench_timing.interleaved(runners, rounds=4, warmup=1)
+    assert {k: len(v) for k, v in times.items()} == {"floor": 4, "a": 4, "b": 4}
+    assert order[:3] == ["floor", "a", "b"] and order[3:6] == ["a", "b", "floor"]  # rotates
+    s = bench_timing.summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (s["median_s"], s["q25_s"], s["q75_s"], s["iqr_s"], s["rounds"]) == (3.0, 2.0, 4.0, 2.0, 5)
+    c = bench_timing.compare({"floor": [1.0, 1.0, 1.0], "x": [2.0, 2.2, 1.8], "ref": [4.0, 4.0, 4.0]},
+                             references=("ref",))
+    assert c["x"]["ratio_to_floor"] == pytest.approx(2.0) and c["x"]["ref_over_self"] == pytest.approx(2.0)
+    assert bench_timing.machine_id({"cpu": "AMD EPYC", "cpu_count": 2}) == "cpu-amd-epyc-2c"
+
+
+def test_quality_targets():
+    def row(method, nfe, rmse):
+        return Row(method=method, label=method, nfe=nfe, rmse=rmse, psnr=0.0, seconds=0.0)
+
+    rows = [row("bespoke-rk2", 10, 0.01), row("midpoint", 10, 0.02), row("diffusers-unipc", 10, 0.015),
+            row("dopri5", 10, 0.001), row("bespoke-rk2", 20, 0.004), row("rk4", 20, 0.003),
+            row("bespoke-rk1", 20, 0.002)]
+    ahead, reach = quality_targets(rows)
+    assert ahead["met"] and ahead["best_other"] == "diffusers-unipc"  # dopri5 is adaptive: not compared
+    assert reach["best_other"] == "bespoke-rk1" and reach["best_baseline"] == "rk4"
+    assert reach["ratio"] == pytest.approx(2.0) and not reach["met"]
+
+
+def test_bench_quick_run_writes_results_and_report(tmp_path, monkeypatch):
+    """Quality (oracle) then wall-clock and training (2-D model) in a second call: both land in one
+    results file, and the report, plots and README section are regenerated from it."""
+    monkeypatch.setattr(bench_wallclock, "QUICK_WORKLOADS", {"mlp2d": ("moons2d", 8, (4,), 1),
+                                                             "unet": ("mnist", 2, (4,), 1)})
+    quiet = dict(quick=True, out=tmp_path, machine="test", say=lambda s: None)
+    path = bench.run(["quality"], models=["oracle-gmm64"], **quiet)
+    bench.run(["wallclock", "training"], models=["moons2d"], **quiet)
+    results = json.loads(path.read_text())
+    assert {"quality", "wallclock", "training"} <= set(results) and results["quality"]["quick"]
+    entry = results["quality"]["models"]["oracle-gmm64"]
+    methods = {r["method"] for r in entry["rows"]}
+    assert {"bespoke-rk2", "bespoke-rk1", "euler", "midpoint", "heun", "rk4", "dopri5", "dpm++2m"} <= methods
+    assert sorted(entry["solvers"]["trained_here"]) == ["rk1-nfe10", "rk2-nfe10"]
+    assert set(results["training"]["models"]["moons2d"]["runs"]) == {"cached", "online"}
+    report = (tmp_path / "REPORT.md").read_text()
+    for heading in ("## Targets", "## Quality versus NFE", "## Wall-clock at equal NFE", "## Training cost", "## GPU"):
+        assert heading in report
+    assert "GPU figures are missing" in report and "benchmarks/gpu/run.sh" in report
+    assert (tmp_path / "test_quality_oracle-gmm64.png").is_file() and (tmp_path / "test_wallclock.png").is_file()
+    assert (tmp_path / "readme_performance.md").read_text().startswith("## Performance")
+    # A second quality run reuses the solvers trained by the first.
+    bench.run(["quality"], models=["oracle-gmm64"], report=False, **quiet)
+    reused = json.loads(path.read_text())["quality"]["models"]["oracle-gmm64"]["solvers"]
+    assert reused["trained_here"] == [] and len(reused["files"]) == 2
+
+
+def test_merging_keeps_other_models_but_drops_entries_for_replaced_weights():
+    from bespoke_ext.evaluation.bench_quality import weights_id
+
+    old = {"quick": False, "notes": ["a"], "models": {
+        "oracle-gmm64": {"weights_sha256": weights_id("oracle-gmm64")},
+        "moons2d": {"weights_sha256": "weights of a model since retrained"}}}
+    new = {"quick": False, "notes": ["b"], "models": {"mnist": {}}}
+    merged = bench._merge_models(old, new, "now")
+    assert set(merged["models"]) == {"oracle-gmm64", "mnist"} and merged["notes"] == ["a", "b"]
+    assert merged["models"]["mnist"]["measured_at"] == "now"
+
+
+def test_report_reads_every_kind_of_results_file(tmp_path):
+    (tmp_path / "ops_cpu.md").write_text("| op | fused ms |\n|---|---|\n| rk_update | 1.0 |\n")
+    (tmp_path / "sampling_cpu.json").write_text(json.dumps(
+        {"workload": "w", "results": {"256": {"median_s": {"floor": 0.1, "bespoke_ext": 0.105},
+                                              "ratio_to_floor": {"floor": 1.0, "bespoke_ext": 1.05}}}}))
+    gpu = tmp_path / "gpu-20990101"
+    gpu.mkdir()
+    stats = {"floor": {"median_s": 0.01, "iqr_s": 0.001, "ratio_to_floor": 1.0},
+             "bespoke_ext_graph": {"median_s": 0.002, "iqr_s": 0.0001, "ratio_to_floor": 0.2}}
+    (gpu / "sampling_gpu.json").write_text(json.dumps({
+        "kind": "bespoke_ext.gpu_sampling", "machine": {"gpu": "H100"}, "labels": bench_wallclock.LABELS,
+        "workloads": {"mlp2d-b4096-nfe10": {"model": "moons2d", "batch": 4096, "nfe": 10, "rounds": 5, "stats": stats}},
+        "targets": [{"target": "GPU: with CUDA-graph capture >= 3x faster than torchdiffeq fixed-grid (mlp2d-nfe10)",
+                     "value": 4.0, "met": True}]}))
+    (tmp_path / "notes.txt").write_text("x")
+    bench_report.write_report(tmp_path)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "rk_update | 1.0" in report and "bench_sampling.py" in report and "1.05x" in report
+    assert "GPU figures are missing" not in report and "4.00x | met" in report
+    assert "notes.txt" in report
+
+
+def test_readme_section_goes_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{bench_report.README_BEGIN}\nold\n{bench_report.README_END}\n\n## Next\n")
+    bench_report.insert_readme_section(readme, "## Performance\n\nnew\n")
+    text = readme.read_text()
+    assert "new" in text and "old" not in text and text.endswith("## Next\n")
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        bench_report.insert_readme_section(readme, "x")
+
+
+def test_cli_parses_bench_options():
+    from bespoke_ext.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--only", "quality", "kernels", "--threads", "1"])
+    assert args.quick and args.only == ["quality", "kernels"] and args.threads == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--only", "everything"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_script_refuses_cleanly_without_a_gpu(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_sampling", ROOT / "benchmarks" / "gpu" / "sampling.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--out", str(tmp_path / "x.json")]) == 2
+    assert "--device cpu" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""`bespoke-ext demo` end to end, reduced (--quick), on the fastest embedded model of each kind (the 2-D
+model: sliced Wasserstein; the 8x8 VP noise predictor: FCD, adapters): the table's structure, the
+figures, the solver files, and the argument errors."""
+
+import json
+import math
+
+import pytest
+
+from bespoke_ext.evaluation.demo import BASELINES, add_demo_arguments, run
+
+NFES = [8, 10]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+METRIC = {"moons2d": "SWD", "digits_vp": "FCD"}
+
+
+@pytest.fixture(scope="module", params=sorted(METRIC))
+def demo(request, tmp_path_factory):
+    """One reduced demo per model through the command line, shared by the checks below."""
+    from bespoke_ext.cli import main
+
+    out = tmp_path_factory.mktemp(f"demo-{request.param}")
+    code = main(["demo", "--model", request.param, "--quick", "--nfe", *map(str, NFES), "--out", str(out),
+                 "--no-progress", "--threads", "1"])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_table_has_every_method_with_finite_numbers(demo):
+    _, results = demo
+    rows = results["rows"]
+    methods = {r["method"] for r in rows}
+    assert methods == {"ground truth", "bespoke-rk2", "bespoke-rk1", "dopri5", *BASELINES}
+    metric = METRIC[results["summary"]["model"]]
+    assert results["summary"]["distribution_metric"] == metric
+    for r in rows:
+        assert r["seconds"] > 0 and math.isfinite(r["seconds"])
+        assert math.isfinite(r["distribution"][metric]) and r["distribution"][metric] >= 0
+        if r["method"] == "ground truth":
+            assert r["rmse"] == 0 and r["psnr"] == "inf"  # JSON has no infinity: written as a string
+        else:
+            assert r["rmse"] > 0 and math.isfinite(r["rmse"]) and math.isfinite(r["psnr"])
+
+
+def test_nfe_column(demo):
+    _, results = demo
+    rows = results["rows"]
+    for order in (1, 2):
+        assert sorted(r["nfe"] for r in rows if r["method"] == f"bespoke-rk{order}") == NFES
+    for method, (_, per_step) in BASELINES.items():
+        nfes = [r["nfe"] for r in rows if r["method"] == method]
+        assert nfes and all(n % per_step == 0 for n in nfes), (method, nfes)
+        assert {n for n in NFES if n % per_step == 0} <= set(nfes)
+    adaptive = [r["nfe"] for r in rows if r["method"] in ("dopri5", "ground truth")]
+    assert len(adaptive) == 2 and min(adaptive) > 0
+    assert max(r["nfe"] for r in rows if r["method"] == "ground truth") > max(NFES)
+
+
+def test_summary_reports_targets_cost_and_stages(demo):
+    out, results = demo
+    s = results["summary"]
+    assert [c["nfe"] for c in s["comparisons"]] == NFES
+    assert len(s["targets"]) == 1 + len(NFES) and all(isinstance(t["met"], bool) for t in s["targets"])
+    assert all(t["se_db"] > 0 and math.isfinite(t["se_db"]) for t in s["targets"])  # paired spread over the batch
+    assert s["training_seconds"] > 0 and 0 < s["training_cost_fraction"]
+    assert set(s["stages_seconds"]) == {"load", "ground truth", "train", "evaluate", "report"}
+    md = (out / "results.md").read_text()
+    assert md.startswith(f"| method | NFE | RMSE | PSNR (dB) | {s['distribution_metric']} |")
+    assert "midpoint needs NFE" in md and s["distribution_floor"] >= 0
+
+
+def test_every_figure_is_a_valid_png(demo):
+    import matplotlib.image
+
+    out, results = demo
+    figures = results["summary"]["figures"]
+    assert {p.split("/")[-1] for p in figures} == {"samples.png", "rmse_vs_nfe.png", "bespoke_schedules.png"}
+    for path in figures:
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC, path
+        assert matplotlib.image.imread(path).ndim == 3
+
+
+def test_solver_files_load_and_reproduce_the_table(demo):
+    from safetensors.torch import load_file
+
+    from bespoke_ext.evaluation.metrics import rmse
+    from bespoke_ext.models.embedded import load_embedded
+    from bespoke_ext.sampling import sample
+    from bespoke_ext.solvers import BespokeSolver
+
+    _, results = demo
+    batch = load_file(results["summary"]["evaluation_batch"])
+    model = results["summary"]["model"]
+    files = results["summary"]["solver_files"]
+    assert len(files) == 2 * len(NFES)
+    em = load_embedded(model)
+    rows = {(r["method"], r["nfe"]): r for r in results["rows"]}
+    for path in files:
+        solver = BespokeSolver.load(path)
+        assert solver.metadata["model"] == model and solver.nfe in NFES
+        assert solver.metadata["model_weights_sha256"] == em.card["weights"]["sha256"]
+        assert f"rk{solver.order}-nfe{solver.nfe}" in path
+        x = sample(em.velocity, batch["x0"], solver=solver)
+        assert rmse(x, batch["ground_truth"]) == pytest.approx(rows[(solver.method, solver.nfe)]["rmse"], rel=1e-5)
+
+
+def test_argument_errors_name_the_option(tmp_path):
+    import argparse
+
+    with pytest.raises(ValueError, match="--nfe"):
+        run("moons2d", nfe=[9], out=tmp_path, quick=True, progress=False)
+    with pytest.raises(ValueError, match="--model"):
+        run("no-such-model", out=tmp_path, quick=True, progress=False)
+    with pytest.raises(ValueError, match="--batch"):
+        run("moons2d", out=tmp_path, batch=0, quick=True, progress=False)
+    args = add_demo_arguments(argparse.ArgumentParser()).parse_args([])
+    assert args.nfe == [8, 10] and args.out == "bespoke-demo" and args.model is None
