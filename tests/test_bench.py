@@ -69,9 +69,11 @@ def test_diffusers_makes_exactly_nfe_evaluations():
     model = _Counting()
     x0 = torch.randn(8, 2)
     for method in bench_diffusers.SCHEDULERS:
+        scheduler = bench_diffusers.make_scheduler(method)
+        first = bench_diffusers.diffusers_sample(method, model, x0, 7, scheduler=scheduler)
         model.calls = 0
-        bench_diffusers.diffusers_sample(method, model, x0, 7)
-        assert model.calls == 7
+        again = bench_diffusers.diffusers_sample(method, model, x0, 7, scheduler=scheduler)
+        assert model.calls == 7 and torch.equal(first, again)  # a reused scheduler starts afresh
 
 
 def test_without_diffusers_rows_are_skipped_with_a_note(monkeypatch):
@@ -81,7 +83,7 @@ def test_without_diffusers_rows_are_skipped_with_a_note(monkeypatch):
     note = bench_diffusers.diffusers_missing()
     assert note and "pip install diffusers" in note
     with pytest.raises(ImportError, match="diffusers is not installed"):
-        bench_diffusers.make_scheduler("diffusers-unipc", 10)
+        bench_diffusers.make_scheduler("diffusers-unipc")
     runners, notes = bench_wallclock.contenders(_Counting(), torch.randn(4, 2), 4)
     assert not set(runners) & set(bench_diffusers.SCHEDULERS) and note in notes
 
@@ -109,9 +111,11 @@ def test_interleaved_timing_and_statistics():
     assert order[:3] == ["floor", "a", "b"] and order[3:6] == ["a", "b", "floor"]  # rotates
     s = bench_timing.summarize([1.0, 2.0, 3.0, 4.0, 5.0])
     assert (s["median_s"], s["q25_s"], s["q75_s"], s["iqr_s"], s["rounds"]) == (3.0, 2.0, 4.0, 2.0, 5)
-    c = bench_timing.compare({"floor": [1.0, 1.0, 1.0], "x": [2.0, 2.2, 1.8], "ref": [4.0, 4.0, 4.0]},
+    # Paired ratios follow each round's load; the ratio of medians mixes a fast round with a slow one.
+    c = bench_timing.compare({"floor": [1.0, 2.0, 1.0, 2.0], "x": [1.1, 2.2, 1.1, 2.2], "ref": [4.0, 8.0, 4.0, 8.0]},
                              references=("ref",))
-    assert c["x"]["ratio_to_floor"] == pytest.approx(2.0) and c["x"]["ref_over_self"] == pytest.approx(2.0)
+    assert c["x"]["x_floor"] == pytest.approx(1.1) and c["x"]["x_floor_iqr"] == pytest.approx(0.0)
+    assert c["x"]["ref_over_self"] == pytest.approx(4 / 1.1)
     assert bench_timing.machine_id({"cpu": "AMD EPYC", "cpu_count": 2}) == "cpu-amd-epyc-2c"
 
 
@@ -174,8 +178,8 @@ def test_report_reads_every_kind_of_results_file(tmp_path):
                                               "ratio_to_floor": {"floor": 1.0, "bespoke_ext": 1.05}}}}))
     gpu = tmp_path / "gpu-20990101"
     gpu.mkdir()
-    stats = {"floor": {"median_s": 0.01, "iqr_s": 0.001, "ratio_to_floor": 1.0},
-             "bespoke_ext_graph": {"median_s": 0.002, "iqr_s": 0.0001, "ratio_to_floor": 0.2}}
+    stats = {"floor": {"median_s": 0.01, "iqr_s": 0.001, "x_floor": 1.0},
+             "bespoke_ext_graph": {"median_s": 0.002, "iqr_s": 0.0001, "x_floor": 0.2}}
     (gpu / "sampling_gpu.json").write_text(json.dumps({
         "kind": "bespoke_ext.gpu_sampling", "machine": {"gpu": "H100"}, "labels": bench_wallclock.LABELS,
         "workloads": {"mlp2d-b4096-nfe10": {"model": "moons2d", "batch": 4096, "nfe": 10, "rounds": 5, "stats": stats}},

@@ -48,33 +48,39 @@ def diffusers_missing() -> Optional[str]:
     return None
 
 
-def make_scheduler(method: str, nfe: int):
-    """A fresh scheduler of ``method`` (a key of SCHEDULERS) set up for ``nfe`` steps."""
+def make_scheduler(method: str):
+    """A scheduler of ``method`` (a key of SCHEDULERS) in flow mode; reusable across sampling calls."""
     if method not in SCHEDULERS:
         raise ValueError(f"unknown diffusers method {method!r}; choose one of {sorted(SCHEDULERS)}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer (one model evaluation per step), got {nfe!r}")
     note = diffusers_missing()
     if note:
         raise ImportError(note)
     import diffusers
 
-    scheduler = getattr(diffusers, SCHEDULERS[method][0])(**FLOW_CONFIG)
+    return getattr(diffusers, SCHEDULERS[method][0])(**FLOW_CONFIG)
+
+
+def _set_steps(scheduler, nfe: int) -> None:
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer (one model evaluation per step), got {nfe!r}")
     scheduler.set_timesteps(nfe)
     scheduler.set_begin_index(0)  # step i is step i, even where int64 timesteps repeat (very high NFE)
     if len(scheduler.timesteps) != nfe:  # would make the NFE column wrong, so never silently
-        raise RuntimeError(f"{SCHEDULERS[method][0]} made {len(scheduler.timesteps)} steps for "
+        raise RuntimeError(f"{type(scheduler).__name__} made {len(scheduler.timesteps)} steps for "
                            f"num_inference_steps={nfe}")
-    return scheduler
 
 
-def diffusers_sample(method: str, velocity: Callable, x0: Tensor, nfe: int, **model_extras) -> Tensor:
+def diffusers_sample(method: str, velocity: Callable, x0: Tensor, nfe: int, scheduler=None,
+                     **model_extras) -> Tensor:
     """x(1) from x0 by diffusers' ``method`` with ``nfe`` evaluations of ``velocity(x, t)`` (t = 0 noise).
 
-    The loop is the one diffusers' pipelines run (scheduler.step after each model call), under inference
-    mode like ours; the times handed to the model are prepared before the loop, as ours are.
+    The loop is the one diffusers' pipelines run: set_timesteps, then scheduler.step after each model
+    call, under inference mode like ours; the times handed to the model are prepared before the loop, as
+    ours are. ``scheduler``: one from make_scheduler(method), reused across calls as a pipeline reuses
+    its own (else a new one per call).
     """
-    scheduler = make_scheduler(method, nfe)
+    scheduler = scheduler if scheduler is not None else make_scheduler(method)
+    _set_steps(scheduler, nfe)
     times = (1.0 - scheduler.sigmas[:-1]).to(device=x0.device, dtype=x0.dtype).unbind(0)
     x = x0
     with torch.inference_mode():

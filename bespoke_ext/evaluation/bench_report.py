@@ -274,23 +274,22 @@ def wallclock_markdown(name: str, w: dict, plot: Optional[str]) -> List[str]:
     labels = w.get("labels", {})
     lines = [f"## Wall-clock at equal NFE [{name}]{_quick_mark(w)}", "",
              f"Seconds per batch (ms) for the same noise, {w.get('threads')} torch thread(s). "
-             f"{w.get('statistic', '')}. \"x floor\": median over the model-evaluation floor's median (NFE calls of "
-             "the model alone, same rounds); "
-             "\"paired\": median (IQR) of the per-round ratios; \"flow_matching / this\" > 1: faster than "
-             "flow_matching's ODESolver (likewise torchdiffeq). \"first call\": a single call before all others, "
-             "not part of the medians.", ""]
+             f"{w.get('statistic', '')}. \"x floor\": time over the model-evaluation floor's (NFE calls of the "
+             "model alone) in the same round, median (IQR) over rounds; \"of medians\": the ratio of the two medians "
+             "instead, which mixes fast and slow rounds (round times here are bimodal); \"flow_matching / this\" > 1: "
+             "faster than flow_matching's ODESolver, per round likewise (and torchdiffeq). \"first call\": a single "
+             "call before all others, not part of the medians.", ""]
     lines += [f"- {n}" for n in w.get("notes", [])]
     for key, wl in w.get("workloads", {}).items():
         stats = wl.get("stats", {})
         lines += ["", f"### {key}: {wl.get('model')}, batch {wl.get('batch')}, NFE {wl.get('nfe')}, "
                       f"{wl.get('rounds')} rounds", ""]
-        body = [[labels.get(c, c), _ms(s["median_s"]), _ms(s["iqr_s"]), _x(s.get("ratio_to_floor")),
-                 f"{_x(s.get('paired_to_floor_median'))} ({_g(s.get('paired_to_floor_iqr'), 2)})",
-                 _x(s.get("flow_matching_over_self")),
-                 _x(s.get("torchdiffeq_over_self")), _ms(s.get("first_call_s"))]
+        body = [[labels.get(c, c), _ms(s["median_s"]), _ms(s["iqr_s"]), _with_iqr(s, "x_floor"),
+                 _x(s.get("x_floor_of_medians")), _with_iqr(s, "flow_matching_over_self"),
+                 _with_iqr(s, "torchdiffeq_over_self"), _ms(s.get("first_call_s"))]
                 for c, s in stats.items()]
-        lines += _table(["contender", "median ms", "IQR ms", "x floor", "paired x floor (IQR)", "flow_matching / this",
-                         "torchdiffeq / this", "first call ms"], body)
+        lines += _table(["contender", "median ms", "IQR ms", "x floor (IQR)", "x floor, of medians",
+                         "flow_matching / this (IQR)", "torchdiffeq / this (IQR)", "first call ms"], body)
         dev = wl.get("same_samples_max_abs_diff", {})
         if dev:
             lines += ["", "Same samples: largest |difference| from bespoke_ext's midpoint result: "
@@ -324,13 +323,17 @@ def _training_section(name: str, t: dict) -> List[str]:
     return lines
 
 
+def _with_iqr(stats: dict, key: str) -> str:
+    return f"{_x(stats.get(key))} ({_g(stats.get(key + '_iqr'), 2)})" if key in stats else "-"
+
+
 def _sampling_cpu_section(data: dict) -> List[str]:
     lines = ["## sample() overhead (benchmarks/bench_sampling.py)", "",
              f"{data.get('workload', '')}; {data.get('threads', '?')} threads, torch {data.get('torch', '?')}. "
              f"Floor: {data.get('floor', '')}. Written by benchmarks/bench_sampling.py into sampling_cpu.json.", ""]
     body = []
     for batch, r in data.get("results", {}).items():
-        ratios = r.get("ratio_to_floor") or r.get("ratio_to_floor_median") or {}
+        ratios = r.get("ratio_to_floor_paired") or r.get("ratio_to_floor") or r.get("ratio_to_floor_median") or {}
         for name, med in r.get("median_s", {}).items():
             body.append([str(batch), name, _ms(med), _x(ratios.get(name))])
     return lines + _table(["batch", "contender", "median ms", "x floor"], body)
@@ -394,7 +397,7 @@ def _quality_plot(entry: dict, path: Path, title: str) -> None:
 
 
 def _wallclock_plot(w: dict, path: Path, title: str) -> None:
-    """Per workload, each contender's time over the floor (ratio of medians), the 1.10 target dotted."""
+    """Per workload, each contender's time over the floor (per-round ratio, median), the 1.10 target dotted."""
     from .plots import _pyplot
 
     plt = _pyplot()
@@ -408,7 +411,7 @@ def _wallclock_plot(w: dict, path: Path, title: str) -> None:
     for i, (ax, (key, wl)) in enumerate(zip(axes.flat, workloads)):
         stats = [(c, s) for c, s in wl["stats"].items() if c != "floor"]
         y = list(range(len(stats)))
-        ax.barh(y, [s["ratio_to_floor"] for _, s in stats],
+        ax.barh(y, [s["x_floor"] for _, s in stats],
                 color=["tab:orange" if c.startswith("bespoke") else "tab:gray" for c, _ in stats])
         ax.axvline(1.0, color="black", lw=1)
         ax.axvline(1.1, color="black", ls=":", lw=1)
@@ -417,7 +420,7 @@ def _wallclock_plot(w: dict, path: Path, title: str) -> None:
         ax.set_xlabel("time / model-evaluation floor", fontsize=8)
         ax.set_title(f"{key} (batch {wl['batch']})", fontsize=8)
     axes[0, 0].invert_yaxis()
-    fig.suptitle(f"{title} (ratio of medians; dotted: 1.10)", fontsize=9)
+    fig.suptitle(f"{title} (median of per-round ratios; dotted: 1.10)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -468,7 +471,7 @@ def render_report(res: Results, plots: Dict[str, Dict[str, str]]) -> str:
 
 def _time_and_ratio(stats: dict, contender: str) -> str:
     s = stats.get(contender)
-    return f"{_ms(s['median_s'])} ms ({_x(s['ratio_to_floor'])})" if s else "-"
+    return f"{_ms(s['median_s'])} ms ({_x(s['x_floor'])})" if s else "-"
 
 
 def render_readme_section(res: Results) -> str:

@@ -4,8 +4,8 @@ Absolute times on these machines move with whatever else runs, so contenders are
 after the other: every round times each contender once, in an order that rotates from round to round,
 and all of them see the same load. Reported per contender: median and interquartile range (IQR) of the
 rounds, and ratios of medians to a reference measured in the same rounds (the model-evaluation floor,
-another library). The paired ratio (per round, then the median) is kept too: it cancels load that
-drifts between rounds.
+another library), formed per round and then summarised by their median: contenders of one round run
+back to back under the same load, so the per-round ratio cancels load that changes between rounds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import platform
 import re
 import statistics
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -70,27 +70,34 @@ def summarize(seconds: Sequence[float]) -> Dict[str, float]:
     return {"median_s": med, "q25_s": q1, "q75_s": q3, "iqr_s": q3 - q1, "min_s": min(seconds), "rounds": len(seconds)}
 
 
+def _paired(numerator: Sequence[float], denominator: Sequence[float]) -> Tuple[float, float]:
+    """Median and IQR of the per-round ratios numerator / denominator."""
+    q1, med, q3 = _quartiles([a / b for a, b in zip(numerator, denominator, strict=True)])
+    return med, q3 - q1
+
+
 def compare(times: Mapping[str, Sequence[float]], floor: str = "floor",
             references: Sequence[str] = ()) -> Dict[str, Dict[str, float]]:
     """summarize() for every contender plus its ratios, all from the same rounds.
 
-    ratio_to_floor: median / the floor's median (1.0 = no overhead at all; the target is <= 1.10).
-    paired_to_floor_median / _iqr: median and IQR of the per-round ratios contender / floor.
-    <name>_over_self, for each reference name: the reference's median / this contender's median
-    (> 1: this contender is faster than that reference).
+    Ratios are paired: formed per round, then the median (and IQR) over the rounds. Round times here are
+    bimodal (a round runs up to 2x slower while other processes hold the cores), so a ratio of two
+    medians can compare one contender's fast mode with another's slow one; within a round, contenders run
+    back to back under the same load, and the per-round ratio cancels it.
+
+    x_floor / x_floor_iqr: contender / floor (1.0 = no overhead; the target is <= 1.10).
+    x_floor_of_medians: the contender's median over the floor's median, for comparison.
+    <name>_over_self / _iqr, for each reference name: reference / contender (> 1: faster than it).
     """
     out = {name: summarize(ts) for name, ts in times.items()}
     if floor in times:
         for name, ts in times.items():
-            out[name]["ratio_to_floor"] = out[name]["median_s"] / out[floor]["median_s"]
-            paired = [a / b for a, b in zip(ts, times[floor], strict=True)]
-            q1, med, q3 = _quartiles(paired)
-            out[name]["paired_to_floor_median"] = med
-            out[name]["paired_to_floor_iqr"] = q3 - q1
+            out[name]["x_floor"], out[name]["x_floor_iqr"] = _paired(ts, times[floor])
+            out[name]["x_floor_of_medians"] = out[name]["median_s"] / out[floor]["median_s"]
     for ref in references:
         if ref in times:
-            for name in times:
-                out[name][f"{ref}_over_self"] = out[ref]["median_s"] / out[name]["median_s"]
+            for name, ts in times.items():
+                out[name][f"{ref}_over_self"], out[name][f"{ref}_over_self_iqr"] = _paired(times[ref], ts)
     return out
 
 
