@@ -16,6 +16,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 log() { echo "[gpu] $*" | tee -a "$OUT/summary.txt"; }
 
+# the lent machine has no network: safetensors, tqdm and torchdiffeq must be there or be carried as
+# wheels (a .whl folder named in the device call's carry, installed with --no-index first)
+if [[ -d .whl ]]; then python -m pip install -q --no-index --no-deps .whl/*.whl; fi
+python -c "import safetensors, tqdm, torchdiffeq" || log "missing python packages: carry their wheels in .whl"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 start=$SECONDS
 python -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
