@@ -302,8 +302,7 @@ def test_cli_model_specs_resolve():
     from bespoke_ext.training.cli_train import resolve_model
 
     weights = Path(embedded.WEIGHTS_DIR) / "moons2d.safetensors"
-    if not weights.exists():
-        pytest.skip("embedded moons2d weights not installed")
+    assert weights.exists(), f"{weights} ships with the package"
     model, shape, name = resolve_model(str(weights))
     assert shape == (2,) and name == "moons2d" and model(torch.zeros(3, 2), torch.zeros(3)).shape == (3, 2)
     with pytest.raises(ValueError, match="neither module:attribute"):
