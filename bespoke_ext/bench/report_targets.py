@@ -1,0 +1,62 @@
+"""The performance targets the report checks: every target, measured or not, with its status."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from .report_format import fmt_g, fmt_x, met_status
+from .results import Results
+
+__all__ = ["targets", "gpu_bandwidth", "GPU_RUN"]
+
+GPU_RUN = "benchmarks/gpu/run.sh"  # the script whose results fill in the GPU targets
+
+
+def targets(res: Results) -> List[Tuple[str, str, str]]:
+    """(target, measured, status) for every target the issue names, measured or not."""
+    out = []
+    for name, m in res.bench.items():
+        w = m.get("wallclock")
+        if w:
+            for t in w.get("targets", []):
+                out.append((f"{t['target']} [{name}]", fmt_x(t["value"]), met_status(t["met"])))
+        q = m.get("quality")
+        if q:
+            for model, entry in q.get("models", {}).items():
+                for t in entry.get("targets", []):
+                    measured = (f"Bespoke o2 RMSE {fmt_g(t['bespoke_rmse'])}; best other: {t['best_other']} "
+                                f"{fmt_g(t['best_other_rmse'])} (ratio {fmt_x(t['ratio'])})")
+                    if t.get("best_baseline") and t["best_baseline"] != t["best_other"]:
+                        measured += (f"; best baseline: {t['best_baseline']} {fmt_g(t['best_baseline_rmse'])} "
+                                     f"(ratio {fmt_x(t['bespoke_rmse'] / t['best_baseline_rmse'])})")
+                    status = met_status(t["met"]) if entry.get("embedded", True) else \
+                        f"{'ahead' if t['met'] else 'behind'} (for information: the target names the embedded models)"
+                    out.append((f"{t['target']} [{model}]", measured, status))
+    gpu = [(path, t) for path, data in res.gpu_sampling for t in data.get("targets", [])]
+    for path, t in gpu:
+        out.append((f"{t['target']} [{path.parent.name}]", fmt_x(t["value"]), met_status(t["met"])))
+    if not gpu:
+        out.append(("GPU: with CUDA-graph capture >= 3x faster than torchdiffeq fixed-grid, small model, NFE 10",
+                    "not measured", f"missing until a session with a GPU runs `{GPU_RUN}`"))
+    bandwidth = gpu_bandwidth(res)
+    if bandwidth:
+        for label, value in bandwidth:
+            out.append((f"GPU: fused update >= 80% of device copy bandwidth [{label}]", f"{100 * value:.0f}%",
+                        met_status(value >= 0.8)))
+    else:
+        out.append(("GPU: fused update >= 80% of device copy bandwidth", "not measured",
+                    f"missing until a session with a GPU runs `{GPU_RUN}`"))
+    return out
+
+
+def gpu_bandwidth(res: Results) -> List[Tuple[str, float]]:
+    """Share of copy bandwidth of the fused, preallocated update at the largest size of each GPU run."""
+    out = []
+    for path, data in res.gpu_ops:
+        rows = [r for r in (data or {}).get("rows", []) if r.get("op") == "rk_update" and "fused_out_of_copy_bw" in r]
+        if rows:
+            top = max(r["size"] for r in rows)
+            for r in rows:
+                if r["size"] == top:
+                    out.append((f"{path.parent.name} {r['dtype']} n={top:.1e}", r["fused_out_of_copy_bw"]))
+    return out
