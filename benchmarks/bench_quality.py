@@ -5,7 +5,7 @@ exact, the times are pytest-benchmark's back-to-back ones).
     python -m pytest benchmarks/bench_quality.py --benchmark-only --benchmark-json=RAW.json
 
 The models, evaluation noise, ground truth and solver settings are those of `bespoke-ext bench --only quality`
-(bespoke_ext/evaluation/bench_quality.py); Bespoke rows use the solver files that stage trained or reused
+(bespoke_ext/bench/quality.py); Bespoke rows use the solver files that stage trained or reused
 (benchmarks/results/<model>/solvers/) and are skipped until they exist. diffusers rows are skipped when
 diffusers is not installed.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from bespoke_ext.evaluation import demo, metrics
-from bespoke_ext.evaluation.bench_diffusers import SCHEDULERS, diffusers_missing, diffusers_sample
-from bespoke_ext.evaluation.bench_quality import (evaluation_noise, find_solver, quality_models, settings,
-                                                  solver_search_path)
+from bespoke_ext import metrics
+from bespoke_ext.bench.diffusers import SCHEDULERS, diffusers_missing, diffusers_sample
+from bespoke_ext.bench.quality import evaluation_noise, find_solver, quality_models, settings, solver_search_path
+from bespoke_ext.compare import ground_truth
 from bespoke_ext.sampling import sample
 
 NFE = 10
@@ -35,7 +35,7 @@ def setups():
             qm = MODELS[name]
             cfg = settings(qm, quick=False)
             x0 = evaluation_noise(qm, cfg.batch, seed=0)
-            truth, _, _ = demo._ground_truth(qm.velocity, x0, progress=False)
+            truth = ground_truth(qm.velocity, x0).x
             cache[name] = (qm, cfg, x0, truth)
         return cache[name]
 

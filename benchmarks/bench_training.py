@@ -2,13 +2,15 @@
 
     python benchmarks/bench_training.py                 # full report (about 15-25 min on 2 busy CPU cores)
     python benchmarks/bench_training.py --quick         # a smoke run of every case (a few minutes)
+    python benchmarks/bench_training.py --rematch       # recompute "base NFE to match" from the stored curves
     pytest benchmarks/bench_training.py --benchmark-only   # per-iteration timings (pytest-benchmark)
 
 Cases, each on a 64-D sharp Gaussian-mixture oracle (exact velocity, 16 components, std 0.05) and on
 the embedded 2-D model "moons2d":
   - order 2, 5 steps (NFE 10) vs midpoint at NFE 10; order 1, 10 steps (NFE 10) vs Euler at NFE 10,
     with the bound loss (the default) and with the end-to-end loss; and the NFE midpoint / Euler need
-    to reach the trained solver's validation RMSE (from their RMSE-vs-NFE curves on the same samples);
+    to reach the trained solver's validation RMSE (from their RMSE-vs-NFE curves on the same samples,
+    interpolated in log-log by bespoke_ext.compare.nfe_to_match, as the demo does);
   - cached vs online ground truth, same hyperparameters: best validation RMSE and wall-clock (the cached
     figure includes building the cache from scratch);
   - a default training run for NFE 10 on the 2-D model, from an empty cache: wall-clock.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bespoke_ext.compare import nfe_to_match
 from bespoke_ext.solvers import BespokeSolver
 from bespoke_ext.training import TrainOptions, solver_table, train
 from bespoke_ext.training.batches import derive_seed
@@ -70,15 +72,21 @@ def base_curve(model, val: ValidationSet, order: int, nfes) -> dict:
     return out
 
 
-def nfe_to_match(curve: dict, rmse: float):
-    """Smallest NFE whose base-method RMSE is at most ``rmse`` (linear in log RMSE between points)."""
-    points = sorted(curve.items())
-    for (n0, e0), (n1, e1) in zip(points, points[1:]):
-        if e1 <= rmse < e0:
-            return round(n0 + (n1 - n0) * (math.log(e0) - math.log(rmse)) / (math.log(e0) - math.log(e1)), 1)
-    if points and points[0][1] <= rmse:
-        return points[0][0]
-    return f">{points[-1][0]}"
+def base_nfe_to_match(curve: dict, rmse: float):
+    """(NFE at which the base method's RMSE curve reaches ``rmse``, how it was found), by
+    bespoke_ext.compare.nfe_to_match: log RMSE linear in log NFE between the bracketing points. The NFE
+    is rounded to 0.1; None where the curve never reaches ``rmse``."""
+    nfe, how = nfe_to_match(curve.items(), rmse)
+    return (None if nfe is None else round(nfe, 1)), how
+
+
+def rematch(report: dict) -> dict:
+    """Recompute every run's base NFE to match from the curves stored in ``report`` (no training)."""
+    for entry in report["models"].values():
+        for r in entry["runs"].values():
+            r["base_nfe_to_match"], r["base_nfe_to_match_how"] = base_nfe_to_match(entry["curves"][r["base_method"]],
+                                                                                   r["best_rmse"])
+    return report
 
 
 def run(model, shape, order, steps, iterations, cache_root, **kw) -> dict:
@@ -100,7 +108,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: tiny tensors, shared cores)")
     p.add_argument("--models", default="gmm64,moons2d")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--rematch", action="store_true",
+                   help="only recompute the base NFE to match from the curves already in --out (no training)")
     args = p.parse_args(argv)
+    if args.rematch:
+        out = Path(args.out)
+        out.write_text(json.dumps(rematch(json.loads(out.read_text())), indent=1))
+        print(f"recomputed the base NFE to match in {out}")
+        return 0
     torch.set_num_threads(args.threads)
     iters = 40 if args.quick else 300
     cmp_iters = 20 if args.quick else 150
@@ -123,7 +138,8 @@ def main(argv=None) -> int:
             for order, steps, base in ((2, 5, "midpoint"), (1, 10, "euler")):
                 for loss in ("bound", "end_to_end"):
                     r = run(model, shape, order, steps, iters, cache, loss=loss)
-                    r["base_method"], r["base_nfe_to_match"] = base, nfe_to_match(curves[base], r["best_rmse"])
+                    r["base_method"] = base
+                    r["base_nfe_to_match"], r["base_nfe_to_match_how"] = base_nfe_to_match(curves[base], r["best_rmse"])
                     entry["runs"][f"rk{order}-{steps}-{loss}"] = r
                     rows.append((name, f"order {order}, {steps} steps, {loss}", f"{base} NFE 10 {r['base_rmse']:.4g}",
                                  f"{r['best_rmse']:.4g}", f"{r['ratio']:.3f}x", f"{r['base_nfe_to_match']}", f"{r['wall_s']:.0f}s"))
@@ -177,7 +193,8 @@ def _iteration_setup(gt):
                                 device=torch.device("cpu"), rtol=1e-5, atol=1e-5, group_size=256, chunk_size=16384,
                                 extras={})
     else:
-        from bespoke_ext.groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, model_tag
+        from bespoke_ext.groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid
+        from bespoke_ext.models.identity import model_tag
 
         spec = CacheSpec(model_tag=model_tag(model), shape=shape, dtype="float32", rtol=1e-5, atol=1e-5,
                          grid=tuple(fine_grid(64).tolist()), num_samples=512, shard_size=512, seed=0)

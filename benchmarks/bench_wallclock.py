@@ -1,5 +1,5 @@
 """pytest-benchmark view of the wall-clock stage: every contender of `bespoke-ext bench --only wallclock`
-(bespoke_ext/evaluation/bench_wallclock.py: the model-evaluation floor, a plain loop, bespoke_ext.sample,
+(bespoke_ext/bench/wallclock.py: the model-evaluation floor, a plain loop, bespoke_ext.sample,
 flow_matching, torchdiffeq, diffusers) on the same workloads, as pytest-benchmark groups.
 
     python -m pytest benchmarks/bench_wallclock.py --benchmark-only [--benchmark-json=RAW.json]
@@ -13,7 +13,7 @@ Contenders whose library is not installed are skipped with the reason.
 import pytest
 import torch
 
-from bespoke_ext.evaluation.bench_wallclock import LABELS, WORKLOADS, contenders, workload_model
+from bespoke_ext.bench.wallclock import LABELS, WORKLOADS, contenders, workload_model
 
 CASES = [(w, nfe, c) for w, (_, _, nfes, _) in WORKLOADS.items() for nfe in nfes
          for c in LABELS if not c.endswith("_graph")]

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark suite's code paths (bespoke_ext/evaluation/bench*.py, benchmarks/report.py,
+"""Smoke tests of the benchmark suite's code paths (bespoke_ext/bench/, benchmarks/report.py,
 benchmarks/gpu/sampling.py): tiny models and settings, no timing assertions."""
 
 import importlib.util
@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bespoke_ext.evaluation import bench, bench_diffusers, bench_report, bench_timing, bench_wallclock
-from bespoke_ext.evaluation.bench_quality import quality_targets
-from bespoke_ext.evaluation.report import Row
+from bespoke_ext.bench import diffusers as bench_diffusers
+from bespoke_ext.bench import report as bench_report
+from bespoke_ext.bench import suite as bench
+from bespoke_ext.bench import timing as bench_timing
+from bespoke_ext.bench import wallclock as bench_wallclock
+from bespoke_ext.bench.quality import quality_targets
+from bespoke_ext.compare import Row
 from bespoke_ext.models.oracle import GaussianMixtureFlow
 from bespoke_ext.sampling import sample
 
@@ -160,7 +164,7 @@ def test_bench_quick_run_writes_results_and_report(tmp_path, monkeypatch):
 
 
 def test_merging_keeps_other_models_but_drops_entries_for_replaced_weights():
-    from bespoke_ext.evaluation.bench_quality import weights_id
+    from bespoke_ext.bench.quality import weights_id
 
     old = {"quick": False, "notes": ["a"], "models": {
         "oracle-gmm64": {"weights_sha256": weights_id("oracle-gmm64")},

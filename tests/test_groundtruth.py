@@ -14,27 +14,15 @@ from bespoke_ext.groundtruth import (
     finalize_cache,
     hermite_coefficients,
     hermite_interpolate,
-    model_tag,
     online_states,
     solve_trajectories,
 )
-from bespoke_ext.models.oracle import GaussianMixtureFlow
+from bespoke_ext.models.identity import model_tag
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: on a shared 2-core machine two intra-op threads cost more than they
-    # give (measured 10x slower under load). Restored afterwards for the other test files.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def mixture(dim=6, seed=0, std=0.05):
-    return GaussianMixtureFlow.random(dim=dim, components=6, std=std, seed=seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec_for(model, dim, samples=24, shard=10, grid=None, rtol=1e-8, seed=3):
@@ -72,8 +60,8 @@ def test_solve_rejects_bad_times():
         solve_trajectories(lambda x, t: x, torch.zeros(2, 2), torch.tensor([0.0, 0.5, 0.5]))
 
 
-def test_online_states_value_and_time_derivative_is_velocity():
-    m = mixture(std=0.2)
+def test_online_states_value_and_time_derivative_is_velocity(mixture):
+    m = mixture(6, components=6, std=0.2)
     x0 = torch.randn(5, 6, dtype=F64)
     times = torch.tensor([0.0, 0.25, 0.6, 1.0], dtype=F64, requires_grad=True)
     states = online_states(m, x0, times, rtol=1e-9, atol=1e-9)
@@ -118,8 +106,8 @@ def test_fine_grid_kinds():
 # ------------------------------------------------------------------------------ the cache
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    m = mixture(dim=6, std=0.1)
+def built(tmp_path_factory, mixture):
+    m = mixture(6, components=6, std=0.1)
     spec = spec_for(m, 6)
     d = tmp_path_factory.mktemp("cache")
     build_cache(m, d, spec, progress=False, group_size=8)
@@ -191,6 +179,8 @@ def test_cache_build_resumes_and_is_independent_of_process_count(built, tmp_path
     # "Two ranks": rank 1 builds its shard, then the run dies before rank 0 does anything.
     build_cache(counted, tmp_path, spec, progress=False, rank=1, world_size=2, finalize=False, group_size=8)
     assert (tmp_path / "shard_00001.json").exists() and not (tmp_path / "shard_00000.json").exists()
+    assert counted.calls > 0
+    calls_rank1 = counted.calls
     with pytest.raises(ValueError, match="incomplete"):
         TrajectoryCache(tmp_path, expect=spec)
     with pytest.raises(RuntimeError, match="missing"):
@@ -199,6 +189,11 @@ def test_cache_build_resumes_and_is_independent_of_process_count(built, tmp_path
     stamp = (tmp_path / "shard_00001.x.npy").stat().st_mtime_ns
     build_cache(counted, tmp_path, spec, progress=False, group_size=8)
     assert (tmp_path / "shard_00001.x.npy").stat().st_mtime_ns == stamp
+    assert counted.calls > calls_rank1
+    # A complete cache is never solved again.
+    done = counted.calls
+    build_cache(counted, tmp_path, spec, progress=False, group_size=8)
+    assert counted.calls == done
     a, b = TrajectoryCache(d, expect=spec), TrajectoryCache(tmp_path, expect=spec)
     # Same bytes as the single-process build: shards depend on (seed, shard) only.
     for s in range(3):
@@ -207,6 +202,6 @@ def test_cache_build_resumes_and_is_independent_of_process_count(built, tmp_path
     assert torch.equal(a.noise(torch.arange(24)), b.noise(torch.arange(24)))
 
 
-def test_model_tag_follows_weights():
+def test_model_tag_follows_weights(mixture):
     assert model_tag(mixture(seed=0)) == model_tag(mixture(seed=0))
     assert model_tag(mixture(seed=0)) != model_tag(mixture(seed=1))

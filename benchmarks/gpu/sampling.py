@@ -13,7 +13,7 @@ its graph; warm-up keeps that out of the medians):
 The models are the embedded models' architectures with seeded random weights (the cost per evaluation does
 not depend on the weights, and no weights file is read): the 2-D MLP (small, launch-bound on a GPU) and
 the MNIST U-Net. The contenders, timing and statistics are the package's own
-(bespoke_ext/evaluation/bench_wallclock.py, bench_timing.py), the same code as the CPU suite.
+(bespoke_ext/bench/wallclock.py, timing.py), the same code as the CPU suite.
 
     python benchmarks/gpu/sampling.py --out "$OUT/sampling_gpu.json" > "$OUT/sampling_gpu.md"
     python benchmarks/gpu/sampling.py --device cpu --quick --out /tmp/sampling_cpu_smoke.json
@@ -31,9 +31,9 @@ try:
     import torch
 
     import bespoke_ext.sampling  # noqa: F401  (imports every dependency sampling needs: fail here, clearly)
-    from bespoke_ext.evaluation.bench_report import wallclock_markdown
-    from bespoke_ext.evaluation.bench_timing import machine_info
-    from bespoke_ext.evaluation.bench_wallclock import run_wallclock
+    from bespoke_ext.bench.report import wallclock_markdown
+    from bespoke_ext.bench.timing import machine_info
+    from bespoke_ext.bench.wallclock import run_wallclock
 except ImportError as exc:  # the lent machine is bare: say exactly what is missing
     sys.exit(f"benchmarks/gpu/sampling.py: cannot import {exc.name!r} ({exc}); the package must be installed "
              f"(pip install --no-build-isolation -e .) with its dependencies (safetensors, numpy, tqdm, torchdiffeq)")

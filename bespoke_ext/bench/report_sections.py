@@ -151,7 +151,8 @@ def bench_training_section(data: dict) -> List[str]:
     lines = ["## Bespoke training (benchmarks/bench_training.py)", "",
              f"Written by benchmarks/bench_training.py into training.json ({m.get('threads', '?')} threads, torch "
              f"{m.get('torch', '?')}): validation RMSE of the trained solver against its base method at the same NFE, "
-             "the NFE the base method needs to match it, and the wall-clock of each training run.", ""]
+             "the NFE the base method needs to match it (its RMSE-vs-NFE curve interpolated in log RMSE versus log "
+             "NFE, bespoke_ext.compare.nfe_to_match), and the wall-clock of each training run.", ""]
     body = []
     for model, e in data.get("models", {}).items():
         runs = dict(e.get("runs", {}))
@@ -162,9 +163,22 @@ def bench_training_section(data: dict) -> List[str]:
                 continue
             body.append([model, name, str(r.get("nfe", "-")), str(r.get("iterations", "-")), r.get("base_method", "-"),
                          fmt_g(r.get("base_rmse")), fmt_g(r.get("best_rmse")), fmt_x(r.get("ratio")),
-                         fmt_g(r.get("base_nfe_to_match")), fmt_g(r.get("wall_s")), fmt_g(r.get("gt_s"))])
+                         _nfe_to_match(r), fmt_g(r.get("wall_s")), fmt_g(r.get("gt_s"))])
     return lines + md_table(["model", "run", "NFE", "iterations", "base", "base RMSE", "trained RMSE", "ratio",
                            "base NFE to match", "wall-clock s", "GT s"], body)
+
+
+def _nfe_to_match(run: dict) -> str:
+    """The base NFE to match, marked where it is not interpolated between measured points."""
+    how = run.get("base_nfe_to_match_how") or ""
+    if "base_nfe_to_match_how" in run and run.get("base_nfe_to_match") is None:
+        return "not reached"
+    value = fmt_g(run.get("base_nfe_to_match"))
+    if how.startswith("extrapolated"):
+        return f"~{value} (extrapolated)"
+    if how.startswith("already"):
+        return f"<= {value}"
+    return value
 
 
 def gpu_section(res: Results) -> List[str]:

@@ -6,10 +6,12 @@
 - nets:      MLPVelocity, UNetVelocity
 - data:      moons, checkerboard, mnist, digits8 (scaled to [-1, 1])
 - pretrain:  reproducible flow-matching pretraining of the embedded models
+- identity:  model_tag, what a trajectory cache or a trained solver was made for
 - embedded:  load_embedded / list_embedded, the shipped pre-trained models
 """
 
 from .adapters import ClassifierFreeGuidance, DiffusersTimeAdapter, ScalarTimeAdapter, VelocityAdapter
+from .identity import model_tag
 from .embedded import DEFAULT_MODEL, EmbeddedModel, list_embedded, load_embedded
 from .nets import MLPVelocity, UNetVelocity, build_net
 from .oracle import GaussianMixtureFlow
@@ -18,7 +20,7 @@ from .schedules import CosineSchedule, CustomSchedule, OTSchedule, Schedule, VPS
 __all__ = [
     "Schedule", "OTSchedule", "CosineSchedule", "VPSchedule", "CustomSchedule", "get_schedule",
     "VelocityAdapter", "ClassifierFreeGuidance", "DiffusersTimeAdapter", "ScalarTimeAdapter",
-    "GaussianMixtureFlow",
+    "GaussianMixtureFlow", "model_tag",
     "MLPVelocity", "UNetVelocity", "build_net",
     "EmbeddedModel", "load_embedded", "list_embedded", "DEFAULT_MODEL",
 ]

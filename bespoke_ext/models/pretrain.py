@@ -19,7 +19,6 @@ Presets (``PRESETS``):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -36,8 +35,7 @@ from . import data as data_mod
 from .nets import build_net
 from .schedules import get_schedule
 
-__all__ = ["PRESETS", "pretrain", "flow_matching_loss", "add_pretrain_arguments", "run_pretrain", "pretrain_cli",
-           "sha256_file", "CARD_FORMAT_VERSION"]
+__all__ = ["PRESETS", "pretrain", "flow_matching_loss", "sha256_file", "CARD_FORMAT_VERSION"]
 
 CARD_FORMAT_VERSION = 1
 
@@ -236,44 +234,3 @@ def pretrain(name: str, out_dir=None, iterations: Optional[int] = None, seed: in
         json.dump(card, f, indent=2)
         f.write("\n")
     return card
-
-
-def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``bespoke-ext pretrain NAME --out DIR --iterations N --seed S``."""
-    parser.add_argument("name", choices=sorted(PRESETS) + ["all"], help="model preset to train ('all': every preset, in turn)")
-    parser.add_argument("--out", default=None, help="output folder (default: the package's embedded weights folder)")
-    parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is fastest on a machine busy with other work)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def run_pretrain(args: argparse.Namespace) -> int:
-    """Run pretraining from parsed arguments; prints one summary line per model. Returns 0."""
-    names = sorted(PRESETS) if args.name == "all" else [args.name]
-    threads = getattr(args, "threads", None)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    for name in names:
-        card = pretrain(name, args.out, iterations=args.iterations, seed=args.seed, progress=not args.no_progress,
-                        batch_size=getattr(args, "batch_size", None), weights_dtype=getattr(args, "weights_dtype", "float32"))
-        tr = card["training"]
-        print(f"{name}: {tr['iterations']} iterations in {tr['wall_clock_seconds']:.0f} s, final loss {tr['final_loss']:.4f}, "
-              f"held-out loss {tr['heldout_loss']:.4f}, weights sha256 {card['weights']['sha256'][:12]}...")
-    return 0
-
-
-def pretrain_cli(argv=None) -> int:
-    """``main(argv)``-style entry: ``python -m bespoke_ext.models.pretrain NAME [--out DIR] ...``."""
-    parser = add_pretrain_arguments(argparse.ArgumentParser(prog="bespoke-ext pretrain", description=__doc__.splitlines()[0]))
-    return run_pretrain(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(pretrain_cli())

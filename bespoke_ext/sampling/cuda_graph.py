@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .executor import check_velocity, coefficient_dtype, combine_into, prepare, run_steps, stats_of
-from .program import Program
+from ..program import Program
 from .stats import ForwardCounter, SampleStats
 
 __all__ = ["execute_graphed", "clear_cuda_graphs"]

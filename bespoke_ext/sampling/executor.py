@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .program import Eval, Program
+from ..program import Eval, Program
 from .stats import ForwardCounter, SampleStats
 
 __all__ = ["execute", "coefficient_dtype", "check_velocity"]

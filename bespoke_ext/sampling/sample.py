@@ -9,7 +9,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..solvers.adaptive import ADAPTIVE_METHODS, solve_adaptive
+from .adaptive import ADAPTIVE_METHODS, solve_adaptive
 from ..solvers.dpm_solver import DPM_METHOD, dpm_solver_program
 from ..solvers.tableaus import TABLEAUS, fixed_step_program
 from ..solvers.time_grid import (
@@ -17,7 +17,7 @@ from ..solvers.time_grid import (
 )
 from .cuda_graph import execute_graphed
 from .executor import execute
-from .program import Program
+from ..program import Program
 
 __all__ = ["sample", "METHODS", "DEFAULT_METHOD"]
 

@@ -1,14 +1,13 @@
 """Solvers as programs for the executor: fixed Runge-Kutta tableaus, DPM-Solver++(2M), Bespoke
-(learned), the adaptive ground-truth solver, and the solver file format."""
+(learned), and the solver file format. (The adaptive dopri5 path is not a program: sampling/adaptive.py.)"""
 
 from .bespoke import BespokeGrid, BespokeSolver, StepCoefficients
 from .files import FORMAT_VERSION, SolverFileError, read_solver_file, write_solver_file
 from .tableaus import TABLEAUS, Tableau, fixed_step_program
 from .dpm_solver import dpm_solver_program
-from .adaptive import solve_adaptive
 
 __all__ = [
     "BespokeSolver", "BespokeGrid", "StepCoefficients",
     "SolverFileError", "FORMAT_VERSION", "read_solver_file", "write_solver_file",
-    "Tableau", "TABLEAUS", "fixed_step_program", "dpm_solver_program", "solve_adaptive",
+    "Tableau", "TABLEAUS", "fixed_step_program", "dpm_solver_program",
 ]

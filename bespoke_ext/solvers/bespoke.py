@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..sampling.program import Program, ProgramBuilder
+from ..program import Program, ProgramBuilder
 from .files import SolverFileError, read_solver_file, write_solver_file
 
 __all__ = ["BespokeSolver", "BespokeGrid", "StepCoefficients"]

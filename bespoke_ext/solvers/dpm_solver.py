@@ -27,7 +27,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..sampling.program import Program, ProgramBuilder
+from ..program import Program, ProgramBuilder
 from .time_grid import RecordPlan
 
 __all__ = ["dpm_solver_program", "DPM_METHOD"]

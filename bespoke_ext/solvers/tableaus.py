@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 from torch import Tensor
 
-from ..sampling.program import Program, ProgramBuilder
+from ..program import Program, ProgramBuilder
 from .time_grid import RecordPlan
 
 __all__ = ["Tableau", "TABLEAUS", "fixed_step_program"]

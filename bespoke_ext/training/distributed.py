@@ -21,12 +21,12 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Tuple
+from typing import Iterable, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "distributed_context", "local_slice"]
+__all__ = ["DistContext", "distributed_context", "local_slice", "launched_by_torchrun", "resolve_device"]
 
 
 @dataclass
@@ -66,8 +66,7 @@ class DistContext:
             offset += g.numel()
 
 
-
-def _launched_by_torchrun() -> bool:
+def launched_by_torchrun() -> bool:
     env = os.environ
     return all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and int(env["WORLD_SIZE"]) > 1
 
@@ -78,7 +77,7 @@ def distributed_context(device: torch.device) -> DistContext:
         return DistContext()
     if dist.is_initialized():
         return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
-    if not _launched_by_torchrun():
+    if not launched_by_torchrun():
         return DistContext()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
@@ -110,18 +109,8 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def local_slice(total: int, rank: int, world_size: int, align: int = 1) -> Tuple[int, int]:
-    """[start, stop) of this rank's share of ``total`` items: contiguous, as even as possible.
-
-    Shares are multiples of ``align`` where possible (ground-truth groups stay whole, so the adaptive
-    solves see the same groups whatever the number of processes).
-    """
-    units = -(-total // align)
-    per, extra = divmod(units, world_size)
-    start_unit = rank * per + min(rank, extra)
-    stop_unit = start_unit + per + (1 if rank < extra else 0)
-    return min(total, start_unit * align), min(total, stop_unit * align)
-
-
-def round_robin(count: int, rank: int, world_size: int) -> List[int]:
-    return list(range(rank, count, world_size))
+def local_slice(total: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[start, stop) of this rank's share of ``total`` items: contiguous, as even as possible."""
+    per, extra = divmod(total, world_size)
+    start = rank * per + min(rank, extra)
+    return start, start + per + (1 if rank < extra else 0)

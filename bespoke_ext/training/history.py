@@ -71,11 +71,9 @@ class TrainHistory:
 
 def plot_history(history: TrainHistory, path, title: str = "") -> None:
     """Learning curve PNG: training loss per iteration and validation RMSE (log scales)."""
-    import matplotlib
+    from ..figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax1 = plt.subplots(figsize=(7, 4.2), dpi=110)
     if history.loss:
         ax1.plot(range(1, len(history.loss) + 1), history.loss, color="tab:blue", lw=1, alpha=0.8, label="training loss")

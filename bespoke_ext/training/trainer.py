@@ -30,7 +30,8 @@ from typing import Callable, Sequence, Tuple
 
 import torch
 
-from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache, model_tag
+from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache
+from ..models.identity import model_tag
 from .batches import CachedBatches, OnlineBatches, derive_seed
 from .checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, distributed_context, resolve_device

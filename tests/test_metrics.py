@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from bespoke_ext.evaluation import metrics
-from bespoke_ext.evaluation.report import Row, markdown_table, nfe_to_match
+from bespoke_ext import metrics
+from bespoke_ext.compare import Row, markdown_table, nfe_to_match
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -78,7 +78,7 @@ def test_frechet_distance_closed_form_for_diagonal_gaussians():
 
 
 def test_frechet_distance_general_covariances_match_scipy_sqrtm():
-    scipy_linalg = pytest.importorskip("scipy.linalg")
+    import scipy.linalg as scipy_linalg  # installed with scikit-learn (the test extra)
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)
     ca, cb = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64), b @ b.T
@@ -150,7 +150,7 @@ def test_markdown_table_has_one_line_per_row_and_the_metric_column():
 @pytest.mark.parametrize("name, threshold", [("mnist", 0.98), ("digits8", 0.95)])
 def test_shipped_classifier_accuracy_on_held_out_digits(name, threshold):
     # measured when shipped: mnist 0.992 (500 held-out digits), digits8 0.978 (180)
-    from bespoke_ext.evaluation.classifier import accuracy, load_classifier
+    from bespoke_ext.metrics.classifier import accuracy, load_classifier
     from bespoke_ext.models import data
 
     clf = load_classifier(name)
@@ -162,7 +162,7 @@ def test_shipped_classifier_accuracy_on_held_out_digits(name, threshold):
 
 
 def test_classifier_files_are_small_and_damage_is_refused(tmp_path):
-    from bespoke_ext.evaluation.classifier import WEIGHTS_DIR, load_classifier
+    from bespoke_ext.metrics.classifier import WEIGHTS_DIR, load_classifier
 
     assert sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir()) < 500_000
     for suffix in (".json", ".safetensors"):
@@ -179,7 +179,7 @@ def test_classifier_files_are_small_and_damage_is_refused(tmp_path):
 
 
 def test_frechet_classifier_distance_separates_digits_from_noise():
-    from bespoke_ext.evaluation.classifier import load_classifier
+    from bespoke_ext.metrics.classifier import load_classifier
     from bespoke_ext.models import data
 
     clf = load_classifier("mnist")
@@ -198,7 +198,7 @@ def test_frechet_classifier_distance_separates_digits_from_noise():
 # -- figures -------------------------------------------------------------------------------------------
 
 def test_figures_are_valid_pngs(tmp_path):
-    from bespoke_ext.evaluation.plots import save_error_curves, save_sample_grid, save_schedules
+    from bespoke_ext.figures import save_error_curves, save_sample_grid, save_schedules
     from bespoke_ext.solvers import BespokeSolver
 
     images = [("a", torch.rand(6, 1, 8, 8) * 2 - 1), ("b", torch.rand(6, 1, 8, 8) * 2 - 1)]

@@ -1,9 +1,9 @@
 """Quality versus NFE: every solver on the same noise, against the same ground truth, per model.
 
-The demo's machinery does the work (ground truth, Bespoke training, the baseline sweep and the
-distribution metric: bespoke_ext/evaluation/demo.py); this stage adds what a benchmark needs beyond it:
-the analytic oracle as a model, diffusers' DPM-Solver++ and UniPC in flow mode on the same noise
-(bench_diffusers.py), dopri5 at more than one tolerance, reuse of trained solver files, and the
+The comparison API (bespoke_ext/compare.py: ground truth, rows, the distribution metric) and the demo's
+settings, training and baseline sweep (bespoke_ext/demo/) do the work; this stage adds what a benchmark
+needs beyond them: the analytic oracle as a model, diffusers' DPM-Solver++ and UniPC in flow mode on the
+same noise (diffusers.py), dopri5 at more than one tolerance, reuse of trained solver files, and the
 quality targets read off the rows.
 """
 
@@ -19,9 +19,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import demo, metrics
-from .bench_diffusers import SCHEDULERS, diffusers_missing, diffusers_sample
-from .report import Row
+from .. import demo
+from ..compare import BASELINES, Reference, Row, Run, baseline_labels, compare, dopri5_run, ground_truth, solver_run
+from ..compare import stream_seed
+from .diffusers import SCHEDULERS, diffusers_missing, diffusers_sample
 
 __all__ = ["QualityModel", "oracle_model", "quality_models", "weights_id", "run_quality", "settings",
            "evaluation_noise", "solver_search_path", "find_solver", "quality_targets", "BESPOKE_NFES", "FIXED_METHODS"]
@@ -33,7 +34,7 @@ ORACLE = dict(dim=64, components=10, std=0.1, seed=0, shape=(1, 8, 8))  # sharp:
 # The oracle is cheap to evaluate: a larger batch and cache than the demo's default (MNIST) settings.
 ORACLE_SETTINGS = dict(batch=512, train_batch=64, cache_samples=512)
 # Fixed-NFE solvers that the "Bespoke order 2 ahead at NFE 10" target compares against.
-FIXED_METHODS = ("bespoke-rk1", *demo.BASELINES, *SCHEDULERS)
+FIXED_METHODS = ("bespoke-rk1", *BASELINES, *SCHEDULERS)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class QualityModel:
 
 def oracle_model() -> QualityModel:
     """The Gaussian-mixture oracle: an exact velocity field, 64-D shaped as 1x8x8 images."""
-    from ..groundtruth import model_tag
+    from ..models.identity import model_tag
     from ..models.oracle import GaussianMixtureFlow
 
     velocity = GaussianMixtureFlow.random(**ORACLE).float()
@@ -120,34 +121,37 @@ def run_quality(models: Sequence[QualityModel], *, quick: bool, seed: int, resul
 
 def settings(qm: QualityModel, quick: bool) -> "demo.Preset":
     """The demo's settings for the model (its --quick ones for a quick run), with the model's overrides."""
-    cfg = demo._settings(qm.name, batch=None, iterations=None, loss=None, quick=quick)
+    cfg = demo.settings(qm.name, quick=quick)
     return dataclasses.replace(cfg, **qm.overrides) if qm.overrides and not quick else cfg
 
 
 def evaluation_noise(qm: QualityModel, batch: int, seed: int) -> torch.Tensor:
     """The evaluation batch x0 (its own random stream: never the training or validation noise)."""
-    g = torch.Generator().manual_seed(demo._stream_seed(seed, "bench-evaluation"))
+    g = torch.Generator().manual_seed(stream_seed(seed, "bench-evaluation"))
     return torch.randn(batch, *qm.shape, generator=g, dtype=qm.dtype)
 
 
 def _one_model(qm: QualityModel, *, quick, seed, results_dir: Path, solver_dirs, progress, say) -> dict:
     cfg = settings(qm, quick)
     nfes = list(QUICK_BESPOKE_NFES if quick else BESPOKE_NFES)
-    reference = demo._Reference.for_model(qm, cfg.batch, seed)
+    reference = Reference.for_model(qm, cfg.batch, seed)
     x0 = evaluation_noise(qm, cfg.batch, seed)
-    truth, truth_nfe, truth_seconds = demo._ground_truth(qm.velocity, x0, progress)
+    truth = ground_truth(qm.velocity, x0, progress=progress)
 
     solvers, provenance = _solvers(qm, nfes, cfg, seed, results_dir, solver_dirs, progress, say)
-    rows, _ = demo._evaluate(qm.velocity, x0, truth, truth_nfe, truth_seconds, solvers, nfes, cfg, reference,
-                             labels=demo.baseline_labels(qm.card), progress=progress)
-    rows += _extra_rows(qm, x0, truth, sorted(set(cfg.sweep) | set(nfes)), reference)
+    runs = [solver_run(s) for s in solvers] + [dopri5_run(demo.LOOSE_TOL)]
+    runs += demo.baseline_runs(nfes, cfg, baseline_labels(qm.card))
+    extra = _extra_runs(qm, sorted(set(cfg.sweep) | set(nfes)))
+    rows, _ = compare(qm.velocity, x0, truth, runs + extra, reference=reference, progress=progress)
+    # the demo's rows in the demo's order, then the benchmark's own
+    rows = rows[:1] + sorted(rows[1:1 + len(runs)], key=demo.row_order) + rows[1 + len(runs):]
     return {
         "description": qm.card.get("description", ""),
         "weights_sha256": qm.card["weights"]["sha256"],
         "embedded": qm.embedded,
         "batch": cfg.batch,
         "distribution_metric": reference.metric,
-        "ground_truth": {"method": "dopri5", "tol": demo.GT_TOL, "nfe": truth_nfe},
+        "ground_truth": {"method": "dopri5", "tol": truth.tol, "nfe": truth.nfe},
         "training": {"loss": cfg.loss, "iterations": cfg.iterations, "batch_size": cfg.train_batch, "lr": cfg.lr,
                      "gt": "cached", "cache_samples": cfg.cache_samples},
         "solvers": asdict(provenance),
@@ -156,32 +160,19 @@ def _one_model(qm: QualityModel, *, quick, seed, results_dir: Path, solver_dirs,
     }
 
 
-def _row(method: str, label: str, nfe: int, x, truth, seconds: float, reference) -> Row:
-    return Row(method=method, label=label, nfe=int(nfe), rmse=metrics.rmse(x, truth), psnr=metrics.psnr(x, truth),
-               seconds=seconds, distribution=reference.distance(x))
-
-
-def _extra_rows(qm: QualityModel, x0, truth, nfes: Sequence[int], reference) -> List[Row]:
+def _extra_runs(qm: QualityModel, nfes: Sequence[int]) -> List[Run]:
     """diffusers' solvers at every NFE of the sweep, and dopri5 at the extra tolerances."""
-    from ..sampling import sample
-
-    rows = []
+    runs = []
     # diffusers' flow mode assumes the OT path: on a model of another path (VP) it still solves the velocity
-    # field's ODE consistently, but it is not that path's dedicated solver, and the label says so (as demo's).
+    # field's ODE consistently, but it is not that path's dedicated solver, and the label says so (as the demo's).
     path = (qm.card.get("schedule") or {}).get("name", "ot")
     suffix = f", flow mode on a {path.upper()} model" if path != "ot" else ""
     if diffusers_missing() is None:
         for method, (_, label) in SCHEDULERS.items():
             for n in nfes:
-                start = time.perf_counter()
-                x = diffusers_sample(method, qm.velocity, x0, n)
-                rows.append(_row(method, label + suffix, n, x, truth, time.perf_counter() - start, reference))
-    for tol in DOPRI5_TOLS:
-        start = time.perf_counter()
-        x, stats = sample(qm.velocity, x0, method="dopri5", atol=tol, rtol=tol, return_stats=True)
-        rows.append(_row("dopri5", f"dopri5 (tol {tol:g})", stats.nfe, x, truth, time.perf_counter() - start,
-                         reference))
-    return rows
+                runs.append(Run(method, label + suffix,
+                                lambda model, x0, method=method, n=n: (diffusers_sample(method, model, x0, n), n)))
+    return runs + [dopri5_run(tol) for tol in DOPRI5_TOLS]
 
 
 def _solver_key(order: int, nfe: int) -> str:
@@ -227,7 +218,7 @@ def find_solver(qm: QualityModel, order: int, nfe: int, search: Sequence[Path], 
 
 def _solvers(qm: QualityModel, nfes, cfg, seed, results_dir: Path, solver_dirs, progress, say):
     """Bespoke order 1 and 2 at each NFE: reused where a file is found (solver_search_path), else trained
-    here (demo._train_solvers, saved to ``<results>/<model>/solvers`` for the next run)."""
+    here (demo.train_solvers, saved to ``<results>/<model>/solvers`` for the next run)."""
     search = solver_search_path(qm, results_dir, solver_dirs)
     own = search[0]
     found, provenance, missing = {}, _Provenance(), []
@@ -251,13 +242,13 @@ def _solvers(qm: QualityModel, nfes, cfg, seed, results_dir: Path, solver_dirs, 
             f"({cfg.iterations} iterations each, cached ground truth)")
         own.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="bespoke-bench-gt-") as cache_dir:
-            trained, wall, _ = demo._train_solvers(qm, missing, cfg, seed, cache_dir, own, progress)
+            trained, wall, _ = demo.train_solvers(qm, missing, cfg, seed, cache_dir, own, progress)
         provenance.train_seconds = round(wall, 1)
         for s in trained:
             found[(s.order, s.nfe)] = s
             key = _solver_key(s.order, s.nfe)
             provenance.trained_here.append(key)
-            provenance.files[key] = where(own / "solvers" / demo._solver_file(s))
+            provenance.files[key] = where(own / "solvers" / demo.solver_file_name(s))
     return [found[(order, n)] for n in nfes for order in (2, 1)], provenance
 
 

@@ -1,4 +1,4 @@
-"""Small digit classifiers whose features define the Frechet classifier distance (metrics.py).
+"""Small digit classifiers whose features define the Frechet classifier distance (distances.py).
 
 Inception FID needs downloaded weights; instead the package trains, here and seeded, one small CNN
 per digit data set and ships it (``weights/<name>.safetensors`` + ``<name>.json`` card):
@@ -15,12 +15,11 @@ than exact position); accuracy is measured on the held-out split and written on 
 (mnist 99.2% of 500, digits8 97.8% of 180).
 
 ``load_classifier(name)`` checks the weights' sha256 against the card; ``train_classifier(name)``
-retrains and rewrites both files (``python -m bespoke_ext.evaluation.classifier NAME``).
+retrains and rewrites both files (``bespoke-ext pretrain classifier-NAME``).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -192,8 +191,8 @@ def load_classifier(name: str, weights_dir=None) -> DigitClassifier:
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     cpath = folder / f"{name}.json"
     if not cpath.is_file():
-        raise FileNotFoundError(f"classifier {name!r}: card {cpath} not found (retrain: python -m "
-                                f"bespoke_ext.evaluation.classifier {name})")
+        raise FileNotFoundError(f"classifier {name!r}: card {cpath} not found (retrain: bespoke-ext "
+                                f"pretrain classifier-{name})")
     card = json.loads(cpath.read_text())
     wpath = folder / card["weights"]["file"]
     if not wpath.is_file():
@@ -207,21 +206,3 @@ def load_classifier(name: str, weights_dir=None) -> DigitClassifier:
         raise ValueError(f"classifier {name!r}: weights file {wpath} does not fit DigitClassifier ({exc})") from exc
     model.card = card
     return model.eval().requires_grad_(False)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bespoke_ext.evaluation.classifier",
-                                     description="retrain a digit classifier of the Frechet classifier distance")
-    parser.add_argument("name", choices=sorted(CLASSIFIERS))
-    parser.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=None)
-    args = parser.parse_args(argv)
-    card = train_classifier(args.name, args.out, seed=args.seed, epochs=args.epochs)
-    print(f"{args.name}: held-out accuracy {card['heldout_accuracy']:.4f} in {card['training']['wall_clock_seconds']} s, "
-          f"{card['weights']['bytes']} bytes")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -31,8 +31,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .bench_diffusers import SCHEDULERS, diffusers_missing, diffusers_sample, make_scheduler
-from .bench_timing import compare, interleaved
+from .diffusers import SCHEDULERS, diffusers_missing, diffusers_sample, make_scheduler
+from .timing import compare, interleaved
 
 __all__ = ["WORKLOADS", "QUICK_WORKLOADS", "LABELS", "contenders", "first_calls", "same_samples", "plain_midpoint",
            "workload_model", "architecture_model", "run_wallclock", "wallclock_targets"]

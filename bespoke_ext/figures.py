@@ -1,4 +1,4 @@
-"""PNG figures of the demo (matplotlib, Agg backend: no display needed).
+"""PNG figures of the demo and the benchmark report (matplotlib, Agg backend: no display needed).
 
     save_sample_grid      the same noise through each method: image rows, or 2-D scatter panels
     save_error_curves     RMSE against ground truth versus NFE, a line per baseline method, a marker
@@ -13,12 +13,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["save_sample_grid", "save_error_curves", "save_schedules"]
+__all__ = ["save_sample_grid", "save_error_curves", "save_schedules", "pyplot"]
 
 _DPI = 110
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display, never opens a window
@@ -36,7 +37,7 @@ def save_sample_grid(panels: Sequence[Tuple[str, Tensor]], path, *, columns: int
     if len(shapes) != 1:
         raise ValueError(f"panels must share one per-sample shape, got {sorted(shapes)}")
     shape = shapes.pop()
-    plt = _pyplot()
+    plt = pyplot()
     if len(shape) == 1 and shape[0] == 2:
         fig = _scatter_panels(plt, panels)
     elif len(shape) == 3 and shape[0] == 1:
@@ -97,7 +98,7 @@ def save_error_curves(curves: Dict[str, Sequence[Tuple[int, float]]], points: Di
     match: optional (label, nfe, error): where a baseline's curve reaches a Bespoke solver's error,
         marked with a dotted line and a text label.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.6, 4.6))
     for method, pts in curves.items():
         pts = sorted(pts)
@@ -130,7 +131,7 @@ def save_schedules(solvers: Dict[str, "torch.nn.Module"], path, *, title: str = 
     panel shows."""
     if not solvers:
         raise ValueError("solvers must hold at least one (label -> BespokeSolver)")
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_t, ax_d, ax_s) = plt.subplots(1, 3, figsize=(13.5, 4))
     for label, solver in solvers.items():
         r, t, s = _schedule_points(solver)

@@ -4,19 +4,18 @@ Stages (``--only`` picks some; each replaces its own section of the results file
 per-model stages, quality and training, replace only the models they ran, so ``--models`` refreshes some):
     quality     RMSE / PSNR against ground truth versus NFE on every embedded model and the analytic
                 oracle: Euler, midpoint, Heun, RK4, DPM-Solver++(2M), dopri5, diffusers' DPM-Solver++ and
-                UniPC, Bespoke order 1 and 2 (bench_quality.py)
+                UniPC, Bespoke order 1 and 2 (quality.py)
     wallclock   seconds per batch at equal NFE on the same noise, against flow_matching, torchdiffeq,
-                diffusers and a plain loop, as overhead over the model-evaluation floor (bench_wallclock.py)
-    kernels     the fused ops against eager, torch.compile and copy bandwidth (bench_kernels.py)
+                diffusers and a plain loop, as overhead over the model-evaluation floor (wallclock.py)
+    kernels     the fused ops against eager, torch.compile and copy bandwidth (kernels.py)
     training    Bespoke training wall-clock, online and cached ground truth, against pretraining
-                (bench_training_cost.py); by default on the default embedded model only (minutes per model)
+                (training_cost.py); by default on the default embedded model only (minutes per model)
 Writes ``<out>/<machine>.json``, then regenerates ``<out>/REPORT.md``, its PNG plots and
-``<out>/readme_performance.md`` from every results file in ``<out>`` (bench_report.py).
+``<out>/readme_performance.md`` from every results file in ``<out>`` (report.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -27,9 +26,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .bench_timing import machine_id, machine_info
+from .timing import machine_id, machine_info
 
-__all__ = ["add_bench_arguments", "run_bench", "run", "STAGES", "default_out"]
+__all__ = ["run", "STAGES", "default_out"]
 
 STAGES = ("quality", "wallclock", "kernels", "training")
 RESULTS_KIND = "bespoke_ext.bench"
@@ -38,45 +37,11 @@ RESULTS_KIND = "bespoke_ext.bench"
 def default_out(quick: bool) -> Path:
     """benchmarks/results of the source tree this package runs from (quick runs in its quick/ folder, so a
     smoke run never overwrites committed results), else ./bespoke-bench."""
-    from .bench_kernels import benchmarks_dir
+    from .kernels import benchmarks_dir
 
     folder = benchmarks_dir()
     base = folder / "results" if folder is not None else Path("bespoke-bench")
     return base / "quick" if quick else base
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``bespoke-ext bench``."""
-    parser.add_argument("--quick", action="store_true",
-                        help="a short smoke run (tiny batches, rounds and training: the numbers are not meaningful); "
-                             "writes to the results folder's quick/ subfolder by default")
-    parser.add_argument("--only", nargs="+", choices=STAGES, metavar="STAGE",
-                        help=f"run only these stages ({', '.join(STAGES)}); default: all")
-    parser.add_argument("--out", default=None,
-                        help="results folder (default: benchmarks/results in a source checkout, else ./bespoke-bench)")
-    parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                        help="models for the quality and training stages (default: every embedded model and the "
-                             "oracle, oracle-gmm64, for quality; the default embedded model for training)")
-    parser.add_argument("--solvers", nargs="+", default=[], metavar="DIR",
-                        help="more folders holding trained solver files to reuse (DIR/solvers/bespoke-rk2-nfe10."
-                             "safetensors, as the demo writes them); ./bespoke-demo is always searched")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for the whole run (default: half the cores, as the demo)")
-    parser.add_argument("--machine", default=None,
-                        help="name of the results file (default: derived from the CPU, e.g. cpu-amd-epyc-2c)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every noise batch and training run (default 0)")
-    parser.add_argument("--no-report", action="store_true", help="only write the results file, not REPORT.md")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Run the suite from parsed arguments. Returns 0."""
-    out = Path(args.out) if args.out else default_out(args.quick)
-    run(args.only or STAGES, quick=args.quick, out=out, models=args.models, solver_dirs=args.solvers,
-        threads=args.threads, seed=args.seed, machine=args.machine, report=not args.no_report,
-        progress=not args.no_progress)
-    return 0
 
 
 def run(stages: Sequence[str] = STAGES, *, quick: bool = False, out=None, models: Optional[Sequence[str]] = None,
@@ -102,7 +67,7 @@ def run(stages: Sequence[str] = STAGES, *, quick: bool = False, out=None, models
 
 
 def _run(stages, quick, out: Path, models, solver_dirs, seed, machine, report, progress, say) -> Path:
-    from .report import _json_safe
+    from ..compare import json_safe
 
     info = machine_info("cpu")
     name = machine or machine_id(info)
@@ -123,11 +88,11 @@ def _run(stages, quick, out: Path, models, solver_dirs, seed, machine, report, p
                        stage_seconds=round(time.perf_counter() - started, 1))
         results[stage] = _merge_models(results.get(stage), section, now)
         # Written after every stage: an interrupted run keeps what it measured.
-        path.write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+        path.write_text(json.dumps(json_safe(results), indent=1) + "\n")
         say(f"{stage}: done in {section['stage_seconds']:.0f} s")
     say(f"wrote {path}")
     if report:
-        from .bench_report import write_report
+        from .report import write_report
 
         for written in write_report(out):
             say(f"wrote {written}")
@@ -141,7 +106,7 @@ def _models(stage: str, names: Optional[Sequence[str]]):
     if stage not in ("quality", "training"):
         return None
     from ..models.embedded import DEFAULT_MODEL, list_embedded
-    from .bench_quality import quality_models
+    from .quality import quality_models
 
     if names is None and stage == "training":
         names = [DEFAULT_MODEL] if DEFAULT_MODEL in list_embedded() else list_embedded()[:1]
@@ -153,7 +118,7 @@ def _merge_models(old: Optional[dict], new: dict, now: str) -> dict:
     quick) that this run did not measure, so ``--models X`` adds or refreshes X only; every model entry
     says when it was measured. Earlier entries measured for other weights than the model's current ones
     (a retrained model) are dropped, never reported as current."""
-    from .bench_quality import weights_id
+    from .quality import weights_id
 
     if "models" not in new:
         return new
@@ -169,18 +134,18 @@ def _merge_models(old: Optional[dict], new: dict, now: str) -> dict:
 
 def _stage(stage: str, models, *, quick, out: Path, name: str, solver_dirs, seed, progress, say) -> dict:
     if stage == "quality":
-        from .bench_quality import run_quality
+        from .quality import run_quality
 
         return run_quality(models, quick=quick, seed=seed, results_dir=out, solver_dirs=[Path(d) for d in solver_dirs],
                            progress=progress, say=say)
     if stage == "wallclock":
-        from .bench_wallclock import run_wallclock
+        from .wallclock import run_wallclock
 
         return run_wallclock(quick=quick, seed=seed, say=say)
     if stage == "kernels":
-        from .bench_kernels import run_kernels
+        from .kernels import run_kernels
 
         return run_kernels(out, name, quick=quick, say=say)
-    from .bench_training_cost import run_training
+    from .training_cost import run_training
 
     return run_training(models, quick=quick, seed=seed, progress=progress, say=say)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 from typing import Callable, Sequence
 
-from .bench_quality import QualityModel, settings
+from .quality import QualityModel, settings
 
 __all__ = ["run_training", "GT_MODES", "TRAIN_NFE"]
 

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..sampling.executor import check_velocity
-from ..sampling.stats import ForwardCounter, SampleStats
+from .executor import check_velocity
+from .stats import ForwardCounter, SampleStats
 
 __all__ = ["ADAPTIVE_METHODS", "solve_adaptive"]
 

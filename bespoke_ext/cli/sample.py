@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .sample import METHODS
+from ..sampling import METHODS
+from .model_spec import DTYPES, parse_shape, resolve_model
 
 __all__ = ["add_sample_arguments", "run_sample"]
 
@@ -44,17 +45,15 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_sample(args: argparse.Namespace) -> int:
     """Run the ``sample`` subcommand; returns the exit status."""
-    # CLI glue: model resolution is shared with `bespoke-ext train` (one home for the model spec).
+    from ..sampling import sample
     from ..solvers import BespokeSolver
-    from ..training.cli_train import resolve_model
-    from .sample import sample
 
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
-    dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model, shape, name = resolve_model(args.model, device=args.device, dtype=dtype)
     if args.shape is not None:
-        shape = tuple(int(s) for s in args.shape.replace("x", ",").split(",") if s.strip())
+        shape = parse_shape(args.shape)
     if not shape:
         raise ValueError(f"model {args.model!r} does not say its per-sample shape: pass --shape (e.g. --shape 2)")
     device = torch.device(args.device or "cpu")

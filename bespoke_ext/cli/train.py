@@ -12,25 +12,18 @@ The model is one of
   - the name of an embedded model ("moons2d", "mnist", ...).
 Writes the solver file (data only) and a learning-curve PNG next to it; prints the validation RMSE of
 the base method (iteration 0) and of the trained solver. Under torchrun only rank 0 writes.
-
-The lead wires this in ``bespoke_ext/cli.py``:  add_train_arguments(subparser); run_train(args).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
-import json
 import os
 from pathlib import Path
-from typing import Optional, Tuple
 
-import torch
+from ..training.options import GT_MODES, LOSSES, LR_SCHEDULES, TrainOptions
+from .model_spec import DTYPES, parse_extras, parse_shape, resolve_model
 
-from .options import GT_MODES, LOSSES, LR_SCHEDULES, TrainOptions
-
-__all__ = ["add_train_arguments", "run_train", "resolve_model"]
+__all__ = ["add_train_arguments", "run_train"]
 
 _DEFAULTS = TrainOptions()
 
@@ -71,98 +64,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def _factory_or_model(obj):
-    """Call zero-argument factories (functions or classes); keep models (modules, (x, t) callables)."""
-    if isinstance(obj, torch.nn.Module):
-        return obj
-    if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj):
-        try:
-            sig = inspect.signature(obj)
-        except (TypeError, ValueError):
-            return obj
-        required = [p for p in sig.parameters.values()
-                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if not required:
-            return obj()
-    return obj
-
-
-def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[Tuple[int, ...]], str]:
-    """(velocity model, per-sample shape or None, a name for file names) from a command-line spec."""
-    kw = {}
-    if dtype is not None:
-        kw["dtype"] = dtype
-    if device is not None:
-        kw["device"] = device
-    path = Path(spec)
-    if path.suffix in (".safetensors", ".json") and (path.is_file() or path.with_suffix(".json").is_file()):
-        from ..models.embedded import load_embedded
-
-        if not path.with_suffix(".json").is_file():
-            raise FileNotFoundError(f"model checkpoint {path}: its card {path.with_suffix('.json')} is missing")
-        m = load_embedded(path.stem, weights_dir=path.parent, **kw)
-        return m.velocity, tuple(m.shape), path.stem
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            obj = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"model {spec!r}: cannot import module {module_name!r} ({exc})") from exc
-        for part in attr.split("."):
-            if not hasattr(obj, part):
-                raise ValueError(f"model {spec!r}: {module_name} has no attribute {attr!r}")
-            obj = getattr(obj, part)
-        obj = _factory_or_model(obj)
-        shape = getattr(obj, "shape", None)
-        model = getattr(obj, "velocity", obj)
-        if not callable(model):
-            raise ValueError(f"model {spec!r} is not callable as model(x, t) (got {type(model).__name__})")
-        if isinstance(model, torch.nn.Module):
-            model = model.to(**{k: v for k, v in kw.items()})
-        return model, (tuple(int(s) for s in shape) if shape is not None else None), attr.split(".")[-1]
-    from ..models.embedded import list_embedded, load_embedded
-
-    if spec not in list_embedded():
-        raise ValueError(f"model {spec!r} is neither module:attribute, nor an existing .safetensors checkpoint, nor an "
-                         f"embedded model ({', '.join(list_embedded()) or 'none installed'})")
-    m = load_embedded(spec, **kw)
-    return m.velocity, tuple(m.shape), spec
-
-
-def _parse_shape(text: str) -> Tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"--shape must be sizes separated by commas, e.g. 2 or 1,28,28; got {text!r}") from None
-    if not shape or min(shape) < 1:
-        raise ValueError(f"--shape must hold positive sizes, got {text!r}")
-    return shape
-
-
-def _parse_extras(items) -> dict:
-    extras = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--extra must be KEY=VALUE, got {item!r}")
-        try:
-            extras[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extras[key] = value
-    return extras
-
-
 def run_train(args: argparse.Namespace) -> int:
     """Run the ``train`` subcommand; returns the exit status."""
     from ..solvers import BespokeSolver
-    from .distributed import _launched_by_torchrun
-    from .history import plot_history
-    from .trainer import train
+    from ..training import plot_history, train
+    from ..training.distributed import launched_by_torchrun
 
-    dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model, shape, name = resolve_model(args.model, device=args.device, dtype=dtype)
     if args.shape is not None:
-        shape = _parse_shape(args.shape)
+        shape = parse_shape(args.shape)
     if shape is None:
         raise ValueError(f"model {args.model!r} does not say its per-sample shape: pass --shape (e.g. --shape 2)")
     solver = BespokeSolver(args.steps, order=args.order)
@@ -173,8 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
                    gt=args.gt, gt_rtol=args.gt_tol, gt_atol=args.gt_tol, cache_dir=args.cache_dir,
                    cache_samples=args.cache_samples, val_size=args.val_size, val_every=args.val_every,
                    device=args.device, dtype=dtype, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                   model_tag=args.model_tag, model_extras=_parse_extras(args.extra), progress=not args.no_progress)
-    rank = int(os.environ.get("RANK", "0")) if _launched_by_torchrun() else 0
+                   model_tag=args.model_tag, model_extras=parse_extras(args.extra), progress=not args.no_progress)
+    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
     if rank != 0:
         return 0
     h = solver.history

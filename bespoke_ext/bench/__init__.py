@@ -1,0 +1,15 @@
+"""The ``bespoke-ext bench`` harness: every stage of the benchmark suite and the report it writes.
+
+    suite          run(): the stages, the results file, report regeneration
+    quality        RMSE / PSNR against ground truth versus NFE on every embedded model and the oracle
+    wallclock      seconds per batch at equal NFE against flow_matching, torchdiffeq, diffusers, a plain loop
+    kernels        the fused ops' tables (benchmarks/bench_ops.py)
+    training_cost  Bespoke training wall-clock against pretraining
+    diffusers      diffusers' flow-mode schedulers as peer baselines on the same noise
+    timing         interleaved timing rounds, medians, machine identity
+    report         REPORT.md, its plots and the README's performance section
+"""
+
+from .suite import STAGES, default_out, run
+
+__all__ = ["run", "STAGES", "default_out"]

@@ -1,0 +1,104 @@
+"""The model argument of ``bespoke-ext train`` and ``bespoke-ext sample``: one parser for both.
+
+A model is one of
+  - ``module:attribute``: a velocity model ``model(x, t)``, or a zero-argument factory returning one
+    (an object with ``.velocity`` and ``.shape``, like an embedded model, is accepted too);
+  - a checkpoint file: ``<name>.safetensors`` with its card ``<name>.json`` next to it (the format of the
+    package's embedded models);
+  - the name of an embedded model ("moons2d", "mnist", ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["resolve_model", "parse_shape", "parse_extras", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
+
+
+def _factory_or_model(obj):
+    """Call zero-argument factories (functions or classes); keep models (modules, (x, t) callables)."""
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj):
+        try:
+            sig = inspect.signature(obj)
+        except (TypeError, ValueError):
+            return obj
+        required = [p for p in sig.parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not required:
+            return obj()
+    return obj
+
+
+def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[Tuple[int, ...]], str]:
+    """(velocity model, per-sample shape or None, a name for file names) from a command-line spec."""
+    kw = {}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    if device is not None:
+        kw["device"] = device
+    path = Path(spec)
+    if path.suffix in (".safetensors", ".json") and (path.is_file() or path.with_suffix(".json").is_file()):
+        from ..models.embedded import load_embedded
+
+        if not path.with_suffix(".json").is_file():
+            raise FileNotFoundError(f"model checkpoint {path}: its card {path.with_suffix('.json')} is missing")
+        m = load_embedded(path.stem, weights_dir=path.parent, **kw)
+        return m.velocity, tuple(m.shape), path.stem
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"model {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise ValueError(f"model {spec!r}: {module_name} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        obj = _factory_or_model(obj)
+        shape = getattr(obj, "shape", None)
+        model = getattr(obj, "velocity", obj)
+        if not callable(model):
+            raise ValueError(f"model {spec!r} is not callable as model(x, t) (got {type(model).__name__})")
+        if isinstance(model, torch.nn.Module):
+            model = model.to(**{k: v for k, v in kw.items()})
+        return model, (tuple(int(s) for s in shape) if shape is not None else None), attr.split(".")[-1]
+    from ..models.embedded import list_embedded, load_embedded
+
+    if spec not in list_embedded():
+        raise ValueError(f"model {spec!r} is neither module:attribute, nor an existing .safetensors checkpoint, nor an "
+                         f"embedded model ({', '.join(list_embedded()) or 'none installed'})")
+    m = load_embedded(spec, **kw)
+    return m.velocity, tuple(m.shape), spec
+
+
+def parse_shape(text: str) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--shape must be sizes separated by commas, e.g. 2 or 1,28,28; got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--shape must hold positive sizes, got {text!r}")
+    return shape
+
+
+def parse_extras(items) -> dict:
+    extras = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--extra must be KEY=VALUE, got {item!r}")
+        try:
+            extras[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extras[key] = value
+    return extras

@@ -1,0 +1,75 @@
+"""The demo's settings per embedded model, chosen by measurement (README, Demo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["Preset", "DEMO_PRESETS", "LOSSES", "settings", "check_nfes"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults of one model's demo, chosen by timing each stage on 2 busy CPU cores (README, Demo).
+
+    batch: evaluation samples (noise, ground truth, every solver, the distribution metric).
+    loss, iterations, train_batch, lr: Bespoke training. The end-to-end loss (method.md §5, the
+        follow-up paper's) from the identity, with the trainer's cosine decay and clipping: on the
+        MNIST model at NFE 10 (order 2, 32 held-out samples) 60 iterations of it gained 3.0 dB over
+        midpoint where the paper's bound loss gained 0.6 dB. 100 iterations of 4 pairs gained as
+        much as 120 of 8 (3.8 and 3.6 dB at lr 2e-2) for a third of the cost.
+    cache_samples, cache_grid: ground-truth trajectories (the training pairs) and their grid intervals
+        (for MNIST, 128 pairs gained no more than 64 at 60 iterations).
+    val_size: noise samples of training's own validation, which is solved anew by every training
+        run and only logged: the demo judges every solver on its own evaluation batch instead.
+    sweep: baseline NFEs of midpoint and DPM-Solver++(2M), the solvers the targets compare with;
+        sparse_sweep: those of Euler, Heun and RK4. Both also get the requested NFEs.
+    """
+
+    batch: int
+    iterations: int
+    train_batch: int
+    lr: float
+    cache_samples: int
+    cache_grid: int
+    sweep: Tuple[int, ...]
+    sparse_sweep: Tuple[int, ...]
+    loss: str = "end_to_end"
+    val_size: int = 1
+
+
+_SWEEP = dict(sweep=(4, 6, 8, 10, 12, 16, 20), sparse_sweep=(4, 8, 12, 16))
+DEMO_PRESETS: Dict[str, Preset] = {
+    "mnist": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16, **_SWEEP),
+    "digits_vp": Preset(batch=256, iterations=60, train_batch=16, lr=1e-2, cache_samples=128, cache_grid=16, **_SWEEP),
+    "moons2d": Preset(batch=1024, iterations=100, train_batch=128, lr=1e-2, cache_samples=1024, cache_grid=16,
+                      **_SWEEP),
+}
+_FALLBACK = DEMO_PRESETS["mnist"]
+# --quick: a smoke run (minutes become seconds; the numbers are then not meaningful)
+_QUICK = dict(batch=16, iterations=4, train_batch=4, cache_samples=16, cache_grid=8, sweep=(4, 8, 10), sparse_sweep=(4, 8))
+LOSSES = ("end_to_end", "bound")
+
+
+def settings(model_name: str, batch: Optional[int] = None, iterations: Optional[int] = None,
+             loss: Optional[str] = None, quick: bool = False) -> Preset:
+    """The model's preset (its --quick variant for a smoke run), with the given values changed."""
+    preset = DEMO_PRESETS.get(model_name, _FALLBACK)
+    if quick:
+        preset = Preset(**{**preset.__dict__, **_QUICK})
+    for name, value in (("--batch", batch), ("--iterations", iterations)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if loss is not None and loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {LOSSES}, got {loss!r}")
+    changes = {k: v for k, v in (("batch", batch), ("iterations", iterations), ("loss", loss)) if v is not None}
+    return Preset(**{**preset.__dict__, **changes})
+
+
+def check_nfes(nfe: Sequence[int]) -> List[int]:
+    """The requested NFEs, sorted and deduplicated; each must be even (order 2 spends 2 per step)."""
+    values = sorted(set(nfe))
+    if not values or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2 for n in values):
+        raise ValueError(f"--nfe values must be even integers >= 2 (an order-2 solver spends 2 evaluations "
+                         f"per step), got {list(nfe)}")
+    return values
