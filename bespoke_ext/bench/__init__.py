@@ -7,7 +7,9 @@
     training_cost  Bespoke training wall-clock against pretraining
     diffusers      diffusers' flow-mode schedulers as peer baselines on the same noise
     timing         interleaved timing rounds, medians, machine identity
-    report         REPORT.md, its plots and the README's performance section
+    report         REPORT.md put together and written, with its plots and the README's performance section:
+                   results (reads the results folder), report_format, report_targets, report_sections,
+                   report_plots, readme (renders the README section and puts it between the markers)
 """
 
 from .suite import STAGES, default_out, run

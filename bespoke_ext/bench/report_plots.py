@@ -60,8 +60,9 @@ def wallclock_plot(w: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_plots(res: Results) -> Tuple[Dict[str, Dict[str, str]], List[Path]]:
-    """Every plot of ``res`` into its folder: (machine -> {model or "wallclock": PNG file name}, paths written)."""
+def write_plots(res: Results, draw: bool = True) -> Tuple[Dict[str, Dict[str, str]], List[Path]]:
+    """Every plot of ``res`` into its folder: (machine -> {model or "wallclock": PNG file name}, their paths).
+    With ``draw=False`` only the names and paths, nothing drawn (to render REPORT.md's text alone)."""
     folder = res.folder
     written: List[Path] = []
     plots: Dict[str, Dict[str, str]] = {}
@@ -69,12 +70,14 @@ def write_plots(res: Results) -> Tuple[Dict[str, Dict[str, str]], List[Path]]:
         plots[name] = {}
         for model, entry in m.get("quality", {}).get("models", {}).items():
             path = folder / f"{name}_quality_{model}.png"
-            quality_plot(entry, path, f"{model}: RMSE against ground truth versus NFE")
+            if draw:
+                quality_plot(entry, path, f"{model}: RMSE against ground truth versus NFE")
             plots[name][model] = path.name
             written.append(path)
         if m.get("wallclock", {}).get("workloads"):
             path = folder / f"{name}_wallclock.png"
-            wallclock_plot(m["wallclock"], path, f"sampling time over the model-evaluation floor ({name})")
+            if draw:
+                wallclock_plot(m["wallclock"], path, f"sampling time over the model-evaluation floor ({name})")
             plots[name]["wallclock"] = path.name
             written.append(path)
     return plots, written

@@ -18,7 +18,7 @@ def quality_section(name: str, q: dict, plots: Dict[str, str]) -> List[str]:
              "RMSE of x(1) against the ground truth from the same noise (dopri5, rtol = atol = 1e-5), per-sample RMS "
              "averaged over the batch (method.md §1); lower is better. The best fixed-NFE entry of each column is in "
              "bold. NFE = model evaluations per sample. diffusers' schedulers run in flow-prediction mode on the same "
-             "velocity field (bespoke_ext/evaluation/bench_diffusers.py states the time and sign mapping).", ""]
+             "velocity field (bespoke_ext/bench/diffusers.py states the time and sign mapping).", ""]
     lines += [f"- {n}" for n in q.get("notes", [])]
     for model, entry in q.get("models", {}).items():
         rows = rows_by_method_nfe(entry)
@@ -173,7 +173,8 @@ def _nfe_to_match(run: dict) -> str:
     how = run.get("base_nfe_to_match_how") or ""
     if "base_nfe_to_match_how" in run and run.get("base_nfe_to_match") is None:
         return "not reached"
-    value = fmt_g(run.get("base_nfe_to_match"))
+    nfe = as_number(run.get("base_nfe_to_match"))
+    value = "-" if nfe is None else f"{nfe:.1f}"  # as stored: to 0.1
     if how.startswith("extrapolated"):
         return f"~{value} (extrapolated)"
     if how.startswith("already"):

@@ -10,7 +10,8 @@ per-model stages, quality and training, replace only the models they ran, so ``-
     kernels     the fused ops against eager, torch.compile and copy bandwidth (kernels.py)
     training    Bespoke training wall-clock, online and cached ground truth, against pretraining
                 (training_cost.py); by default on the default embedded model only (minutes per model)
-Writes ``<out>/<machine>.json``, then regenerates ``<out>/REPORT.md``, its PNG plots and
+Writes ``<out>/<machine>.json`` (``<out>``: ./bespoke-bench by default; ``--out benchmarks/results``
+refreshes the committed results of a source checkout), then regenerates ``<out>/REPORT.md``, its PNG plots and
 ``<out>/readme_performance.md`` from every results file in ``<out>`` (report.py).
 """
 
@@ -35,12 +36,10 @@ RESULTS_KIND = "bespoke_ext.bench"
 
 
 def default_out(quick: bool) -> Path:
-    """benchmarks/results of the source tree this package runs from (quick runs in its quick/ folder, so a
-    smoke run never overwrites committed results), else ./bespoke-bench."""
-    from .kernels import benchmarks_dir
-
-    folder = benchmarks_dir()
-    base = folder / "results" if folder is not None else Path("bespoke-bench")
+    """./bespoke-bench in the current directory; quick runs in its quick/ folder, so that a smoke run never
+    overwrites a full run's results. ``--out benchmarks/results`` refreshes the results committed in a
+    source checkout."""
+    base = Path("bespoke-bench")
     return base / "quick" if quick else base
 
 
