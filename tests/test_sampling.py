@@ -348,6 +348,35 @@ def test_graph_replay_plumbing_on_cpu(monkeypatch):
     cuda_graph.clear_cuda_graphs()
 
 
+class NestedField(Field):
+    """Takes its extras nested, as pipelines pass them (a dict of tensors and values)."""
+
+    def forward(self, x, t, cond):
+        return super().forward(x, t, scale=cond["scale"], shift=cond["shift"][0])
+
+
+def test_graph_extras_nested_changing_and_refused(monkeypatch):
+    """Nested tensor extras are copied in on every replay (a changed value is seen), a changed
+    non-tensor value captures anew, and extras a graph cannot hold are refused by name."""
+    from bespoke_ext.sampling import cuda_graph
+    from bespoke_ext.sampling.executor import execute
+
+    graphs = []
+    monkeypatch.setattr(cuda_graph, "_on_side_stream", lambda fn, device: fn())
+    monkeypatch.setattr(cuda_graph, "_capture", lambda fn: graphs.append(_RecordingGraph(fn)) or graphs[-1])
+    cuda_graph.clear_cuda_graphs()
+    model, program = NestedField(), BespokeSolver(3, 2).program()
+    x0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    for trial, scale in enumerate((1.0, 1.0, 2.0)):
+        cond = {"scale": scale, "shift": [torch.full((3,), 0.3 * trial)]}
+        final, _, _ = cuda_graph.execute_graphed(program, model, x0, {"cond": cond})
+        torch.testing.assert_close(final, execute(program, model, x0, {"cond": cond})[0], rtol=0, atol=0)
+    assert len(graphs) == 2 and [g.replays for g in graphs] == [2, 1]  # scale 2.0 is a new graph
+    with pytest.raises(ValueError, match="unhashable"):
+        cuda_graph.execute_graphed(program, model, x0, {"cond": {"scale": {1.0}, "shift": [torch.zeros(3)]}})
+    cuda_graph.clear_cuda_graphs()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replay_equals_eager():
@@ -365,6 +394,41 @@ def test_cuda_graph_replay_equals_eager():
             graphed, s_graph = sample(model, x0, shift=shift, cuda_graph=True, return_stats=True, **kwargs)
             torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
             assert s_graph == s_eager
+
+
+@pytest.mark.cuda
+def test_cuda_graph_memory_stays_its_own():
+    """Sentinels allocated after capture (the sizes of the graph's buffers, as a caller's next x0
+    would be) are not written by later replays; CPU tensor extras are refused, not baked in."""
+    from bespoke_ext.sampling import cuda_graph
+
+    cuda_graph.clear_cuda_graphs()
+    model = Field().cuda()
+    x0 = torch.randn(256, 3, device="cuda")
+    first = sample(model, x0, method="rk4", nfe=8, cuda_graph=True)
+    sentinels = [torch.full_like(x0, 7.0) for _ in range(16)]
+    for _ in range(3):
+        again = sample(model, x0, method="rk4", nfe=8, cuda_graph=True)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert all(bool((s == 7.0).all()) for s in sentinels)
+    with pytest.raises(ValueError, match="x0's device"):
+        sample(model, x0, method="rk4", nfe=8, cuda_graph=True, shift=torch.zeros(3))
+    cuda_graph.clear_cuda_graphs()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_under_autocast_and_on_a_side_stream():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.GELU(), torch.nn.Linear(64, 3)).cuda()
+    velocity = lambda x, t: model(x).float()  # noqa: E731  (autocast outputs cast back to the state's dtype)
+    x0 = torch.randn(128, 3, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = sample(velocity, x0, method="midpoint", nfe=8)
+        graphed = [sample(velocity, x0, method="midpoint", nfe=8, cuda_graph=True) for _ in range(3)]
+    stream.synchronize()
+    for g in graphed:
+        torch.testing.assert_close(g, eager, rtol=2e-2, atol=2e-2)
 
 
 # -- command line ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .. import ops
 from ..program import Eval, Program
 from .stats import ForwardCounter, SampleStats
 
-__all__ = ["execute", "coefficient_dtype", "check_velocity"]
+__all__ = ["execute", "coefficient_dtype", "check_velocity", "device_tables"]
 
 _rk_update_out = torch.ops.bespoke_ext.rk_update_out.default
 
@@ -104,7 +104,7 @@ def prepare(program: Program, x0: Tensor, differentiable: bool = False,
         key = (x0.device, x0.dtype)
         steps = program.views.get(key)
         if steps is None:
-            steps = program.views[key] = _resolve(program, *_cast(program.times.detach(), program.coeffs.detach(), x0))
+            steps = program.views[key] = _resolve(program, *device_tables(program, x0))
     slots: List[Optional[Tensor]] = [None] * (program.num_slots + program.num_records)
     slots[program.INPUT] = x0
     traj = None
@@ -116,6 +116,16 @@ def prepare(program: Program, x0: Tensor, differentiable: bool = False,
             for j in range(program.num_records):
                 slots[program.num_slots + j] = traj[j]
     return slots, steps, traj
+
+
+def device_tables(program: Program, x0: Tensor) -> Tuple[Tensor, Tensor]:
+    """The program's (times, coeffs), detached and cast for x0's device and dtype, cast once per program
+    (the copy of CPU tables to a GPU synchronises with the host: later calls reuse the copy)."""
+    key = ("tables", x0.device, x0.dtype)
+    tables = program.views.get(key)
+    if tables is None:
+        tables = program.views[key] = _cast(program.times.detach(), program.coeffs.detach(), x0)
+    return tables
 
 
 def _cast(times: Tensor, coeffs: Tensor, x0: Tensor) -> Tuple[Tensor, Tensor]:
