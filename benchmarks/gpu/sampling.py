@@ -18,7 +18,8 @@ the MNIST U-Net. The contenders, timing and statistics are the package's own
     python benchmarks/gpu/sampling.py --out "$OUT/sampling_gpu.json" > "$OUT/sampling_gpu.md"
     python benchmarks/gpu/sampling.py --device cpu --quick --out /tmp/sampling_cpu_smoke.json
 
-Prints a markdown table (stdout) and writes JSON to --out; benchmarks/report.py includes the JSON in
+Prints a markdown table (stdout) and writes JSON to --out; `bespoke-ext bench --report-only --out
+benchmarks/results` includes the JSON in
 REPORT.md once it is committed under benchmarks/results/gpu-<date>/.
 """
 

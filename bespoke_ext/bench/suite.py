@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..compare import torch_threads
 from .timing import machine_id, machine_info
 
 __all__ = ["run", "STAGES", "default_out"]
@@ -51,18 +51,10 @@ def run(stages: Sequence[str] = STAGES, *, quick: bool = False, out=None, models
     unknown = sorted(set(stages) - set(STAGES))
     if unknown or not stages:
         raise ValueError(f"stages must be some of {STAGES}, got {list(stages)}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"--threads must be a positive integer, got {threads!r}")
-    out = Path(out) if out is not None else default_out(quick)
-    out.mkdir(parents=True, exist_ok=True)
-    before = torch.get_num_threads()
-    # Half the cores by default: where other processes share the cores, oversubscribed threads spin at
-    # every parallel region (the demo measured 4x-25x slower per sample at 2 threads than at 1 on 2 busy cores).
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
-    try:
+    with torch_threads(threads):  # half the cores by default, as the demo (compare.torch_threads)
+        out = Path(out) if out is not None else default_out(quick)
+        out.mkdir(parents=True, exist_ok=True)
         return _run(stages, quick, out, models, solver_dirs, seed, machine, report, progress, say)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(stages, quick, out: Path, models, solver_dirs, seed, machine, report, progress, say) -> Path:

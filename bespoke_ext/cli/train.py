@@ -4,13 +4,8 @@
     bespoke-ext train mypackage.models:make_model --shape 1,28,28 -o solver.safetensors
     bespoke-ext train path/to/model.safetensors          (an embedded-style model: weights + JSON card)
 
-The model is one of
-  - ``module:attribute``: a velocity model ``model(x, t)``, or a zero-argument factory returning one
-    (an object with ``.velocity`` and ``.shape``, like an embedded model, is accepted too);
-  - a checkpoint file: ``<name>.safetensors`` with its card ``<name>.json`` next to it (the format of the
-    package's embedded models);
-  - the name of an embedded model ("moons2d", "mnist", ...).
-Writes the solver file (data only) and a learning-curve PNG next to it; prints the validation RMSE of
+The model is ``module:attribute``, a checkpoint file with its JSON card, or an embedded model's name
+(cli/model_spec.py). Writes the solver file (data only) and a learning-curve PNG next to it; prints the validation RMSE of
 the base method (iteration 0) and of the trained solver. Under torchrun only rank 0 writes.
 """
 
