@@ -4,19 +4,23 @@ differences, the identity solver against the base methods' local errors, and tra
 import pytest
 import torch
 
+import bespoke_ext as bx
 from bespoke_ext.groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, online_states
 from bespoke_ext.models.identity import model_tag
+from bespoke_ext.metrics import per_sample_rms, psnr, rmse
 from bespoke_ext.models.oracle import GaussianMixtureFlow
 from bespoke_ext.solvers import BespokeSolver
 from bespoke_ext.training import (
     TrainOptions,
+    ValidationSet,
     bound_loss,
     end_to_end_loss,
     lipschitz_weights,
-    rollout,
     solver_table,
     train,
 )
+from bespoke_ext.training.batches import derive_seed
+from bespoke_ext.training.distributed import DistContext
 
 F64 = torch.float64
 
@@ -114,7 +118,7 @@ def loss_of_params(model, solver, flat, c, idx, L_tau, loss="bound"):
     if loss == "bound":
         return float(bound_loss(model, table, c.states(idx, table.times)).detach())
     x0, x1 = c.endpoints(idx)
-    return float(end_to_end_loss(model, table, x0, x1).detach())
+    return float(end_to_end_loss(model, solver, x0, x1).detach())
 
 
 @pytest.mark.parametrize("order,loss", [(1, "bound"), (2, "bound"), (2, "end_to_end")])
@@ -130,7 +134,7 @@ def test_gradients_match_finite_differences(cache, order, loss):
         bound_loss(m, table, c.states(idx, table.times), chunk_size=3, backward=True)
     else:
         x0, x1 = c.endpoints(idx)
-        end_to_end_loss(m, table, x0, x1, chunk_size=3, backward=True)
+        end_to_end_loss(m, solver, x0, x1, chunk_size=3, backward=True)   # one sample per chunk
     grad = torch.cat([p.grad.reshape(-1) for p in solver.parameters()])
     theta = torch.nn.utils.parameters_to_vector(solver.parameters()).detach().clone()
     eps = 1e-6
@@ -193,52 +197,132 @@ def test_identity_loss_is_base_method_local_errors(order, L_tau):
     torch.testing.assert_close(loss.detach(), expected.mean(), rtol=1e-12, atol=0)
 
 
-def test_rollout_of_identity_is_midpoint_and_e2e_loss_is_its_error():
+def test_identity_samples_like_midpoint_and_e2e_loss_is_its_error():
     m = mixture(dim=3, std=0.2, seed=2)
-    x0 = torch.randn(5, 3, dtype=F64)
+    x0 = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
     solver = BespokeSolver(3, 2)
     x = x0.clone()
     for i in range(3):
         t = torch.tensor(i / 3, dtype=F64).expand(5)
         x = x + (1 / 3) * m(x + (1 / 6) * m(x, t), t + 1 / 6)
-    torch.testing.assert_close(rollout(m, solver_table(solver), x0), x, rtol=1e-13, atol=1e-13)
-    x1 = torch.randn(5, 3, dtype=F64)
-    torch.testing.assert_close(end_to_end_loss(m, solver_table(solver), x0, x1).detach(),
+    torch.testing.assert_close(bx.sample(m, x0, solver=solver), x, rtol=1e-13, atol=1e-13)
+    x1 = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(end_to_end_loss(m, solver, x0, x1).detach(),
                                (x - x1).pow(2).mean(1).sqrt().mean(), rtol=1e-12, atol=0)
+
+
+def test_end_to_end_loss_and_validation_run_the_sampler():
+    # What keep-best selects by is what users get: validation's per-sample errors are those of
+    # bx.sample (float32 states, 0-dim times) to the last bit, and so is the end-to-end loss.
+    m = mixture(dim=4, std=0.15, seed=0)
+    solver = perturbed(3, 2, seed=7)
+    val = ValidationSet(m, (4,), size=24, seed=5, dtype=torch.float32, device=torch.device("cpu"), rtol=1e-6,
+                        atol=1e-6, group_size=24, extras={}, ctx=DistContext())
+    assert val.x0.dtype == torch.float32 and val.x1.dtype == torch.float32
+    sampled = bx.sample(m, val.x0, solver=solver)
+    want = per_sample_rms(sampled - val.x1)
+    got = val.per_sample_errors(m, solver, extras={}, chunk_size=64)
+    assert torch.equal(got, want), f"validation differs from bx.sample by {float((got - want).abs().max()):.3g}"
+    chunked = val.per_sample_errors(m, solver, extras={}, chunk_size=5)
+    torch.testing.assert_close(chunked, want, rtol=1e-6, atol=0)
+    v_rmse, v_psnr = val.evaluate(m, solver, extras={}, chunk_size=64)
+    assert v_rmse == pytest.approx(rmse(sampled, val.x1), rel=1e-12)
+    assert v_psnr == pytest.approx(psnr(sampled, val.x1), rel=1e-12)
+    loss = end_to_end_loss(m, solver, val.x0, val.x1)
+    assert float(loss.detach()) == float(want.mean()), (float(loss.detach()), float(want.mean()))
+    assert loss.requires_grad   # differentiable in theta through the program's tables
+    with pytest.raises(TypeError, match="SolverTable serves the bound loss only"):
+        val.per_sample_errors(m, solver_table(solver), extras={}, chunk_size=64)
+
+
+def test_end_to_end_chunking_does_not_change_the_gradient():
+    m = mixture(dim=4, std=0.15, seed=0)
+    solver = perturbed(3, 2, seed=8)
+    x0 = torch.randn(10, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    x1 = torch.randn(10, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    grads, values = [], []
+    for chunk_size in (6, 16384):   # 2 samples per chunk (3 steps each) vs one chunk
+        solver.zero_grad()
+        values.append(float(end_to_end_loss(m, solver, x0, x1, chunk_size=chunk_size, backward=True)))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in solver.parameters()]))
+    assert float(grads[1].abs().max()) > 1e-3, "no gradient reached theta"
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-15)
+    assert values[0] == pytest.approx(values[1], rel=1e-13)
 
 
 # ------------------------------------------------------------------------------ training
 
+MIX8 = dict(dim=8, components=6, std=0.05, seed=3)
+
+
+def base_method(order):
+    return "midpoint" if order == 2 else "euler"
+
+
+def validation_noise(model, size, seed=0, dtype=F64):
+    """The validation set train() draws for ``seed`` (same stream, tolerances and grouping)."""
+    o = TrainOptions()
+    return ValidationSet(model, (model.dim,), size=size, seed=derive_seed(seed, "validation"), dtype=dtype,
+                         device=torch.device("cpu"), rtol=o.gt_rtol, atol=o.gt_atol, group_size=o.gt_group_size,
+                         extras={}, ctx=DistContext())
+
+
 @pytest.mark.parametrize("order,steps,ratio", [(2, 3, 0.6), (1, 6, 0.75)])
-def test_training_on_mixture_oracle_reduces_validation_rmse(tmp_path, order, steps, ratio):
+def test_training_on_mixture_oracle_beats_base_method_on_fresh_noise(tmp_path, order, steps, ratio):
     # 40 iterations only (a test); benchmarks/bench_training.py measures full runs.
-    m = GaussianMixtureFlow.random(dim=8, components=6, std=0.05, seed=3)
+    m = GaussianMixtureFlow.random(**MIX8)
     solver = train(m, BespokeSolver(steps, order), shape=(8,), iterations=40, batch_size=32, seed=0, lr=1e-2,
                    cache_dir=str(tmp_path / "gt"), cache_samples=128, cache_shard_size=64, val_size=64,
                    val_every=10, progress=False, dtype=F64)
     h = solver.history
     assert h.val_iteration == [0, 10, 20, 30, 40] and len(h.loss) == 40
     assert h.best_rmse < ratio * h.base_rmse, (h.base_rmse, h.val_rmse)
-    assert h.best_iteration in h.val_iteration
     assert solver.metadata["training"]["best_val_rmse"] == h.best_rmse
-    # What is returned is the kept (best) solver.
-    assert h.val_rmse[h.val_iteration.index(h.best_iteration)] == h.best_rmse
+    # Held-out noise from a stream training never saw, ground truth by a tight dopri5, every solver run by
+    # bx.sample: the trained solver beats its base method at the same NFE there too.
+    x0 = torch.randn(256, 8, dtype=F64, generator=torch.Generator().manual_seed(2024))
+    gt = bx.sample(m, x0, method="dopri5", atol=1e-10, rtol=1e-10)
+    base = rmse(bx.sample(m, x0, method=base_method(order), nfe=solver.nfe), gt)
+    trained = rmse(bx.sample(m, x0, solver=solver), gt)
+    assert trained < ratio * base, f"fresh noise: trained RMSE {trained:.4g} vs {base_method(order)} {base:.4g}"
 
 
-def test_training_online_ground_truth_and_end_to_end_run(tmp_path):
+def test_keep_best_returns_the_solver_of_the_best_validation():
+    # lr 0.1 overshoots: the best validation (iteration 10) is not the last, so keep-best has something to
+    # select. The returned solvers are re-validated by bx.sample on the validation noise itself.
+    m = GaussianMixtureFlow.random(**MIX8)
+    kw = dict(shape=(8,), iterations=20, batch_size=16, seed=0, lr=0.1, gt="online", val_size=32, val_every=5,
+              progress=False, dtype=F64)
+    best = train(m, BespokeSolver(3, 2), **kw)
+    last = train(m, BespokeSolver(3, 2), keep_best=False, **kw)
+    h = best.history
+    assert h.val_rmse == last.history.val_rmse, "the two runs must be the same run"
+    assert h.best_iteration < h.val_iteration[-1] and h.best_rmse < h.val_rmse[-1], \
+        f"this run no longer overshoots (validation RMSE {h.val_rmse}): the test needs one that does"
+    val = validation_noise(m, 32)
+    assert rmse(bx.sample(m, val.x0, solver=best), val.x1) == pytest.approx(h.best_rmse, rel=1e-12)
+    assert rmse(bx.sample(m, val.x0, solver=last), val.x1) == pytest.approx(h.val_rmse[-1], rel=1e-12)
+
+
+def test_end_to_end_fine_tuning_improves_on_its_start(tmp_path):
     m = mixture(dim=4, std=0.1, seed=6)
     solver = train(m, BespokeSolver(2, 2), shape=(4,), iterations=6, batch_size=8, gt="online", val_size=16,
                    val_every=3, progress=False, dtype=F64)
     assert solver.history.val_iteration == [0, 3, 6] and solver.history.gt_seconds > 0
-    solver = train(m, solver, shape=(4,), iterations=6, batch_size=8, loss="end_to_end", lr=1e-3,
-                   cache_dir=str(tmp_path / "gt"), cache_samples=16, val_size=16, val_every=3, progress=False,
+    start = solver.history.best_rmse
+    solver = train(m, solver, shape=(4,), iterations=20, batch_size=16, loss="end_to_end", lr=1e-2,
+                   cache_dir=str(tmp_path / "gt"), cache_samples=64, val_size=16, val_every=5, progress=False,
                    dtype=F64)
     h = solver.history
-    assert h.best_rmse <= h.base_rmse and h.lr[0] == pytest.approx(1e-3) and h.lr[-1] == pytest.approx(5e-5)
+    assert h.base_rmse == pytest.approx(start, rel=1e-12)   # the same validation set, the same start
+    assert h.best_rmse < 0.9 * h.base_rmse, f"end-to-end fine-tuning did not improve: {h.val_rmse}"
+    assert h.lr[0] == pytest.approx(1e-2) and h.lr[-1] == pytest.approx(5e-4)   # cosine to 5%
 
 
 def test_model_weights_frozen_during_training_and_restored():
-    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -246,14 +330,18 @@ def test_model_weights_frozen_during_training_and_restored():
             self.net = net
 
         def forward(self, x, t):
+            t = t.expand(x.shape[0]) if t.dim() == 0 else t   # 0-dim when sampling, [B] in the bound loss
             return self.net(torch.cat([x, t[:, None]], dim=1))
 
     model = Net().train()
-    solver = train(model, BespokeSolver(2, 1), shape=(2,), iterations=3, batch_size=4, gt="online", val_size=4,
-                   progress=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    solver = train(model, BespokeSolver(2, 1), shape=(2,), iterations=30, batch_size=16, gt="online", val_size=32,
+                   val_every=10, lr=3e-2, progress=False)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert model.training
-    assert any(float(p.grad.abs().sum()) > 0 for p in solver.parameters())   # the solver did learn
+    h = solver.history
+    assert h.best_rmse < 0.9 * h.base_rmse, f"the solver did not learn: validation RMSE {h.val_rmse}"
 
 
 def test_options_are_checked_with_clear_errors():

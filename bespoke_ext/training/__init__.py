@@ -2,17 +2,18 @@
 
     train(model, solver, *, shape, iterations, batch_size, seed=0, **options) -> solver
         (options: TrainOptions; the run's record: solver.history, a TrainHistory)
-    bound_loss / end_to_end_loss / solver_table / lipschitz_weights / rollout   the losses, for reuse
+    bound_loss / end_to_end_loss / solver_table / solver_program / lipschitz_weights   the losses, for reuse
 """
 
 from .history import TrainHistory, plot_history
-from .loss import SolverTable, bound_loss, end_to_end_loss, lipschitz_weights, local_errors, rollout, solver_table
+from .loss import (SolverTable, bound_loss, end_to_end_loss, final_errors, lipschitz_weights, local_errors, solver_program,
+                   solver_table)
 from .options import TrainOptions
 from .trainer import default_cache_root, train
-from .validation import ValidationSet, rmse_psnr
+from .validation import ValidationSet
 
 __all__ = [
     "train", "TrainOptions", "TrainHistory", "plot_history", "default_cache_root",
-    "SolverTable", "solver_table", "bound_loss", "end_to_end_loss", "lipschitz_weights", "local_errors", "rollout",
-    "ValidationSet", "rmse_psnr",
+    "SolverTable", "solver_table", "bound_loss", "end_to_end_loss", "lipschitz_weights", "local_errors",
+    "final_errors", "solver_program", "ValidationSet",
 ]

@@ -15,17 +15,24 @@ Gradients reach theta through the coefficient rows, the model's time inputs (t_i
 weights M_i, and the ground-truth states themselves (their times are learnable: x_aux or Hermite).
 
 End-to-end loss (the follow-up paper's; a fine-tuning option): mean over x0 of || x_n(theta) - x(1) ||
-through the whole n-step solver.
+through the whole n-step solver. x_n is the executor's (sampling/executor.py, the only loop over stages)
+run of ``solver.program()`` with ``enable_grad``: the very arithmetic of ``bespoke_ext.sample`` (float32
+coefficients for float32 states, a 0-dim time per evaluation), differentiable in the program's tables,
+which carry theta's autograd history. The bound loss is not a rollout: its n teacher-forced steps are
+independent and run as one batch of n*B samples with a coefficient row per sample, which the
+executor's shared-coefficient loop cannot express.
 
 Memory: the n*B evaluations are split into chunks of at most ``chunk_size`` samples. Each chunk's
 graph (model activations) is built, back-propagated and freed before the next; the small tensors that
 depend on theta (coefficients, weights, ground-truth states) enter every chunk as detached leaves whose
 gradients accumulate, and one final backward carries them to theta. The result equals one big backward
-up to summation order.
+up to summation order. The end-to-end loss chunks the same way over samples (chunk_size // n samples
+per chunk, each running all n steps); its leaves are the program's two tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -33,9 +40,12 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..metrics.errors import per_sample_rms
+from ..program import Program
+from ..sampling.executor import execute
 
 __all__ = ["lipschitz_weights", "SolverTable", "solver_table", "bound_loss", "end_to_end_loss",
-           "local_errors"]
+           "local_errors", "final_errors", "solver_program"]
 
 
 def lipschitz_weights(L: Tensor) -> Tensor:
@@ -164,50 +174,59 @@ def bound_loss(model: Callable, table: SolverTable, states: Tensor, *, normalize
     return torch.tensor(value, dtype=torch.float64)
 
 
-def rollout(model: Callable, table: SolverTable, x0: Tensor, *, extras: Optional[dict] = None,
-            target: Optional[Tensor] = None) -> Tensor:
-    """Run the n solver steps from x0 (coefficients shared by the batch): x_n [B, *shape].
+def solver_program(solver, *, differentiable: bool = True) -> Program:
+    """The executor's program of ``solver`` (a Program is returned as it is).
 
-    With ``target`` the last step is fused with the comparison and the per-sample RMS of
-    (x_n - target) [B] is returned instead. Differentiable when the table and model are.
+    ``differentiable``: built under autograd, so its tables carry theta's history (the loss);
+    otherwise built as ``bespoke_ext.sample`` builds it (no grad; memoised by the solver).
     """
-    extras = extras or {}
-    x = x0
-    n = table.steps
-    for i in range(n):
-        t1 = _model_time(table.stage_times[i, 0], x).expand(x.shape[0])
-        u1 = model(x, t1, **extras)
-        if table.order == 1:
-            terms = [x, u1]
-        else:
-            x_m = ops.rk_update([x, u1], table.mid[i])
-            u2 = model(x_m, _model_time(table.stage_times[i, 1], x).expand(x.shape[0]), **extras)
-            terms = [x, x_m, u2]
-        if target is not None and i == n - 1:
-            return ops.rk_residual(terms, table.update[i], target)
-        x = ops.rk_update(terms, table.update[i])
-    return x
+    if isinstance(solver, Program):
+        return solver
+    if isinstance(solver, SolverTable) or not callable(getattr(solver, "program", None)):
+        raise TypeError(f"expected a learned solver (with .program(), e.g. BespokeSolver) or its Program, got "
+                        f"{type(solver).__name__}; the end-to-end loss and validation run the solver's program "
+                        f"through the executor, as sampling does (a SolverTable serves the bound loss only)")
+    with torch.set_grad_enabled(differentiable):
+        return solver.program()
 
 
-def end_to_end_loss(model: Callable, table: SolverTable, x0: Tensor, x1: Tensor, *, normalizer: Optional[int] = None,
+def final_errors(model: Callable, program: Program, x0: Tensor, x1: Tensor, *, extras: Optional[dict] = None,
+                 enable_grad: bool = True) -> Tensor:
+    """|| x_n - x(1) || per sample [B] (float64), x_n from ``execute(program, model, x0)``: the sampler itself.
+
+    ``enable_grad`` (the loss) runs the executor's differentiable path, otherwise its inference path
+    (validation); both are the arithmetic of ``bespoke_ext.sample(model, x0, solver=solver)``.
+    """
+    x_n, _, _ = execute(program, model, x0, extras or {}, enable_grad=enable_grad)
+    return per_sample_rms(x_n - x1)
+
+
+def end_to_end_loss(model: Callable, solver, x0: Tensor, x1: Tensor, *, normalizer: Optional[int] = None,
                     chunk_size: int = 16384, extras: Optional[dict] = None, backward: bool = False) -> Tensor:
     """sum over samples of || x_n(theta; x0) - x(1) ||, divided by ``normalizer`` (default B).
 
-    Chunked over samples (each chunk runs all n steps); ``backward`` as in ``bound_loss``.
+    ``solver``: a learned solver or its Program; x_n comes from the executor with ``enable_grad``, the
+    arithmetic users sample with, and gradients reach theta through the program's tables. Chunked over
+    samples (each chunk runs all n steps); ``backward`` as in ``bound_loss``: the tables enter every
+    chunk as detached leaves, and one final backward carries their gradients to theta.
     """
+    program = solver_program(solver)
     b = x0.shape[0]
     norm = float(normalizer if normalizer is not None else b)
-    chunk_samples = max(1, chunk_size // max(1, table.steps))   # a chunk holds n steps' activations
+    chunk_samples = max(1, chunk_size // max(1, program.steps))   # a chunk holds n steps' activations
     if not backward:
         total = x0.new_zeros((), dtype=torch.float64)
         for chunk in _chunks(b, chunk_samples):
-            total = total + rollout(model, table, x0[chunk], extras=extras, target=x1[chunk]).to(torch.float64).sum()
+            total = total + final_errors(model, program, x0[chunk], x1[chunk], extras=extras).sum()
         return total / norm
-    leaves = table.detached_leaves()
+    leaves = dataclasses.replace(program, times=program.times.detach().requires_grad_(program.times.requires_grad),
+                                 coeffs=program.coeffs.detach().requires_grad_(program.coeffs.requires_grad),
+                                 views={})
     value = 0.0
     for chunk in _chunks(b, chunk_samples):
-        part = rollout(model, leaves, x0[chunk], extras=extras, target=x1[chunk]).to(torch.float64).sum() / norm
-        part.backward()
+        part = final_errors(model, leaves, x0[chunk], x1[chunk], extras=extras).sum() / norm
+        if part.requires_grad:
+            part.backward()
         value += float(part.detach())
-    _finish_backward([(getattr(table, k), v) for k, v in leaves.named().items()])
+    _finish_backward([(program.times, leaves.times), (program.coeffs, leaves.coeffs)])
     return torch.tensor(value, dtype=torch.float64)

@@ -8,8 +8,8 @@ One iteration:
     3. loss   = bound loss (teacher-forced, all n steps in one batch) or end-to-end loss, back-propagated
                 chunk by chunk;
     4. gradients summed across ranks (average over the global batch), optionally clipped; Adam step.
-Every ``val_every`` iterations the solver is validated against held-out ground truth; the best solver
-by validation RMSE is kept. Checkpoints are periodic and atomic; rerunning with the same checkpoint path
+Every ``val_every`` iterations the solver is validated against held-out ground truth, sampled exactly as
+``bespoke_ext.sample(model, x0, solver=solver)`` samples; the best solver by validation RMSE is kept. Checkpoints are periodic and atomic; rerunning with the same checkpoint path
 resumes, and an interrupted run (Ctrl-C) saves its last complete iteration before it stops.
 
 The model's weights are frozen for the duration (requires_grad False, eval mode; both restored after),
@@ -48,8 +48,9 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     """Train ``solver`` (a BespokeSolver, changed in place and returned) for the velocity field ``model``.
 
     Args:
-        model: ``model(x, t, **extras)`` with x [B, *shape] and per-sample times t [B]; differentiable in x
-            and t. Its weights are frozen during training. (An object with a ``.velocity`` attribute, such
+        model: ``model(x, t, **extras)`` with x [B, *shape] and t per-sample times [B] (the bound loss) or a
+            0-dim time (validation and the end-to-end loss, which sample as ``bespoke_ext.sample`` does);
+            differentiable in x and t. Its weights are frozen during training. (An object with a ``.velocity`` attribute, such
             as an embedded model, is accepted too.)
         solver: the solver to train, e.g. ``BespokeSolver(5, order=2)`` (identity-initialised).
         shape: per-sample shape of x, e.g. (2,) or (1, 28, 28).
@@ -71,7 +72,7 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    for attr in ("step_coefficients", "times", "lipschitz", "steps", "order", "nfe"):
+    for attr in ("step_coefficients", "program", "times", "lipschitz", "steps", "order", "nfe"):
         if not hasattr(solver, attr):
             raise TypeError(f"solver must be a BespokeSolver (lacks .{attr}), got {type(solver).__name__}")
     device, dtype = _resolve_device_dtype(model, opts)
@@ -245,9 +246,9 @@ class _Run:
             def validate(iteration):
                 nonlocal best_state
                 with torch.no_grad():
-                    table = solver_table(solver)
-                    rmse, psnr = val.evaluate(self.model, table, extras=self.extras, chunk_size=o.chunk_size)
-                    times = table.times.detach().cpu().tolist()
+                    # The solver as users sample with it (its program through the executor).
+                    rmse, psnr = val.evaluate(self.model, solver, extras=self.extras, chunk_size=o.chunk_size)
+                    times = solver.times().cpu().tolist()
                 history.val_iteration.append(iteration)
                 history.val_rmse.append(rmse)
                 history.val_psnr.append(psnr)
@@ -304,9 +305,8 @@ class _Run:
             table = solver_table(solver, L_tau=o.L_tau)
             local = bound_loss(self.model, table, batches.states(table.times), **kw)
         else:
-            table = solver_table(solver)
             x0, x1 = batches.endpoints()
-            local = end_to_end_loss(self.model, table, x0, x1, **kw)
+            local = end_to_end_loss(self.model, solver, x0, x1, **kw)
         loss = float(self.ctx.all_reduce_sum_(local.to(self.device)))
         params = [p for p in solver.parameters() if p.requires_grad]
         self.ctx.sum_gradients_(params)

@@ -4,27 +4,25 @@
     PSNR = mean over samples of 10 log10(4 / MSE_b)        (data in [-1, 1]; MSE_b = || x_n - x(1) ||^2)
 
 The noise comes from its own random stream, so validation never overlaps training batches or the cache.
-The solver is run with exactly the coefficients the loss trains (the same table, ``rollout``).
+The solver runs as users sample with it: ``solver.program()`` through the executor's inference path,
+exactly ``bespoke_ext.sample(model, x0, solver=solver)`` (float32 coefficients for float32 states, a
+0-dim time per evaluation), so keep-best selects by the numbers users will get. The formulas are the
+package's one RMSE/PSNR (``bespoke_ext.metrics.errors``: per_sample_rms, psnr_from_rms).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..groundtruth import solve_trajectories
+from ..metrics.errors import psnr_from_rms
 from .distributed import DistContext, local_slice
-from .loss import SolverTable, rollout
+from .loss import final_errors, solver_program
 
-__all__ = ["ValidationSet", "rmse_psnr"]
-
-
-def rmse_psnr(per_sample_rms: Tensor) -> Tuple[float, float]:
-    """(RMSE, PSNR in dB) from per-sample RMS errors."""
-    mse = per_sample_rms.double().pow(2).clamp_min(1e-30)
-    return float(per_sample_rms.double().mean()), float((10.0 * torch.log10(4.0 / mse)).mean())
+__all__ = ["ValidationSet"]
 
 
 class ValidationSet:
@@ -58,19 +56,20 @@ class ValidationSet:
         return self.x0.shape[0]
 
     @torch.no_grad()
-    def per_sample_errors(self, model: Callable, table: SolverTable, *, extras: dict, chunk_size: int,
-                          lo: int = 0, hi: int = None) -> Tensor:
-        """|| x_n - x(1) || for samples [lo, hi) (the solver run in chunks of ``chunk_size`` samples)."""
+    def per_sample_errors(self, model: Callable, solver, *, extras: dict, chunk_size: int,
+                          lo: int = 0, hi: Optional[int] = None) -> Tensor:
+        """|| x_n - x(1) || [hi - lo] (float64) for samples [lo, hi), the solver (or its Program) run by
+        the executor in chunks of ``chunk_size`` samples, as ``bespoke_ext.sample`` runs it."""
         hi = len(self) if hi is None else hi
-        table = SolverTable(**{k: v.detach() for k, v in table.named().items()})
-        parts = [rollout(model, table, self.x0[a:min(a + chunk_size, hi)], extras=extras,
-                         target=self.x1[a:min(a + chunk_size, hi)]) for a in range(lo, hi, chunk_size)]
-        return torch.cat(parts) if parts else self.x0.new_zeros(0)
+        program = solver_program(solver, differentiable=False)
+        parts = [final_errors(model, program, self.x0[a:min(a + chunk_size, hi)], self.x1[a:min(a + chunk_size, hi)],
+                              extras=extras, enable_grad=False) for a in range(lo, hi, chunk_size)]
+        return torch.cat(parts) if parts else self.x0.new_zeros(0, dtype=torch.float64)
 
-    def evaluate(self, model: Callable, table: SolverTable, *, extras: dict, chunk_size: int) -> Tuple[float, float]:
+    def evaluate(self, model: Callable, solver, *, extras: dict, chunk_size: int) -> Tuple[float, float]:
         """(RMSE, PSNR) over the whole set; ranks evaluate their slices and sum (all get the same numbers)."""
-        err = self.per_sample_errors(model, table, extras=extras, chunk_size=chunk_size, lo=self.lo, hi=self.hi)
-        mse = err.double().pow(2).clamp_min(1e-30)
-        sums = torch.stack([err.double().sum(), (10.0 * torch.log10(4.0 / mse)).sum()])
+        err = self.per_sample_errors(model, solver, extras=extras, chunk_size=chunk_size, lo=self.lo, hi=self.hi)
+        # PSNR capped at an MSE of 1e-30 (346 dB): an exact sample must not make the mean infinite.
+        sums = torch.stack([err.sum(), psnr_from_rms(err.clamp_min(1e-15), data_range=2.0).sum()])
         sums = self.ctx.all_reduce_sum_(sums)
         return float(sums[0]) / len(self), float(sums[1]) / len(self)
