@@ -414,3 +414,34 @@ def test_pretrain_cli_arguments():
     assert (args.name, args.out, args.iterations, args.seed) == ("mnist", "d", 5, 2)
     with pytest.raises(SystemExit):
         add_pretrain_arguments(argparse.ArgumentParser()).parse_args(["cifar"])
+
+
+def test_class_conditional_unet_reads_labels_and_the_null_label():
+    from bespoke_ext.models.nets import UNetVelocity
+
+    torch.manual_seed(0)
+    net = UNetVelocity(1, (8, 16), time_dim=16, groups=4, num_classes=10)
+    with torch.no_grad():  # zero-initialised output and projections: make every weight speak
+        for p in net.parameters():
+            p.normal_(std=0.2)
+    x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 0.3)
+    a, b = net(x, t, y=torch.tensor([1, 2, 3, 4])), net(x, t, y=torch.tensor([5, 6, 7, 8]))
+    assert not torch.allclose(a, b)  # the label changes the field
+    torch.testing.assert_close(net(x, t), net(x, t, y=torch.full((4,), 10)))  # no y = the null label
+    torch.testing.assert_close(net(x, t, y=3), net(x, t, y=torch.full((4,), 3)))
+    with pytest.raises(ValueError, match="integer class labels"):
+        net(x, t, y=torch.ones(4))
+    with pytest.raises(ValueError, match=r"labels \[B\]"):
+        net(x, t, y=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="unconditional"):
+        UNetVelocity(1, (8, 16), time_dim=16, groups=4)(x, t, y=torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="num_classes"):
+        UNetVelocity(num_classes=-1)
+
+
+def test_conditional_pretraining_drops_labels_and_writes_the_conditioning(tmp_path):
+    from bespoke_ext.models.pretrain import pretrain
+
+    card = pretrain("mnist_cond", tmp_path, iterations=2, batch_size=8, progress=False)
+    assert card["conditioning"]["key"] == "y" and card["conditioning"]["null_label"] == 10
+    assert card["architecture"]["kwargs"]["num_classes"] == 10 and card["training"]["heldout_loss"] > 0

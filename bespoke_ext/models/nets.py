@@ -117,20 +117,29 @@ class UNetVelocity(nn.Module):
     in-conv -> ResBlock(c0) [skip] -> down(stride 2) -> ResBlock(c1) -> [attention] -> ResBlock(c1)
     -> up(transposed conv 2x2) -> concat skip -> ResBlock(c0) -> GN, SiLU, out-conv.
     The time embedding (sinusoidal -> MLP) is added in every ResBlock. Height and width must be even.
+    Class-conditional with ``num_classes`` > 0: a learned label embedding is added to the time
+    embedding, and ``forward(x, t, y=labels)`` takes integer labels [B] in [0, num_classes]; the index
+    ``num_classes`` is the null label (the unconditional model of classifier-free guidance, learned by
+    label dropout), which is also what a missing ``y`` means.
 
     Args:
         in_channels: image channels; channels: (c0, c1) widths of the two levels;
-        time_dim: embedding width; groups: GroupNorm groups; attention: self-attention at H/2.
+        time_dim: embedding width; groups: GroupNorm groups; attention: self-attention at H/2;
+        num_classes: class labels of a class-conditional model (0: unconditional).
     """
 
     def __init__(self, in_channels: int = 1, channels: Sequence[int] = (32, 64), time_dim: int = 128,
-                 groups: int = 8, attention: bool = True):
+                 groups: int = 8, attention: bool = True, num_classes: int = 0):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if len(channels) != 2 or min(channels) < 1:
             raise ValueError(f"channels must be two positive widths (c0, c1), got {channels}")
         c0, c1 = channels
         self.in_channels = in_channels
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.label_embed = nn.Embedding(num_classes + 1, time_dim) if num_classes else None
         self.time_embed = nn.Sequential(
             SinusoidalTimeEmbedding(time_dim), nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
         )
@@ -147,17 +156,35 @@ class UNetVelocity(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t, **extras) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y=None, **extras) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % 2 or x.shape[3] % 2:
             raise ValueError(f"x must have shape [B, {self.in_channels}, H, W] with even H, W, got {tuple(x.shape)}")
         t = per_sample_time(as_time(t, x), x.shape[0])
         temb = self.time_embed(t)
+        if self.label_embed is not None:
+            temb = temb + self.label_embed(self._labels(y, x))
+        elif y is not None:
+            raise ValueError("y: this UNetVelocity is unconditional (num_classes 0) and takes no labels")
         h0 = self.down_block(self.conv_in(x), temb)                 # H x W
         h = self.mid1(self.down(h0), temb)                          # H/2 x W/2
         h = self.mid2(self.attn(h), temb)
         h = self.up(h)
         h = self.up_block(torch.cat([h, h0], dim=1), temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _labels(self, y, x: torch.Tensor) -> torch.Tensor:
+        """Labels [B] (long) on x's device; None means the null label."""
+        b = x.shape[0]
+        if y is None:
+            return torch.full((b,), self.num_classes, dtype=torch.long, device=x.device)
+        y = torch.as_tensor(y, device=x.device)
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if y.dim() == 0:
+            y = y.expand(b)
+        if y.shape != (b,):
+            raise ValueError(f"y must be labels [B] = [{b}] (or one label), got shape {tuple(y.shape)}")
+        return y.long()
 
 
 NETS = {"MLPVelocity": MLPVelocity, "UNetVelocity": UNetVelocity}
