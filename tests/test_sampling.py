@@ -221,8 +221,13 @@ def test_half_precision_states(x0, dtype):
 def test_model_output_is_checked_once(x0):
     with pytest.raises(ValueError, match=r"returned shape \(64, 2\); expected x's shape \(64, 3\)"):
         sample(lambda x, t: x[:, :2], x0, method="euler", nfe=2)
-    with pytest.raises(ValueError, match="returned dtype torch.float64; expected x's dtype torch.float32"):
-        sample(lambda x, t: x.double(), x0, method="midpoint", nfe=2)
+    # floating outputs of another dtype are cast (autocast, test_sampling_dropin.py); others are not
+    with pytest.raises(ValueError, match="returned dtype torch.int64; expected x's dtype torch.float32"):
+        sample(lambda x, t: x.long(), x0, method="midpoint", nfe=2)
+    with pytest.raises(ValueError, match="returned dtype torch.int64; expected x's dtype torch.float32"):
+        sample(lambda x, t: x.long(), x0, method="bosh3")
+    with pytest.raises(ValueError, match=r"returned a tensor on meta; expected x's device cpu"):
+        sample(lambda x, t: torch.empty_like(x, device="meta"), x0, method="heun3", nfe=3)
     with pytest.raises(TypeError, match="returned tuple"):
         sample(lambda x, t: (x,), x0, solver=BespokeSolver(2))
     with pytest.raises(ValueError, match="returned shape"):
@@ -282,7 +287,9 @@ def test_diverged_solver_is_refused(x0):
 
 
 def test_methods_listed():
-    assert set(METHODS) == {"euler", "midpoint", "heun", "rk4", "dpm++2m", "dopri5"}
+    assert set(METHODS) == {"euler", "midpoint", "heun", "heun3", "rk4", "dpm++2m", "dopri5", "dopri8", "bosh3",
+                            "fehlberg2", "adaptive_heun", "scipy_solver", "explicit_adams", "implicit_adams",
+                            "fixed_adams"}
 
 
 # -- CUDA graphs ------------------------------------------------------------------------------------

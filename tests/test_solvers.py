@@ -206,6 +206,7 @@ def riccati_solution(x_a, a: float, b: float):
     ("euler", (16, 32, 64)),
     ("midpoint", (8, 16, 32)),
     ("heun", (8, 16, 32)),
+    ("heun3", (8, 16, 32)),
     ("rk4", (8, 16, 32)),
 ])
 def test_order_of_convergence(method, steps):

@@ -117,14 +117,14 @@ def _on_side_stream(fn: Callable[[], None], device: torch.device) -> None:
     side stream, as CUDA-graph capture requires."""
     stream = torch.cuda.Stream(device=device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream), torch.inference_mode(), _capture_context():
+    with torch.cuda.stream(stream), torch.no_grad(), _capture_context():  # no_grad, as the eager loop
         fn()
     torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def _capture(fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
     graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), _capture_context(), torch.cuda.graph(graph):
+    with torch.no_grad(), _capture_context(), torch.cuda.graph(graph):
         fn()
     return graph
 

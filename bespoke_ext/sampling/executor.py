@@ -6,10 +6,11 @@ the fused ops: float32, or float64 for float64 states) and every Eval's time and
 coefficient row is sliced as a view (once per program, device and dtype: reused programs keep them
 in ``Program.views``), and the buffers are allocated (every call: results are handed out). The
 loop then does nothing per stage but the model call or one ``rk_update_out`` launch: no
-allocation of its own, no host synchronisation, no autograd (inference mode). With
+allocation of its own, no host synchronisation, no autograd (no_grad). With
 ``enable_grad`` it runs the differentiable ``rk_update`` instead, so gradients reach x0, the model
 and the tables (a learned solver's parameters).
 
+No_grad, not inference mode: a model may use autograd inside (guidance), as under flow_matching.
 Buffers and the intermediates tensor are allocated outside inference mode, so the tensors returned
 are ordinary tensors that later autograd code may use, like flow_matching's results.
 """
@@ -66,7 +67,7 @@ def execute(program: Program, model: Callable, x0: Tensor, extras: dict, *,
     else:
         with torch.no_grad():
             slots, steps, traj = prepare(program, x0)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: models may use autograd inside (guidance)
             run_steps(steps, slots, model, extras, combine_into, first)
     return slots[program.output], traj, stats_of(program, counter)
 

@@ -5,7 +5,10 @@ One step t -> t + h of a tableau (c, A, b) with s stages:
     y_j = x + h sum_{l<j} a_jl k_l,     k_j = u(y_j, t + c_j h),     x' = x + h sum_j b_j k_j
 
 Each y_j (j > 0) and x' is one fused combination; zero entries of A and b are left out, so the
-arithmetic is that of torchdiffeq's solvers (flow_matching's backend), stage for stage.
+arithmetic is that of torchdiffeq's solvers (flow_matching's backend), stage for stage. These are
+torchdiffeq's explicit fixed-grid methods, every one of them ("euler", "midpoint", "heun2",
+"heun3", "rk4"), with its coefficients (torchdiffeq/_impl/fixed_grid.py, rk_common.py); its other
+methods (adaptive, multistep, scipy) run through torchdiffeq itself (sampling/adaptive.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ TABLEAUS: Dict[str, Tableau] = {
         Tableau("midpoint", 2, (0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
         # Heun's method (explicit trapezoid); torchdiffeq's "heun2".
         Tableau("heun", 2, (0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
+        # Heun's third-order method; torchdiffeq's "heun3" (its tableau, a_31 = b_2 = 0).
+        Tableau("heun3", 3, (0.0, 1 / 3, 2 / 3), ((), (1 / 3,), (0.0, 2 / 3)), (1 / 4, 0.0, 3 / 4)),
         # Kutta's 3/8 rule: torchdiffeq's (and so flow_matching's) "rk4".
         Tableau("rk4", 4, (0.0, 1 / 3, 2 / 3, 1.0),
                 ((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
