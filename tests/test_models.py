@@ -445,3 +445,40 @@ def test_conditional_pretraining_drops_labels_and_writes_the_conditioning(tmp_pa
     card = pretrain("mnist_cond", tmp_path, iterations=2, batch_size=8, progress=False)
     assert card["conditioning"]["key"] == "y" and card["conditioning"]["null_label"] == 10
     assert card["architecture"]["kwargs"]["num_classes"] == 10 and card["training"]["heldout_loss"] > 0
+
+
+def test_model_identity_covers_weights_settings_and_inputs():
+    import functools
+
+    from bespoke_ext.models import ClassifierFreeGuidance, VelocityAdapter
+    from bespoke_ext.models.identity import OpaqueModelError, inputs_tag, model_tag
+    from bespoke_ext.models.oracle import GaussianMixtureFlow
+
+    m = GaussianMixtureFlow.random(dim=4, components=3, std=0.2, seed=0)
+    other = GaussianMixtureFlow.random(dim=4, components=3, std=0.2, seed=1)
+    assert model_tag(m) == model_tag(GaussianMixtureFlow.random(dim=4, components=3, std=0.2, seed=0))
+    assert model_tag(m) != model_tag(other)
+    # settings of the module and its submodules
+    guided = ClassifierFreeGuidance(m, 2.0, cond_key="y", null_value=3)
+    assert model_tag(guided) != model_tag(ClassifierFreeGuidance(m, 0.0, cond_key="y", null_value=3))
+    assert model_tag(guided) != model_tag(ClassifierFreeGuidance(m, 2.0, cond_key="y", null_value=2))
+    net = torch.nn.Linear(4, 4)
+    tags = {model_tag(VelocityAdapter(net, prediction=p, schedule=s, t_eps=e))
+            for p, s, e in [("noise", "vp", 1e-3), ("data", "vp", 1e-3), ("noise", "cosine", 1e-3), ("noise", "vp", 1e-2)]}
+    assert len(tags) == 4
+    # counters do not change the identity as the model is used
+    before = model_tag(guided)
+    guided(torch.randn(2, 4), torch.tensor(0.5), y=torch.tensor([0, 1]))
+    assert guided.network_forwards == 2 and model_tag(guided) == before
+    # bound methods are the object they are bound to
+    assert model_tag(m.forward) != model_tag(other.forward)
+    # state the package cannot see is refused unless the caller takes responsibility
+    for opaque in (lambda x, t: m(x, t), functools.partial(m.forward)):
+        with pytest.raises(OpaqueModelError, match="model_tag"):
+            model_tag(opaque)
+    assert ":" not in model_tag(lambda x, t: x, strict=False)
+    # inputs: constant extras' values and the conditions pool
+    assert inputs_tag({"y": torch.tensor([1])}) != inputs_tag({"y": torch.tensor([2])})
+    assert inputs_tag({"w": 2.0}) != inputs_tag({"w": 4.0})
+    assert inputs_tag(None, {"y": torch.arange(3)}) != inputs_tag(None, {"y": torch.arange(4)})
+    assert inputs_tag({"y": torch.arange(3)}) != inputs_tag(None, {"y": torch.arange(3)})

@@ -143,6 +143,8 @@ class ClassifierFreeGuidance(nn.Module):
             sample's condition shape; it is broadcast to the condition's shape.
     """
 
+    identity_ignore = ("network_forwards", "nfe")  # counters: not part of the model's identity (identity.py)
+
     def __init__(self, model, guidance_scale: float, cond_key: str = "label", null_value=0):
         super().__init__()
         if not callable(model):

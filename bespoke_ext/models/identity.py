@@ -1,19 +1,45 @@
-"""A model tag: what a trajectory cache (and a trained solver) was made for.
+"""Model identity: what a trajectory cache, a checkpoint or a trained solver was made for.
 
-The tag is the class's qualified name plus a sha256 over the model's state (parameter and buffer
-names, dtypes, shapes and values), so two models with the same weights share a tag and any change of
-weights changes it. A bare function has no state: its tag is only its qualified name, so callers
-wrapping a stateful object in a function should pass an explicit tag.
+Ground truth is only ground truth for the model that produced it, so the identity must change
+whenever the velocity field can. ``model_tag(model)`` is the model's qualified name plus a sha256
+over everything the package can see that shapes the field:
+
+- every tensor of the state dict (names, dtypes, shapes, values);
+- the primitive settings (numbers, strings, bools, None, and tuples / lists / dicts of them) of the
+  module and of every submodule, e.g. ``ClassifierFreeGuidance.guidance_scale``,
+  ``VelocityAdapter.prediction`` and ``t_eps``;
+- plain objects held as attributes (a schedule), through their own settings, and functions held
+  as attributes, through their code, defaults and closure values;
+- for a bound method, the object it is bound to.
+A class may name attributes that do not shape the field (call counters) in a class attribute
+``identity_ignore``; they are left out, so the tag does not change as the model is used.
+
+``inputs_tag(extras, conditions)`` covers what the model is called with: the values of constant
+extras and the whole conditions pool. Cache keys and checkpoint fingerprints use both.
+
+A plain function, lambda or ``functools.partial`` wraps state the package cannot see (a model in a
+closure, a global); two such callables may share a qualified name while computing different
+fields. ``model_tag`` therefore refuses them with :class:`OpaqueModelError`, unless ``strict=False``,
+which gives their qualified name only: callers must then have an explicit tag or cache folder.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import math
+from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["model_tag"]
+__all__ = ["model_tag", "inputs_tag", "OpaqueModelError"]
+
+_MAX_DEPTH = 6  # nested plain objects followed this deep (cycles are cut by an id set)
+
+
+class OpaqueModelError(ValueError):
+    """A model whose state the package cannot see, used without an explicit identity."""
 
 
 def _qualname(obj) -> str:
@@ -22,14 +48,132 @@ def _qualname(obj) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(obj).__name__)}"
 
 
-def model_tag(model) -> str:
-    """``<module.Class>:<sha256 of the state, 16 hex digits>`` (or ``<module.function>`` for a function)."""
-    name = _qualname(model)
-    if not isinstance(model, torch.nn.Module):
+def _is_opaque(model) -> bool:
+    return isinstance(model, functools.partial) or inspect.isfunction(model) or inspect.isbuiltin(model)
+
+
+class _Hasher:
+    """Feeds a sha256 with a canonical, typed encoding of values (tensors by value)."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+        self.seen: set = set()
+
+    def text(self, s: str) -> None:
+        self.h.update(s.encode())
+        self.h.update(b"\x00")
+
+    def tensor(self, v: torch.Tensor) -> None:
+        v = v.detach().to("cpu").contiguous()
+        self.text(f"tensor|{v.dtype}|{tuple(v.shape)}")
+        if v.numel():
+            self.h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def value(self, v: Any, depth: int = 0) -> None:
+        """Any value the package can read: primitives, containers, tensors, modules, objects."""
+        if v is None or isinstance(v, (bool, int, str)):
+            self.text(f"{type(v).__name__}|{v!r}")
+        elif isinstance(v, float):
+            self.text(f"float|{v!r}" if math.isfinite(v) else f"float|{v}")
+        elif torch.is_tensor(v):
+            self.tensor(v)
+        elif isinstance(v, (torch.dtype, torch.device)):
+            self.text(f"{type(v).__name__}|{v}")
+        elif isinstance(v, (list, tuple)):
+            self.text(f"{type(v).__name__}|{len(v)}")
+            for item in v:
+                self.value(item, depth + 1)
+        elif isinstance(v, Mapping):
+            self.text(f"mapping|{len(v)}")
+            for key in sorted(v, key=repr):
+                self.text(repr(key))
+                self.value(v[key], depth + 1)
+        elif isinstance(v, torch.nn.Module):
+            self.module(v)
+        elif depth < _MAX_DEPTH:
+            self.obj(v, depth)
+        else:
+            self.text(f"deep|{_qualname(v)}")
+
+    def module(self, m: torch.nn.Module) -> None:
+        if id(m) in self.seen:
+            self.text("seen")
+            return
+        self.seen.add(id(m))
+        self.text(f"module|{_qualname(m)}")
+        for key, t in sorted(m.state_dict().items()):
+            self.text(key)
+            self.tensor(t)
+        for name, sub in sorted(m.named_modules(), key=lambda kv: kv[0]):
+            self.text(f"settings|{name}|{_qualname(sub)}")
+            ignore = set(getattr(type(sub), "identity_ignore", ()))
+            for key, v in sorted(vars(sub).items()):
+                if key.startswith("_") or key == "training" or key in ignore or torch.is_tensor(v) \
+                        or isinstance(v, torch.nn.Module):
+                    continue  # tensors are in the state dict; submodules have their own entry
+                self.text(key)
+                self.value(v, 1)
+
+    def obj(self, v: Any, depth: int) -> None:
+        if id(v) in self.seen:
+            self.text("seen")
+            return
+        self.seen.add(id(v))
+        if isinstance(v, functools.partial):
+            self.text("partial")
+            self.value(v.func, depth + 1)
+            self.value(list(v.args), depth + 1)
+            self.value(dict(v.keywords), depth + 1)
+        elif inspect.ismethod(v):
+            self.text(f"method|{v.__func__.__qualname__}")
+            self.value(v.__self__, depth + 1)
+        elif inspect.isfunction(v):
+            code = v.__code__
+            self.text(f"function|{_qualname(v)}")
+            self.h.update(code.co_code)
+            self.value([c for c in code.co_consts if not inspect.iscode(c)], depth + 1)
+            self.value(list(v.__defaults__ or ()), depth + 1)
+            self.value([cell.cell_contents for cell in (v.__closure__ or ())], depth + 1)
+        elif hasattr(v, "to_dict") and callable(v.to_dict):
+            self.text(f"object|{_qualname(v)}")
+            self.value(v.to_dict(), depth + 1)
+        else:
+            self.text(f"object|{_qualname(v)}")
+            state = getattr(v, "__dict__", None)
+            if state is not None:
+                ignore = set(getattr(type(v), "identity_ignore", ()))
+                self.value({k: s for k, s in state.items() if not k.startswith("_") and k not in ignore}, depth + 1)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()[:16]
+
+
+def model_tag(model, *, strict: bool = True) -> str:
+    """``<module.Class>:<sha256 of weights and settings, 16 hex digits>``.
+
+    Raises OpaqueModelError for a plain function, lambda or partial (see the module note); with
+    ``strict=False`` such a callable gets ``<module.function>`` only.
+    """
+    name = _qualname(model.func if isinstance(model, functools.partial) else model)
+    if _is_opaque(model):
+        if strict:
+            raise OpaqueModelError(
+                f"model {name} is a {'partial' if isinstance(model, functools.partial) else 'plain function'}: "
+                f"the package cannot see the state it computes with (weights or settings in a closure or a "
+                f"global), so cached ground truth could be reused for a different field. Pass "
+                f"model_tag='<a name that changes with the model>' or an explicit cache_dir, or pass the "
+                f"torch.nn.Module itself")
         return name
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        v = value.detach().to("cpu").contiguous()
-        h.update(f"{key}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return f"{name}:{h.hexdigest()[:16]}"
+    h = _Hasher()
+    h.value(model)
+    return f"{name}:{h.hexdigest()}"
+
+
+def inputs_tag(extras: Optional[Mapping] = None, conditions: Optional[Mapping] = None) -> str:
+    """sha256 (16 hex digits) of the constant extras' values and of the conditions pool."""
+    h = _Hasher()
+    h.text("extras")
+    h.value(dict(extras or {}))
+    h.text("conditions")
+    h.value(dict(conditions or {}))
+    return h.hexdigest()
