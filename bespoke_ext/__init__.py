@@ -11,12 +11,13 @@ model evaluations at the quality plain solvers need several times more for.
 
 from . import ops
 from .sampling import METHODS, SampleStats, compute_likelihood, sample
-from .solvers import BespokeSolver, SolverFileError
+from .solvers import BespokeSolver, NonStationarySolver, SolverFileError
 from .training import TrainHistory, TrainOptions, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "sample", "compute_likelihood", "SampleStats", "METHODS", "BespokeSolver", "SolverFileError",
+    "ops", "sample", "compute_likelihood", "SampleStats", "METHODS", "BespokeSolver", "NonStationarySolver",
+    "SolverFileError",
     "train", "TrainOptions", "TrainHistory", "__version__",
 ]

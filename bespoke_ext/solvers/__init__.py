@@ -2,12 +2,13 @@
 (learned), and the solver file format. (The adaptive dopri5 path is not a program: sampling/adaptive.py.)"""
 
 from .bespoke import BespokeGrid, BespokeSolver, StepCoefficients
+from .nonstationary import NonStationarySolver
 from .files import FORMAT_VERSION, SolverFileError, read_solver_file, write_solver_file
 from .tableaus import TABLEAUS, Tableau, fixed_step_program
 from .dpm_solver import dpm_solver_program
 
 __all__ = [
-    "BespokeSolver", "BespokeGrid", "StepCoefficients",
+    "BespokeSolver", "BespokeGrid", "StepCoefficients", "NonStationarySolver",
     "SolverFileError", "FORMAT_VERSION", "read_solver_file", "write_solver_file",
     "Tableau", "TABLEAUS", "fixed_step_program", "dpm_solver_program",
 ]

@@ -1,0 +1,450 @@
+"""Bespoke non-stationary solvers (BNS; Shaul et al., ICML 2024; method.md §9).
+
+On a learned grid 0 = t_0 < ... < t_n = 1 every step may use every earlier velocity (NFE n, sample x_n):
+
+    x_{i+1} = a_i x_0 + sum_{j=0..i} b_ij U_j,    U_j = u(x_j, t_j),    i = 0..n-1.
+
+Free numbers: t_1..t_{n-1}, a_i, the lower triangle b_ij: n(n+5)/2 - 1 (74 at NFE 10). Every explicit
+linear method with strictly increasing model times below 1 is a member (``from_solver``): Euler,
+midpoint, DPM-Solver++(2M), BespokeSolvers of order 1 and 2 (not heun / rk4: repeated times, t = 1).
+
+Parametrisation: a *base* member (times T, coefficients A, B; Euler / midpoint converted from the
+program ``bespoke_ext.sample(method=..., nfe=...)`` runs, or any converted solver) plus learned offsets,
+zero in a fresh solver. g is bespoke.py's relative softplus (exactly 1 at 0, positive, ratio <~1e10):
+  - times: increments w_0 = dT_0 (fixed: normalising removes one degree of freedom), w_k = dT_k
+    g(time_scale time_logits_{k-1}); t_k = sum_{j<k} w_j / sum_j w_j + e_k, e = T - cumsum(dT) / sum(dT)
+    the base's re-normalisation rounding (~1e-16, 0 at both ends): t_0 = 0, t_n = 1, t = T bitwise
+    at zero offsets, strictly increasing for every real parameter vector (increments >> |e|);
+  - a_i = A_i + a_scale a_delta_i, b_ij = B_ij + b_scale b_delta_ij; a_scale = coeff_scale,
+    b_scale = coeff_scale / n.
+Units: Adam moves each raw number by ~lr per step whatever its gradient. Time logits are log relative
+increments (as in BespokeSolver), a is in its natural unit (~1), b in units of the mean step (~1/n):
+every number moves ~lr relative to its size; a step of a whole row b_i. moves x_{i+1} like one of a_i.
+
+Program: each state x_k has its own slot (a velocity may alias its input: none is reused), each U_j a
+velocity slot. Step i is written relative to a reference state x_r, r = refs[i] <= i (the state the
+base's own update starts from: Euler x_i, midpoint x_2m):
+
+    x_{i+1} = x_r + (a_i - a_{r-1}) x_0 + sum_{j<=i} (b_ij - b_{r-1,j}) U_j    (r = 0: the formula itself)
+
+For a fresh solver the differences are exact zeros, so each combination adds what the base adds, in
+its order: samples equal the base's bitwise. Above the fused op's term limit (``max_terms()``) a step
+is chained: partial sums go to one scratch slot, which leads the next chunk with coefficient 1
+(reference first, U_i last, so a fresh solver keeps its bits). The coefficient table is one gather from
+an [n, n + 2] matrix (reference, x_0, U_0..U_{n-1}) and a constant 1, differentiable in every raw
+parameter. Training: the end-to-end loss through ``program()`` (the bound loss is for scale-time solvers).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import List, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..program import Combine, Eval, Program, ProgramBuilder
+from .bespoke import _relative_softplus
+from .dpm_solver import DPM_METHOD, dpm_solver_program
+from .files import SolverFileError, read_solver_file, write_solver_file
+from .tableaus import TABLEAUS, fixed_step_program
+from .time_grid import steps_for_nfe, uniform_grid
+
+__all__ = ["NonStationarySolver", "NonStationaryTables", "max_terms", "convert_program"]
+
+BASES = ("euler", "midpoint")
+_RAW = ("time_logits", "a_delta", "b_delta")
+_BASE = ("base_times", "base_a", "base_b")
+_PROBE_CAP = 1 << 12
+
+
+# -- the fused op's term limit -------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def max_terms() -> int:
+    """The most terms one fused combination takes: ``bespoke_ext.ops.MAX_TERMS`` (or ``ops.max_terms()``)
+    when the ops module states it, else found once by bisecting on the compiled op with tiny CPU
+    tensors (the limit is kMaxTerms of csrc/rk_common.h, shared by the CPU and CUDA kernels)."""
+    from .. import ops
+
+    stated = getattr(ops, "MAX_TERMS", None)
+    if stated is None and callable(getattr(ops, "max_terms", None)):
+        stated = ops.max_terms()
+    if stated is not None:
+        return int(stated)
+    def fits(k: int) -> bool:
+        try:
+            torch.ops.bespoke_ext.rk_update_out.default([torch.zeros(1)] * k, torch.zeros(k), torch.empty(1))
+            return True
+        except RuntimeError:
+            return False
+
+    lo, hi = 1, _PROBE_CAP + 1  # invariant: fits(lo), not fits(hi) (or hi past the cap)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+_op_limit = max_terms  # for program(), whose argument has that name
+
+
+# -- conversion of any linear program ----------------------------------------------------------------
+
+class NonStationaryTables(NamedTuple):
+    """A member as float64 CPU tables: times [n+1] (t_0..t_{n-1} the model times, t_n = 1), a [n],
+    b [n, n] lower triangular, refs: each step's reference state (module docstring)."""
+
+    times: Tensor
+    a: Tensor
+    b: Tensor
+    refs: Tuple[int, ...]
+
+
+def convert_program(program: Program) -> NonStationaryTables:
+    """The non-stationary form of a linear solver's program (method.md §9).
+
+    Every slot's content is tracked as a coefficient vector over [x_0, U_0, ..., U_{n-1}] (float64):
+    the k-th model evaluation's input is state x_k, the output x_n; a step's reference is the state
+    its combination starts from (else the previous state). ValueError when the program is not a
+    member: model times must start at 0 and increase strictly below 1, the first evaluation must see x_0.
+    """
+    n, name = program.nfe, repr(program.method)
+    if n < 1:
+        raise ValueError(f"{name}: a program without model evaluations has no non-stationary form")
+    times = [float(v) for v in program.times.detach().to(torch.float64).cpu()]
+    coeffs = program.coeffs.detach().to(torch.float64).cpu()
+    x0 = torch.eye(n + 1, dtype=torch.float64)[0]
+    vec = {program.INPUT: x0}      # slot -> its content (one tensor object per value written)
+    first = {id(x0): None}         # content -> the content its combination started from
+    state = {id(x0): 0}            # content -> state index
+    rows, refs, eval_times = [], [], []
+    alive = [x0]                   # every content stays referenced, so no id() is reused
+
+    def become_state(v: Tensor) -> None:  # v is x_k, k = len(rows) + 1, made by step k - 1
+        prev = len(rows)
+        ref = state.get(id(v), state.get(id(first[id(v)]), prev) if first[id(v)] is not None else prev)
+        state.setdefault(id(v), prev + 1)
+        rows.append(v)
+        refs.append(min(ref, prev))
+
+    try:
+        for op in program.instructions:
+            if isinstance(op, Eval):
+                if not eval_times and not torch.equal(vec[op.src], x0):
+                    raise ValueError(f"{name}: the first model evaluation does not see x_0 itself; not a member "
+                                     f"of the non-stationary family")
+                if eval_times:
+                    become_state(vec[op.src])
+                u = torch.eye(n + 1, dtype=torch.float64)[len(eval_times) + 1]
+                eval_times.append(times[op.time])
+                vec[op.dst], first[id(u)] = u, None
+                alive.append(u)
+            elif isinstance(op, Combine):
+                c = coeffs[op.start:op.start + len(op.srcs)]
+                v = sum(c[j] * vec[src] for j, src in enumerate(op.srcs))
+                vec[op.dst], first[id(v)] = v, vec[op.srcs[0]]
+                alive.append(v)
+        become_state(vec[program.output])
+    except KeyError as exc:
+        raise ValueError(f"{name}: slot {exc} is read before it is written") from None
+    grid = eval_times + [1.0]
+    if grid[0] != 0.0 or not all(a < b for a, b in zip(grid[:-1], grid[1:])):
+        raise ValueError(
+            f"{name} is not a member of the non-stationary family: its model times must start at 0, increase "
+            f"strictly and stay below 1 (t_n = 1), got {eval_times}; methods that evaluate twice at one time or "
+            f"at t = 1 (heun, rk4) do not convert")
+    table = torch.stack(rows)  # [n, n + 1]
+    return NonStationaryTables(torch.tensor(grid, dtype=torch.float64), table[:, 0].clone(),
+                               torch.tril(table[:, 1:]), tuple(refs))
+
+
+def _method_program(name: str, nfe: int) -> Program:
+    """The program ``bespoke_ext.sample(method=name, nfe=nfe)`` runs (same grid, same arithmetic)."""
+    key = name.lower()
+    if key != DPM_METHOD and key not in TABLEAUS:
+        raise ValueError(f"unknown method {name!r}; convertible fixed methods: euler, midpoint, {DPM_METHOD}")
+    grid = uniform_grid(0.0, 1.0, steps_for_nfe(nfe, 1 if key == DPM_METHOD else TABLEAUS[key].stages, key))
+    return dpm_solver_program(grid) if key == DPM_METHOD else fixed_step_program(TABLEAUS[key], grid)
+
+
+# -- the solver ------------------------------------------------------------------------------------
+
+def _dense(t: Tensor) -> Tensor:
+    """A float64 CPU copy with canonical strides (a view's odd stride on a size-1 dimension survives
+    .contiguous() and upsets byte views of it)."""
+    return torch.empty(t.shape, dtype=torch.float64).copy_(t)
+
+
+def _check_nfe(nfe) -> int:
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    return nfe
+
+
+def _check_scale(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class NonStationarySolver(nn.Module):
+    """A learnable non-stationary solver with ``nfe`` model evaluations (method.md §9). Fresh, it samples
+    bitwise like ``bespoke_ext.sample(model, x0, method=base, nfe=nfe)`` (base "euler", or "midpoint"
+    with nfe even); ``from_solver`` starts from any other member. ``time_scale`` / ``coeff_scale``: the
+    raw parameters' units (module docstring). Use with ``bespoke_ext.sample(model, x0, solver=solver)``."""
+
+    KIND = "NonStationarySolver"
+
+    def __init__(self, nfe: int, base: str = "euler", *, time_scale: float = 1.0, coeff_scale: float = 1.0):
+        super().__init__()
+        nfe = _check_nfe(nfe)
+        if not isinstance(base, str) or base.lower() not in BASES:
+            raise ValueError(f"base must be one of {BASES} (or use NonStationarySolver.from_solver), got {base!r}")
+        if base.lower() == "midpoint" and nfe % 2:
+            raise ValueError(f"a midpoint base makes 2 model evaluations per step, so nfe must be even; got nfe={nfe}")
+        tables = convert_program(_method_program(base.lower(), nfe))
+        self._init(nfe, base.lower(), tables, time_scale=time_scale, coeff_scale=coeff_scale)
+
+    def _init(self, nfe: int, base: str, tables: NonStationaryTables, *, time_scale, coeff_scale) -> None:
+        n = nfe
+        self._nfe = n
+        self.base = base
+        self.time_scale = _check_scale("time_scale", time_scale)
+        self.coeff_scale = _check_scale("coeff_scale", coeff_scale)
+        self.a_scale, self.b_scale = self.coeff_scale, self.coeff_scale / n  # module docstring
+        self.refs = tuple(tables.refs)
+        _check_refs(self.refs, n)
+        f64 = dict(dtype=torch.float64)
+        self.time_logits = nn.Parameter(torch.zeros(n - 1, **f64))
+        self.a_delta = nn.Parameter(torch.zeros(n, **f64))
+        self.b_delta = nn.Parameter(torch.zeros(n * (n + 1) // 2, **f64))
+        rows, cols = torch.tril_indices(n, n)
+        self.register_buffer("base_times", _dense(tables.times))
+        self.register_buffer("base_a", _dense(tables.a))
+        self.register_buffer("base_b", _dense(tables.b[rows, cols]))
+        self.metadata: dict = {}
+        self.history = None  # set by bespoke_ext.train
+        self._programs: dict = {}
+
+    @classmethod
+    def _from_tables(cls, tables: NonStationaryTables, base: str, **scales) -> "NonStationarySolver":
+        solver = cls.__new__(cls)
+        nn.Module.__init__(solver)
+        solver._init(int(tables.a.numel()), base, tables, **scales)
+        return solver
+
+    @classmethod
+    def from_solver(cls, source, nfe: Optional[int] = None, *, time_scale: float = 1.0,
+                    coeff_scale: float = 1.0) -> "NonStationarySolver":
+        """A fresh solver whose base is ``source`` (samples equal its own to float32 rounding; bitwise for
+        euler / midpoint): a method name ("euler", "midpoint", "dpm++2m"; needs ``nfe``), a learned solver
+        with ``.program()`` (BespokeSolver, NonStationarySolver) or a Program. ValueError for non-members."""
+        if isinstance(source, str):
+            if nfe is None:
+                raise ValueError(f"converting method {source!r} needs nfe=")
+            if source.lower() in BASES:
+                return cls(nfe, source, time_scale=time_scale, coeff_scale=coeff_scale)
+            program, label = _method_program(source, _check_nfe(nfe)), source.lower()
+        elif isinstance(source, Program):
+            program, label = source, source.method
+        elif callable(getattr(source, "program", None)):
+            with torch.no_grad():
+                program = source.program()
+            label = getattr(source, "method", type(source).__name__)
+        else:
+            raise TypeError(f"source must be a method name, a learned solver with .program() or a Program, "
+                            f"got {type(source).__name__}")
+        if nfe is not None and _check_nfe(nfe) != program.nfe:
+            raise ValueError(f"{label!r} makes {program.nfe} model evaluations, not nfe={nfe}")
+        solver = cls._from_tables(convert_program(program), str(label), time_scale=time_scale,
+                                  coeff_scale=coeff_scale)
+        solver.metadata["initialised_from"] = str(label)
+        return solver
+
+    # -- shape -----------------------------------------------------------------------------------
+    @property
+    def nfe(self) -> int:
+        return self._nfe
+
+    @property
+    def steps(self) -> int:  # one evaluation per step (the program's steps), for BespokeSolver-shaped code
+        return self._nfe
+
+    @property
+    def order(self) -> int:  # evaluations per step, for BespokeSolver-shaped code; not an order of accuracy
+        return 1
+
+    @property
+    def num_parameters(self) -> int:
+        """Raw learnable scalars: n(n+5)/2 - 1."""
+        return sum(p.numel() for p in self.parameters())
+
+    method = "bespoke-ns"  # names rows and programs
+
+    def extra_repr(self) -> str:
+        return f"nfe={self.nfe}, base={self.base!r}, time_scale={self.time_scale:g}, coeff_scale={self.coeff_scale:g}"
+
+    # -- parametrisation ---------------------------------------------------------------------------
+    def time_grid(self) -> Tensor:
+        """The state times t_0..t_n [n+1] (float64, differentiable; t_0 = 0, t_n = 1)."""
+        bt = self.base_times.double()
+        d0 = bt[1:] - bt[:-1]
+        zero = bt[:1] * 0
+        g = _relative_softplus(self.time_scale * self.time_logits.double())
+        w = torch.cat([d0[:1], d0[1:] * g])
+        c, c0 = torch.cumsum(w, 0), torch.cumsum(d0, 0)
+        correction = bt - torch.cat([zero, c0 / c0[-1]])  # exact zeros at both ends
+        return torch.cat([zero, c / c[-1]]) + correction
+
+    def coefficients(self) -> Tuple[Tensor, Tensor]:
+        """a [n] and b [n, n] (lower triangular), float64, differentiable."""
+        n = self._nfe
+        a = self.base_a.double() + self.a_scale * self.a_delta.double()
+        packed = self.base_b.double() + self.b_scale * self.b_delta.double()
+        rows, cols = torch.tril_indices(n, n, device=packed.device)
+        b = packed.new_zeros(n, n).index_put((rows, cols), packed)
+        return a, b
+
+    def times(self) -> Tensor:
+        """The states' time grid t_0..t_n (float64, detached); the model sees t_0..t_{n-1}."""
+        return self.time_grid().detach()
+
+    def eval_times(self) -> Tensor:
+        """Every model-evaluation time t_0..t_{n-1} (float64, detached)."""
+        return self.time_grid()[:-1].detach()
+
+    def step_coefficients(self):
+        raise NotImplementedError("a NonStationarySolver has no scale-time steps: the bound loss (method.md §5) is for "
+                                  "BespokeSolver; train it with the end-to-end loss (loss='end_to_end')")
+
+    def lipschitz(self, L_tau: float = 1.0):
+        raise NotImplementedError("a NonStationarySolver has no per-step Lipschitz bound: train it with the "
+                                  "end-to-end loss (loss='end_to_end')")
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def program(self, intermediates: bool = False, max_terms: Optional[int] = None) -> Program:
+        """The executor's program; under autograd its tables carry the raw parameters' history.
+
+        ``intermediates``: record the states at times() (n + 1). ``max_terms``: chain combinations above
+        this many terms (default and cap: the op's limit). Without autograd the program is memoised
+        against a copy of the parameters and base tables (compared by value)."""
+        limit = _op_limit() if max_terms is None else max_terms
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
+            raise ValueError(f"max_terms must be an integer >= 2, got {limit!r}")
+        limit = min(limit, _op_limit())
+        key = (bool(intermediates), limit)
+        if torch.is_grad_enabled():
+            return self._build_program(*key)
+        memo = self._programs.get(key)
+        state = [t.detach() for t in (*self.parameters(), *self.buffers())]
+        if memo is not None and len(memo[0]) == len(state) and all(
+                a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
+                for a, b in zip(memo[0], state)):
+            return memo[1]
+        program = self._build_program(*key)
+        self._programs[key] = ([s.clone() for s in state], program)
+        return program
+
+    def _build_program(self, intermediates: bool, limit: int) -> Program:
+        n = self._nfe
+        t = self.time_grid()
+        a, b = self.coefficients()
+        refs = torch.tensor(self.refs, dtype=torch.long, device=a.device)
+        a_prev = torch.cat([a.new_zeros(1), a])[refs]            # a_{r-1}, 0 for r = 0
+        b_prev = torch.cat([b.new_zeros(1, n), b])[refs]         # b_{r-1, .}, 0 for r = 0
+        matrix = torch.cat([a.new_ones(n, 1), (a - a_prev)[:, None], b - b_prev], dim=1)  # [n, n + 2]
+        flat = torch.cat([matrix.reshape(-1), a.new_ones(1)])
+        record = [float(v) for v in t.detach().cpu()] if intermediates else None
+        builder, output, index = _instructions(n, self.refs, limit, record)
+        return builder.build(output=output, times=t[:-1], coeffs=flat[torch.tensor(index, device=flat.device)])
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:
+        """Write a data-only solver file (solvers/files.py): raw offsets, base tables, config and
+        ``self.metadata`` updated with ``metadata``."""
+        info = {**self.metadata, **(metadata or {})}
+        tensors = {name: _dense(getattr(self, name).detach()) for name in (*_RAW, *_BASE)}
+        config = {"nfe": self._nfe, "base": self.base, "refs": list(self.refs),
+                  "time_scale": self.time_scale, "coeff_scale": self.coeff_scale}
+        write_solver_file(path, kind=self.KIND, config=config, tensors=tensors, info=info)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "NonStationarySolver":
+        """Read a solver written by ``save`` (on the CPU); SolverFileError naming the problem for any
+        other file. Every tensor's shape is checked against the header's nfe before it is used."""
+        f = read_solver_file(path, kind=cls.KIND)
+        refuse = lambda why: SolverFileError(f"{os.fspath(path)}: {why}")
+        cfg, keys = f.config, {"nfe", "base", "refs", "time_scale", "coeff_scale"}
+        if set(cfg) != keys:
+            raise refuse(f"config keys {sorted(cfg)} are not those of a {cls.KIND} ({sorted(keys)})")
+        n = cfg["nfe"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096 or not isinstance(cfg["base"], str):
+            raise refuse(f"invalid nfe {n!r} (an integer in [1, 4096]) or base {cfg['base']!r} (a string)")
+        try:
+            _check_refs(cfg["refs"], n)
+        except ValueError as exc:
+            raise refuse(f"invalid refs: {exc}") from None
+        tri = n * (n + 1) // 2
+        expected = {"time_logits": (n - 1,), "a_delta": (n,), "b_delta": (tri,), "base_times": (n + 1,),
+                    "base_a": (n,), "base_b": (tri,)}
+        if set(f.tensors) != set(expected):
+            raise refuse(f"tensors {sorted(f.tensors)} are not those of a {cls.KIND} ({sorted(expected)})")
+        for name, shape in expected.items():
+            value = f.tensors[name]
+            if tuple(value.shape) != shape:
+                raise refuse(f"tensor {name!r} has shape {tuple(value.shape)}, but nfe {n} needs {shape}")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise refuse(f"tensor {name!r} is not a finite float tensor")
+        bt = f.tensors["base_times"].to(torch.float64)
+        if float(bt[0]) != 0.0 or float(bt[-1]) != 1.0 or not bool((bt[1:] > bt[:-1]).all()):
+            raise refuse("base_times must increase strictly from 0 to 1")
+        tables = NonStationaryTables(bt, f.tensors["base_a"], torch.zeros(n, n, dtype=torch.float64), cfg["refs"])
+        try:
+            solver = cls._from_tables(tables, cfg["base"], time_scale=cfg["time_scale"], coeff_scale=cfg["coeff_scale"])
+        except ValueError as exc:
+            raise refuse(f"invalid config {cfg} ({exc})") from None
+        with torch.no_grad():
+            for name in ("base_b", *_RAW):
+                getattr(solver, name).copy_(f.tensors[name].to(torch.float64))
+        solver.metadata = dict(f.info)
+        return solver
+
+
+def _check_refs(refs, n: int) -> None:
+    if not isinstance(refs, (list, tuple)) or len(refs) != n:
+        raise ValueError(f"refs must list one reference state per step ({n}), got {refs!r}")
+    for i, r in enumerate(refs):
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= i:
+            raise ValueError(f"step {i}'s reference state must be an integer in [0, {i}], got {r!r}")
+
+
+def _instructions(n: int, refs: Tuple[int, ...], limit: int, record: Optional[List[float]]):
+    """The program's instructions (they depend on n, refs and the limit only) and, per coefficient
+    entry, its index into [matrix [n, n + 2] flattened, 1]."""
+    width, one = n + 2, n * (n + 2)
+    b = ProgramBuilder("bespoke-ns")
+    states = [b.input] + [b.buffer() for _ in range(n)]  # x_0 .. x_n
+    scratch = b.buffer() if any((refs[i] > 0) + i + 2 > limit for i in range(n)) else None
+    vel = [b.velocity() for _ in range(n)]
+    index: List[int] = []
+    if record is not None:
+        b.record(record[0], (states[0],))
+        index.append(one)
+    for i in range(n):
+        b.eval(vel[i], states[i])
+        terms = ([(states[refs[i]], i * width)] if refs[i] > 0 else []) + [(states[0], i * width + 1)]
+        terms += [(vel[j], i * width + 2 + j) for j in range(i + 1)]
+        while len(terms) > limit:  # chain: partial sums in the scratch slot, which leads the next chunk
+            head, terms = terms[:limit], [(scratch, one)] + terms[limit:]
+            b.combine(scratch, [s for s, _ in head])
+            index.extend(c for _, c in head)
+        b.combine(states[i + 1], [s for s, _ in terms])
+        index.extend(c for _, c in terms)
+        if record is not None:
+            b.record(record[i + 1], (states[i + 1],))
+            index.append(one)
+        b.end_step()
+    return b, states[n], index
