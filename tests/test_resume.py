@@ -13,27 +13,17 @@ import time
 import pytest
 import torch
 
-from bespoke_ext.models.oracle import GaussianMixtureFlow
 from bespoke_ext.solvers import BespokeSolver
 from bespoke_ext.training import train
 from bespoke_ext.training.checkpoint import load_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py; so is the ``mixture`` factory
 
 
 # The run under test; the script and the in-process reference both use exactly these arguments.
 TRAIN_KW = dict(shape=(4,), iterations=30, batch_size=16, seed=7, checkpoint_every=3, cache_samples=64,
                 val_size=32, val_every=5, progress=False, model_tag="mixture-4d")
-
-
-def oracle():
-    return GaussianMixtureFlow.random(dim=4, components=5, std=0.1, seed=0)
 
 
 SCRIPT = textwrap.dedent("""
@@ -72,9 +62,10 @@ def run_script(tmp_path, out, ckpt, delay, wait=True):
     return proc
 
 
-def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
+def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mixture):
     # Uninterrupted reference, in this process (one thread, like the script); it also builds the cache.
-    ref = train(oracle(), BespokeSolver(3, 2), cache_dir=str(tmp_path / "cache"), dtype=torch.float64, **TRAIN_KW)
+    # The script's oracle is this one: GaussianMixtureFlow.random(dim=4, components=5, std=0.1, seed=0).
+    ref = train(mixture(4, std=0.1), BespokeSolver(3, 2), cache_dir=str(tmp_path / "cache"), dtype=torch.float64, **TRAIN_KW)
     ckpt, out = tmp_path / "train.ckpt", tmp_path / "out.safetensors"
     proc = run_script(tmp_path, out, ckpt, 0.01, wait=False)
     deadline = time.time() + 240
@@ -117,8 +108,8 @@ class InterruptAfter(torch.nn.Module):
         return self.inner(x, t)
 
 
-def test_keyboard_interrupt_saves_last_complete_iteration_and_resume_matches(tmp_path):
-    m = GaussianMixtureFlow.random(dim=3, components=4, std=0.15, seed=1)
+def test_keyboard_interrupt_saves_last_complete_iteration_and_resume_matches(tmp_path, mixture):
+    m = mixture(3, components=4, std=0.15, seed=1)
     kw = dict(shape=(3,), iterations=12, batch_size=8, seed=2, gt="online", val_size=8, val_every=4,
               progress=False, dtype=torch.float64, model_tag="mixture-3d", checkpoint_every=100)
     ref = train(m, BespokeSolver(2, 1), **kw)
@@ -137,8 +128,8 @@ def test_keyboard_interrupt_saves_last_complete_iteration_and_resume_matches(tmp
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), ref.parameters()))
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path):
-    m = GaussianMixtureFlow.random(dim=3, components=4, std=0.15, seed=1)
+def test_checkpoint_of_another_run_is_refused(tmp_path, mixture):
+    m = mixture(3, components=4, std=0.15, seed=1)
     ckpt = tmp_path / "c.ckpt"
     kw = dict(shape=(3,), iterations=2, batch_size=4, gt="online", val_size=4, progress=False, checkpoint=str(ckpt))
     train(m, BespokeSolver(2, 1), **kw)

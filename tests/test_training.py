@@ -25,17 +25,7 @@ from bespoke_ext.training.distributed import DistContext
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: two intra-op threads on a shared 2-core machine cost more than they give.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def mixture(dim=4, std=0.15, seed=0):
-    return GaussianMixtureFlow.random(dim=dim, components=5, std=std, seed=seed)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py; so is the ``mixture`` factory
 
 
 def perturbed(steps, order, scale=0.3, seed=0):
@@ -49,7 +39,7 @@ def perturbed(steps, order, scale=0.3, seed=0):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, mixture):
     m = mixture()
     spec = CacheSpec(model_tag=model_tag(m), shape=(4,), dtype="float64", rtol=1e-9, atol=1e-9,
                      grid=tuple(fine_grid(64).tolist()), num_samples=8, shard_size=8, seed=1)
@@ -147,7 +137,7 @@ def test_gradients_match_finite_differences(cache, order, loss):
     torch.testing.assert_close(grad, fd, rtol=2e-5, atol=2e-8)
 
 
-def test_online_gradient_matches_finite_differences_of_exact_solves():
+def test_online_gradient_matches_finite_differences_of_exact_solves(mixture):
     # x_aux: the time gradient of the online ground truth is the true derivative dx/dt = u; finite
     # differences of tightly solved trajectories (rtol 1e-11) agree.
     m = mixture(dim=2, std=0.3, seed=4)
@@ -175,7 +165,7 @@ def test_online_gradient_matches_finite_differences_of_exact_solves():
 
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("L_tau", [0.0, 1.0])
-def test_identity_loss_is_base_method_local_errors(order, L_tau):
+def test_identity_loss_is_base_method_local_errors(order, L_tau, mixture):
     # A fresh solver is plain Euler / midpoint: its loss is their local errors measured from ground truth
     # on the uniform grid, weighted by M_i = L^(n-1-i) with L = 1 + h L_tau (Euler) or
     # 1 + h L_tau (1 + h L_tau / 2) (midpoint).
@@ -197,7 +187,7 @@ def test_identity_loss_is_base_method_local_errors(order, L_tau):
     torch.testing.assert_close(loss.detach(), expected.mean(), rtol=1e-12, atol=0)
 
 
-def test_identity_samples_like_midpoint_and_e2e_loss_is_its_error():
+def test_identity_samples_like_midpoint_and_e2e_loss_is_its_error(mixture):
     m = mixture(dim=3, std=0.2, seed=2)
     x0 = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
     solver = BespokeSolver(3, 2)
@@ -211,7 +201,7 @@ def test_identity_samples_like_midpoint_and_e2e_loss_is_its_error():
                                (x - x1).pow(2).mean(1).sqrt().mean(), rtol=1e-12, atol=0)
 
 
-def test_end_to_end_loss_and_validation_run_the_sampler():
+def test_end_to_end_loss_and_validation_run_the_sampler(mixture):
     # What keep-best selects by is what users get: validation's per-sample errors are those of
     # bx.sample (float32 states, 0-dim times) to the last bit, and so is the end-to-end loss.
     m = mixture(dim=4, std=0.15, seed=0)
@@ -235,7 +225,7 @@ def test_end_to_end_loss_and_validation_run_the_sampler():
         val.per_sample_errors(m, solver_table(solver), extras={}, chunk_size=64)
 
 
-def test_end_to_end_chunking_does_not_change_the_gradient():
+def test_end_to_end_chunking_does_not_change_the_gradient(mixture):
     m = mixture(dim=4, std=0.15, seed=0)
     solver = perturbed(3, 2, seed=8)
     x0 = torch.randn(10, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
@@ -304,7 +294,7 @@ def test_keep_best_returns_the_solver_of_the_best_validation():
     assert rmse(bx.sample(m, val.x0, solver=last), val.x1) == pytest.approx(h.val_rmse[-1], rel=1e-12)
 
 
-def test_end_to_end_fine_tuning_improves_on_its_start(tmp_path):
+def test_end_to_end_fine_tuning_improves_on_its_start(tmp_path, mixture):
     m = mixture(dim=4, std=0.1, seed=6)
     solver = train(m, BespokeSolver(2, 2), shape=(4,), iterations=6, batch_size=8, gt="online", val_size=16,
                    val_every=3, progress=False, dtype=F64)
@@ -344,7 +334,7 @@ def test_model_weights_frozen_during_training_and_restored():
     assert h.best_rmse < 0.9 * h.base_rmse, f"the solver did not learn: validation RMSE {h.val_rmse}"
 
 
-def test_options_are_checked_with_clear_errors():
+def test_options_are_checked_with_clear_errors(mixture):
     m, s = mixture(), BespokeSolver(2, 1)
     with pytest.raises(TypeError, match="unknown option"):
         train(m, s, shape=(4,), iterations=1, batch_size=2, learning_rate=1)
