@@ -105,29 +105,30 @@ class Row:
 
 @dataclass(frozen=True)
 class Run:
-    """One solver to compare. ``draw(model, x0)`` returns (samples, model evaluations per sample)."""
+    """One solver to compare. ``draw(model, x0, **extras)`` returns (samples, model evaluations per
+    sample); extras are the model's per-call inputs (per-sample class labels, for instance)."""
 
     method: str
     label: str
-    draw: Callable[[Callable, Tensor], Tuple[Tensor, int]]
+    draw: Callable[..., Tuple[Tensor, int]]
 
 
 def baseline_run(method: str, nfe: int, label: Optional[str] = None) -> Run:
     """A fixed-NFE method of ``bx.sample`` (euler, midpoint, heun, rk4, dpm++2m)."""
     return Run(method, label or BASELINES.get(method, (method, 1))[0],
-               lambda model, x0: (sample(model, x0, method=method, nfe=nfe), nfe))
+               lambda model, x0, **extras: (sample(model, x0, method=method, nfe=nfe, **extras), nfe))
 
 
 def solver_run(solver, label: Optional[str] = None) -> Run:
     """A trained solver (``solver.method`` names its rows, e.g. bespoke-rk2)."""
     return Run(solver.method, label or f"Bespoke order {solver.order}",
-               lambda model, x0: (sample(model, x0, solver=solver), solver.nfe))
+               lambda model, x0, **extras: (sample(model, x0, solver=solver, **extras), solver.nfe))
 
 
 def dopri5_run(tol: float) -> Run:
     """dopri5 at rtol = atol = tol: what an adaptive solver costs at an error comparable to the others."""
-    def draw(model, x0):
-        x, stats = sample(model, x0, method="dopri5", atol=tol, rtol=tol, return_stats=True)
+    def draw(model, x0, **extras):
+        x, stats = sample(model, x0, method="dopri5", atol=tol, rtol=tol, return_stats=True, **extras)
         return x, stats.nfe
 
     return Run("dopri5", f"dopri5 (tol {tol:g})", draw)
@@ -148,7 +149,8 @@ class GroundTruth:
                    distribution=reference.distance(self.x) if reference is not None else None)
 
 
-def ground_truth(model: Callable, x0: Tensor, *, tol: float = GT_TOL, progress: bool = False) -> GroundTruth:
+def ground_truth(model: Callable, x0: Tensor, *, tol: float = GT_TOL, progress: bool = False,
+                 extras: Optional[dict] = None) -> GroundTruth:
     """The reference every run is measured against (method.md §1): dopri5 at rtol = atol = ``tol`` with
     training's error norm, the largest per-sample RMS in the batch (groundtruth/odesolve.py), so every
     sample, the hardest included, is solved to ``tol``; torchdiffeq's default batch-RMS norm would
@@ -160,7 +162,7 @@ def ground_truth(model: Callable, x0: Tensor, *, tol: float = GT_TOL, progress: 
               disable=not progress) as bar:
         start = time.perf_counter()
         truth = solve_trajectories(model, x0, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=tol, atol=tol,
-                                   group_size=x0.shape[0], progress=bar, stats=stats)[-1]
+                                   model_extras=extras, group_size=x0.shape[0], progress=bar, stats=stats)[-1]
         seconds = time.perf_counter() - start
     return GroundTruth(truth, stats["nfe"], seconds, tol)
 
@@ -218,9 +220,10 @@ class Reference:
 
 
 def compare(model: Callable, x0: Tensor, truth: GroundTruth, runs: Sequence[Run], *,
-            reference: Optional[Reference] = None, progress: bool = False,
+            reference: Optional[Reference] = None, progress: bool = False, extras: Optional[dict] = None,
             desc: str = "evaluating solvers") -> Tuple[List[Row], Dict[Tuple[str, int], Tensor]]:
-    """Every run from x0, measured against ``truth``: (rows, samples keyed by (method, nfe)).
+    """Every run from x0 (with the model's ``extras``, as the ground truth was solved), measured against
+    ``truth``: (rows, samples keyed by (method, nfe)).
 
     The ground truth's own row comes first; the others follow in the order of ``runs``.
     """
@@ -228,7 +231,7 @@ def compare(model: Callable, x0: Tensor, truth: GroundTruth, runs: Sequence[Run]
     samples: Dict[Tuple[str, int], Tensor] = {("ground truth", truth.nfe): truth.x}
     for run in tqdm(runs, desc=desc, unit=" run", disable=not progress):
         start = time.perf_counter()
-        x, nfe = run.draw(model, x0)
+        x, nfe = run.draw(model, x0, **(extras or {}))
         seconds = time.perf_counter() - start
         rows.append(Row(method=run.method, label=run.label, nfe=int(nfe), rmse=metrics.rmse(x, truth.x),
                         psnr=metrics.psnr(x, truth.x), seconds=seconds,

@@ -160,6 +160,14 @@ def _one_model(qm: QualityModel, *, quick, seed, results_dir: Path, solver_dirs,
     }
 
 
+def _diffusers_draw(method: str, n: int):
+    def draw(model, x0, **extras):
+        field = (lambda x, t: model(x, t, **extras)) if extras else model
+        return diffusers_sample(method, field, x0, n), n
+
+    return draw
+
+
 def _extra_runs(qm: QualityModel, nfes: Sequence[int]) -> List[Run]:
     """diffusers' solvers at every NFE of the sweep, and dopri5 at the extra tolerances."""
     runs = []
@@ -170,8 +178,7 @@ def _extra_runs(qm: QualityModel, nfes: Sequence[int]) -> List[Run]:
     if diffusers_missing() is None:
         for method, (_, label) in SCHEDULERS.items():
             for n in nfes:
-                runs.append(Run(method, label + suffix,
-                                lambda model, x0, method=method, n=n: (diffusers_sample(method, model, x0, n), n)))
+                runs.append(Run(method, label + suffix, _diffusers_draw(method, n)))
     return runs + [dopri5_run(tol) for tol in DOPRI5_TOLS]
 
 

@@ -24,6 +24,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--quick", action="store_true", help="a reduced smoke run: tiny batch and training")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: half the cores, at least 1)")
+    parser.add_argument("--guidance", type=float, default=None, metavar="G",
+                        help="classifier-free guidance scale g of a class-conditional model (default 2; "
+                             "g = 1 is the conditional model itself)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -33,5 +36,5 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..demo import run
 
     run(model=args.model, nfe=args.nfe, out=args.out, batch=args.batch, iterations=args.iterations, loss=args.loss,
-        seed=args.seed, quick=args.quick, progress=not args.no_progress, threads=args.threads)
+        seed=args.seed, quick=args.quick, progress=not args.no_progress, threads=args.threads, guidance=args.guidance)
     return 0

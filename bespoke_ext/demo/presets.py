@@ -41,6 +41,7 @@ class Preset:
 _SWEEP = dict(sweep=(4, 6, 8, 10, 12, 16, 20), sparse_sweep=(4, 8, 12, 16))
 DEMO_PRESETS: Dict[str, Preset] = {
     "mnist": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16, **_SWEEP),
+    "mnist_cond": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16, **_SWEEP),
     "digits_vp": Preset(batch=256, iterations=60, train_batch=16, lr=1e-2, cache_samples=128, cache_grid=16, **_SWEEP),
     "moons2d": Preset(batch=1024, iterations=100, train_batch=128, lr=1e-2, cache_samples=1024, cache_grid=16,
                       **_SWEEP),

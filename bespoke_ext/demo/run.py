@@ -40,6 +40,7 @@ from ..figures import save_error_curves, save_sample_grid, save_schedules
 from ..models.embedded import DEFAULT_MODEL, list_embedded, load_embedded
 from ..solvers import BespokeSolver
 from ..training import train
+from .conditional import DemoModel, demo_model
 from .presets import Preset, check_nfes, settings
 
 __all__ = ["run", "train_solvers", "baseline_runs", "solver_file_name", "row_order", "LOOSE_TOL"]
@@ -65,18 +66,20 @@ class _Clock:
 
 def run(model: Optional[str] = None, nfe: Sequence[int] = (8, 10), out="bespoke-demo", *, batch: Optional[int] = None,
         iterations: Optional[int] = None, loss: Optional[str] = None, seed: int = 0, quick: bool = False, progress: bool = True,
-        threads: Optional[int] = None, stream=None) -> dict:
+        threads: Optional[int] = None, guidance: Optional[float] = None, stream=None) -> dict:
     """The demo as a function: returns the summary dict (also in ``<out>/results.json``).
 
     ``threads``: torch CPU threads for the run (restored after; default half the cores, see
     ``compare.torch_threads``).
+    ``guidance``: for a class-conditional model, the classifier-free guidance scale g (default 2;
+    demo/conditional.py); the solvers are trained for its whole label pool.
     ``stream`` receives the printed report (default sys.stdout); progress bars go to stderr.
     """
     with torch_threads(threads):
-        return _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, stream)
+        return _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, guidance, stream)
 
 
-def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, stream) -> dict:
+def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, guidance, stream) -> dict:
     stream = stream or sys.stdout
     say = lambda text="": print(text, file=stream, flush=True)
     name = model or DEFAULT_MODEL
@@ -90,21 +93,26 @@ def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, stream
     started = time.perf_counter()
 
     with clock.stage("load"), _steps(2, "loading the model and real data", progress) as bar:
-        em = load_embedded(name)
+        em = demo_model(load_embedded(name), guidance)
         bar.update(1)
         reference = Reference.for_model(em, cfg.batch, seed)
         bar.update(1)
     say(f"model {em.name}: {em.card.get('description', '')}")
+    if em.conditional:
+        say(f"classifier-free guidance g = {em.guidance:g}; the evaluation batch cycles through the labels "
+            f"0-{em.num_classes - 1}, and the solvers are trained for the whole label pool")
     say(f"evaluation batch {cfg.batch}, Bespoke NFEs {nfes}, {cfg.iterations} training iterations per solver "
         f"({cfg.loss.replace('_', '-')} loss)"
         f"{' (quick run: numbers not meaningful)' if quick else ''}")
 
     g = torch.Generator().manual_seed(stream_seed(seed, "demo-evaluation"))
     x0 = torch.randn(cfg.batch, *em.shape, generator=g, dtype=em.dtype)
+    extras = em.extras(cfg.batch)
     with clock.stage("ground truth"):
-        truth = ground_truth(em.velocity, x0, progress=progress)
+        truth = ground_truth(em.velocity, x0, progress=progress, extras=extras)
     # kept, so that any row of the table can be recomputed from the saved solvers
-    save_file({"x0": x0.contiguous(), "ground_truth": truth.x.contiguous()}, str(out / "evaluation_batch.safetensors"))
+    save_file({"x0": x0.contiguous(), "ground_truth": truth.x.contiguous(),
+               **{k: v.contiguous() for k, v in extras.items()}}, str(out / "evaluation_batch.safetensors"))
 
     with clock.stage("train"), tempfile.TemporaryDirectory(prefix="bespoke-demo-gt-") as cache_dir:
         solvers, train_seconds, gt_seconds = train_solvers(em, nfes, cfg, seed, cache_dir, out, progress)
@@ -112,12 +120,14 @@ def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, stream
     labels = baseline_labels(em.card)
     with clock.stage("evaluate"):
         runs = [solver_run(s) for s in solvers] + [dopri5_run(LOOSE_TOL)] + list(baseline_runs(nfes, cfg, labels))
-        rows, samples = compare(em.velocity, x0, truth, runs, reference=reference, progress=progress)
+        rows, samples = compare(em.velocity, x0, truth, runs, reference=reference, progress=progress, extras=extras)
         rows = rows[:1] + sorted(rows[1:], key=row_order)
 
     with clock.stage("report"):
         summary = _summarise(em, rows, samples, truth.x, nfes, train_seconds, gt_seconds, reference, labels, quick)
         figures = _figures(out, em, x0, samples, rows, solvers, nfes, summary, labels, progress)
+        if em.conditional:
+            figures.append(_label_grid(out, em, samples, extras[em.cond_key], max(nfes)))
         table = markdown_table(rows, reference.metric)
     summary["stages_seconds"] = {k: round(v, 1) for k, v in clock.stages.items()}
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
@@ -125,7 +135,7 @@ def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, stream
     summary["solver_files"] = [str(out / "solvers" / solver_file_name(s)) for s in solvers]
     summary["evaluation_batch"] = str(out / "evaluation_batch.safetensors")
     summary["settings"] = {**cfg.__dict__, "model": em.name, "nfe": nfes, "seed": seed, "quick": quick,
-                           "gt_tol": truth.tol, "threads": torch.get_num_threads()}
+                           "gt_tol": truth.tol, "threads": torch.get_num_threads(), "guidance": em.guidance}
     lines = _summary_lines(summary)
     write_results(out, rows, summary, table + "\n\n" + "\n".join(f"- {line}" for line in lines))
     say()
@@ -153,9 +163,12 @@ def solver_file_name(solver) -> str:
 def train_solvers(em, nfes: Sequence[int], cfg: Preset, seed: int, cache_dir, out: Path, progress: bool):
     """Order 2 and order 1 for each NFE, sharing one ground-truth cache; saved to <out>/solvers/.
 
-    ``em``: an embedded model (or any object with ``name``, ``velocity``, ``shape`` and ``card``).
+    ``em``: a DemoModel (or any object with ``name``, ``velocity``, ``shape`` and ``card``; with
+    ``conditions``, the solvers are trained for that pool of per-sample model inputs).
     Returns (solvers, training wall-clock, of which ground truth), in seconds.
     """
+    conditions = getattr(em, "conditions", None)
+    guidance = getattr(em, "guidance", None)
     folder = out / "solvers"
     folder.mkdir(exist_ok=True)
     solvers, wall, gt = [], 0.0, 0.0
@@ -166,11 +179,12 @@ def train_solvers(em, nfes: Sequence[int], cfg: Preset, seed: int, cache_dir, ou
                   seed=seed, loss=cfg.loss, lr=cfg.lr, gt="cached", cache_dir=cache_dir,
                   cache_samples=cfg.cache_samples, cache_grid=cfg.cache_grid, cache_shard_size=cfg.cache_samples,
                   gt_group_size=cfg.cache_samples, val_size=cfg.val_size, val_every=cfg.iterations, keep_best=False,
-                  progress=progress)
+                  progress=progress, **({"conditions": conditions} if conditions else {}))
             wall += solver.history.wall_seconds
             gt += solver.history.gt_seconds
             solver.save(folder / solver_file_name(solver), metadata={
-                "model": em.name, "model_weights_sha256": em.card["weights"]["sha256"], "demo_seed": seed})
+                "model": em.name, "model_weights_sha256": em.card["weights"]["sha256"], "demo_seed": seed,
+                **({"guidance": guidance} if guidance is not None else {})})
             solvers.append(solver)
     return solvers, wall, gt
 
@@ -299,3 +313,14 @@ def _figures(out: Path, em, x0, samples, rows, solvers, nfes, summary, labels, p
                        title=f"{em.name}: learned Bespoke time and scale")
         bar.update(1)
     return paths
+
+
+def _label_grid(out: Path, em: DemoModel, samples, labels, nfe: int) -> Path:
+    """The order-2 Bespoke solver's samples at the top NFE, a row per label."""
+    x = samples[("bespoke-rk2", nfe)]
+    per = min(int((labels == c).sum()) for c in range(em.num_classes))
+    panels = [(f"label {c}", x[labels == c][:per]) for c in range(em.num_classes)]
+    path = out / "samples_per_label.png"
+    save_sample_grid(panels, path, title=f"{em.name}: Bespoke order 2, NFE {nfe}, guidance g = {em.guidance:g}")
+    return path
+
