@@ -209,7 +209,8 @@ def test_bespoke_solver_converts_exactly(x0, steps, order):
     source = perturbed(BespokeSolver(steps, order), scale=0.3, seed=steps)
     solver = NonStationarySolver.from_solver(source)
     assert solver.nfe == source.nfe and solver.num_parameters == count(source.nfe)
-    assert torch.allclose(solver.eval_times(), source.eval_times(), rtol=0, atol=1e-15)
+    # a non-uniform base grid is reproduced bitwise (the re-normalisation's rounding is corrected)
+    assert torch.equal(solver.eval_times(), source.eval_times()) and torch.equal(solver.times(), solver.base_times)
     got64 = bx.sample(model, x0.double(), solver=solver)
     exp64 = bx.sample(model, x0.double(), solver=source)
     torch.testing.assert_close(got64, exp64, rtol=1e-12, atol=1e-12)
@@ -230,6 +231,18 @@ def test_fixed_methods_convert_exactly(x0, method, nfe):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(got, expected)
+
+
+def test_skewed_base_grid_is_kept_bitwise(x0):
+    """Re-normalising this grid's increments rounds 0.9 to 0.9 + 1ulp; the solver must not."""
+    from bespoke_ext.solvers.tableaus import TABLEAUS, fixed_step_program
+
+    grid = torch.tensor([0.0, 0.003, 0.07, 0.31, 0.9, 1.0], dtype=F64)
+    program = fixed_step_program(TABLEAUS["euler"], grid)
+    solver = NonStationarySolver.from_solver(program)
+    assert torch.equal(solver.times(), grid)
+    model = Field()
+    assert torch.equal(bx.sample(model, x0, solver=solver), bx.sample(model, x0, method="euler", time_grid=grid))
 
 
 def test_trained_non_stationary_solver_converts_to_itself(x0):
