@@ -64,8 +64,9 @@ def run_script(tmp_path, out, ckpt, delay, wait=True):
 
 def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mixture):
     # Uninterrupted reference, in this process (one thread, like the script); it also builds the cache.
-    # The script's oracle is this one: GaussianMixtureFlow.random(dim=4, components=5, std=0.1, seed=0).
-    ref = train(mixture(4, std=0.1), BespokeSolver(3, 2), cache_dir=str(tmp_path / "cache"), dtype=torch.float64, **TRAIN_KW)
+    # The script's oracle is this one: GaussianMixtureFlow.random(dim=4, components=5, std=0.1).
+    ref = train(mixture(4, std=0.1), BespokeSolver(3, 2), cache_dir=str(tmp_path / "cache"), dtype=torch.float64,
+                **TRAIN_KW)
     ckpt, out = tmp_path / "train.ckpt", tmp_path / "out.safetensors"
     proc = run_script(tmp_path, out, ckpt, 0.01, wait=False)
     deadline = time.time() + 240

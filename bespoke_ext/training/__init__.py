@@ -6,8 +6,8 @@
 """
 
 from .history import TrainHistory, plot_history
-from .loss import (SolverTable, bound_loss, end_to_end_loss, final_errors, lipschitz_weights, local_errors, solver_program,
-                   solver_table)
+from .loss import (SolverTable, bound_loss, end_to_end_loss, final_errors, lipschitz_weights, local_errors,
+                   solver_program, solver_table)
 from .options import TrainOptions
 from .trainer import default_cache_root, train
 from .validation import ValidationSet

@@ -9,8 +9,9 @@ One iteration:
                 chunk by chunk;
     4. gradients summed across ranks (average over the global batch), optionally clipped; Adam step.
 Every ``val_every`` iterations the solver is validated against held-out ground truth, sampled exactly as
-``bespoke_ext.sample(model, x0, solver=solver)`` samples; the best solver by validation RMSE is kept. Checkpoints are periodic and atomic; rerunning with the same checkpoint path
-resumes, and an interrupted run (Ctrl-C) saves its last complete iteration before it stops.
+``bespoke_ext.sample(model, x0, solver=solver)`` samples; the best solver by validation RMSE is kept.
+Checkpoints are periodic and atomic; rerunning with the same checkpoint path resumes, and an interrupted
+run (Ctrl-C) saves its last complete iteration before it stops.
 
 The model's weights are frozen for the duration (requires_grad False, eval mode; both restored after),
 but the model is NOT run under no_grad: the loss differentiates through its inputs x and t.
@@ -50,8 +51,8 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     Args:
         model: ``model(x, t, **extras)`` with x [B, *shape] and t per-sample times [B] (the bound loss) or a
             0-dim time (validation and the end-to-end loss, which sample as ``bespoke_ext.sample`` does);
-            differentiable in x and t. Its weights are frozen during training. (An object with a ``.velocity`` attribute, such
-            as an embedded model, is accepted too.)
+            differentiable in x and t. Its weights are frozen during training. (An object with a
+            ``.velocity`` attribute, such as an embedded model, is accepted too.)
         solver: the solver to train, e.g. ``BespokeSolver(5, order=2)`` (identity-initialised).
         shape: per-sample shape of x, e.g. (2,) or (1, 28, 28).
         iterations: optimizer steps.
