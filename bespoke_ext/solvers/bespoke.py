@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..program import Program, ProgramBuilder
-from .files import SolverFileError, read_solver_file, write_solver_file
+from .files import read_solver_file, write_solver_file
 
 __all__ = ["BespokeSolver", "BespokeGrid", "StepCoefficients"]
 
@@ -271,27 +271,38 @@ class BespokeSolver(nn.Module):
         info = {**self.metadata, **(metadata or {})}
         tensors = {name: getattr(self, name).detach().to(torch.float64) for name in _RAW}
         write_solver_file(path, kind=self.KIND, config={"order": self.order, "steps": self.steps},
-                          tensors=tensors, info=info)
+                          tensors=tensors, info=info, check_schema=True)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "BespokeSolver":
-        """Read a solver written by ``save`` (on the CPU); SolverFileError for any other file."""
-        f = read_solver_file(path, kind=cls.KIND)
-        steps, order = f.config.get("steps"), f.config.get("order")
-        try:
-            solver = cls(steps, order)
-        except ValueError as exc:
-            raise SolverFileError(f"{os.fspath(path)}: invalid solver config {f.config} ({exc})") from None
-        expected = {name: tuple(getattr(solver, name).shape) for name in _RAW}
-        found = {name: tuple(t.shape) for name, t in f.tensors.items()}
-        if found != expected:
-            raise SolverFileError(f"{os.fspath(path)}: parameters {found} do not match a {order}-order "
-                                  f"{steps}-step solver, which needs {expected}")
+    def load(cls, path: Union[str, os.PathLike], map_location=None) -> "BespokeSolver":
+        """Read a solver written by ``save``; SolverFileError naming the file for any other file.
+
+        ``map_location``: where the solver goes, as for ``torch.load``: a device or a device string
+        ("cuda:0"); None keeps it on the CPU. The file is checked whole (solvers/files.py: size caps,
+        tensor names and shapes against the header's config, checksum, finite values) before the
+        module is built, so a hostile file costs no more than its header. The checksum detects
+        damage, not tampering: it is not a key (anyone can compute one); what makes loading safe is
+        that it is data only and checked.
+        """
+        device = _map_location(map_location)
+        f = read_solver_file(path, kind=cls.KIND)  # config derived from the shapes and checked
+        solver = cls(f.config["steps"], f.config["order"])
         with torch.no_grad():
             for name in _RAW:
-                value = f.tensors[name]
-                if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-                    raise SolverFileError(f"{os.fspath(path)}: parameter {name!r} is not a finite float tensor")
-                getattr(solver, name).copy_(value.to(torch.float64))
+                getattr(solver, name).copy_(f.tensors[name].to(torch.float64))
         solver.metadata = dict(f.info)
-        return solver
+        return solver if device is None else solver.to(device)
+
+
+def _map_location(map_location) -> Optional[torch.device]:
+    if map_location is None:
+        return None
+    if isinstance(map_location, torch.device):
+        return map_location
+    if isinstance(map_location, str):
+        try:
+            return torch.device(map_location)
+        except RuntimeError as exc:
+            raise ValueError(f"map_location {map_location!r} is not a device ({exc})") from None
+    raise TypeError(f"map_location must be a torch.device, a device string such as 'cuda:0', or None; "
+                    f"got {type(map_location).__name__}")
