@@ -308,6 +308,17 @@ def test_gradient_reaches_every_parameter_and_matches_finite_differences():
         assert math.isclose(float(p.grad[index]), fd, rel_tol=1e-5, abs_tol=1e-8), (name, index, float(p.grad[index]), fd)
 
 
+def test_gradient_through_chained_combinations_above_the_op_limit():
+    model = Field()
+    nfe = max_terms() + 4  # the last steps need chaining
+    solver = perturbed(NonStationarySolver(nfe), scale=0.05)
+    x0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    x, _, _ = execute(solver.program(), model, x0, {}, enable_grad=True)
+    x.square().mean().backward()
+    for name, p in solver.named_parameters():
+        assert bool(torch.isfinite(p.grad).all()) and bool((p.grad != 0).all()), name
+
+
 def test_bound_loss_hooks_say_what_to_use():
     solver = NonStationarySolver(4)
     for call in (solver.step_coefficients, solver.lipschitz):
