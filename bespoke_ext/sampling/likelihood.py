@@ -21,9 +21,16 @@ is packed as one flat tensor y = [x.flatten(1), l] of shape [B, D + 1] and an ad
 exactly those of ``bx.sample`` (the same programs and arithmetic). The adapter is a plain bx model:
 ``bx.sample(AugmentedVelocity(model, shape, ...), y, time_grid=(1., 0.), ...)`` works too.
 
-*Every other torchdiffeq method* (dopri5 and the other adaptive ones, heun3, the Adams methods)
-goes to torchdiffeq with the tuple state (x, l), like flow_matching, so the adaptive step
-controller sees the same mixed norm (the max of the two parts' RMS norms) and takes the same steps.
+*Every other torchdiffeq method* (dopri5 and the other adaptive ones, the Adams methods, any
+fixed-step method without a tableau here) goes to torchdiffeq with the tuple state (x, l), like
+flow_matching, so the adaptive step controller sees the same mixed norm (the max of the two
+parts' RMS norms) and takes the same steps.
+
+Why a flat [B, D + 1] state and not a (x, l) tuple in the executor: the executor and its fused
+op work on one tensor per slot (no tuple states), and the packed state keeps the batch leading,
+so extras with a batch dimension and learned solvers (``solver=``, on the time-reversed field)
+apply to the augmented ODE as to any model; the cost is one copy of x per evaluation. The log-density column
+is integrated with the same coefficients as x, which is what torchdiffeq does with a tuple.
 
 Differences from flow_matching (all where flow_matching fails or drops information):
 
@@ -167,8 +174,8 @@ def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], 
       flow_matching; None for adaptive methods (an error otherwise) and with ``nfe``.
     - ``method``: fixed-step Runge-Kutta methods ("euler", "midpoint", "heun"/"heun2", "rk4", and
       any other tableau in ``bespoke_ext.solvers.tableaus``) run through the executor, as
-      ``bx.sample`` runs them; every other torchdiffeq method ("dopri5", "heun3", ...) through
-      torchdiffeq, with ``atol``/``rtol`` for the adaptive ones.
+      ``bx.sample`` runs them; every other torchdiffeq method ("dopri5", "bosh3", "explicit_adams",
+      ...) through torchdiffeq, with ``atol``/``rtol`` for the adaptive ones.
     - ``exact_divergence``: exact divergence (D backward passes per evaluation) or, by default,
       Hutchinson's estimator with one Rademacher z per call (see the module docstring for getting
       flow_matching's numbers: seed with ``torch.manual_seed`` before each call).
