@@ -355,3 +355,17 @@ def test_a_model_without_autograd_is_a_clear_error(x1):
         with pytest.raises(RuntimeError, match="no autograd graph"):
             bx.compute_likelihood(detached, x1, log_normal, step_size=0.5 if method == "euler" else None,
                                   method=method, exact_divergence=True)
+
+
+def test_augmented_field_runs_with_a_learned_solver(mlp, x1):
+    """The flat augmented state is an ordinary bx model: an identity BespokeSolver on the
+    time-reversed field (s = 1 - t) reproduces midpoint's likelihood at the same NFE."""
+    from bespoke_ext.sampling.likelihood import AugmentedVelocity
+
+    aug = AugmentedVelocity(mlp, x1.shape[1:])
+    reversed_field = lambda y, s: -aug(y, 1.0 - s)
+    y1 = torch.cat([x1, x1.new_zeros(x1.shape[0], 1)], dim=1)
+    y0 = bx.sample(reversed_field, y1, solver=bx.BespokeSolver(4, order=2))
+    want_x, want_ll = bx_likelihood(mlp, x1, method="midpoint", nfe=8, step_size=None, exact_divergence=True)
+    torch.testing.assert_close(y0[:, :-1], want_x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(log_normal(y0[:, :-1]) + y0[:, -1], want_ll, rtol=1e-6, atol=1e-6)
