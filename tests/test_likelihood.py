@@ -369,3 +369,15 @@ def test_augmented_field_runs_with_a_learned_solver(mlp, x1):
     want_x, want_ll = bx_likelihood(mlp, x1, method="midpoint", nfe=8, step_size=None, exact_divergence=True)
     torch.testing.assert_close(y0[:, :-1], want_x, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(log_normal(y0[:, :-1]) + y0[:, -1], want_ll, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["midpoint", "dopri5"])
+def test_matches_flow_matching_on_device(device, method):
+    model = MLP().to(device).requires_grad_(False)
+    x_1 = torch.randn(8, 2, generator=torch.Generator().manual_seed(2)).to(device)
+    kwargs = dict(method=method, step_size=0.1 if method == "midpoint" else None,
+                  time_grid=torch.tensor([1.0, 0.0], device=device))
+    want = fm_likelihood(model, x_1, seed=9, **kwargs)
+    got = bx_likelihood(model, x_1, seed=9, **kwargs)
+    assert got[0].device == x_1.device and got[1].device == x_1.device
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=5e-6)
