@@ -1,0 +1,279 @@
+"""Bespoke solvers inside diffusers flow pipelines (Flux, SD3, Sana, Wan, ...).
+
+    pipe.scheduler = BespokeScheduler.from_solver(solver)          # or .from_pretrained(dir)
+    latents = pipe(..., num_inference_steps=pipe.scheduler.steps, output_type="latent").images
+
+The scheduler replays the solver's program (``solver.program()``, the one ``bespoke_ext.sample`` runs)
+one model evaluation per pipeline step (integrations/stepping.py): ``step`` returns the point where the
+transformer is evaluated next (for a midpoint-based solver the half-step points too) and, after the last
+evaluation, the sample x_n. Conventions (diffusers' FlowMatchEulerDiscreteScheduler): sigma = 1 - t
+(t = 0 noise, t = 1 data), timesteps = sigma * num_train_timesteps, and the model output is
+dx/dsigma = noise - data = -u; the sign is folded into the combination coefficients. States are kept in
+float32 (float64 for float64 latents) and combined by the fused op ``bespoke_ext.ops.rk_update``.
+
+``num_inference_steps`` means solver steps: a pipeline must pass ``scheduler.steps`` and makes
+``steps * order`` = ``solver.nfe`` transformer evaluations (``order`` = evaluations per step, as for
+diffusers' Heun scheduler). The config is JSON data only (the solver file's config, tensors as lists and
+metadata), so ``save_pretrained`` / ``from_pretrained`` never unpickle anything. A learned time grid
+absorbs the resolution shift it was trained at, so ``mu`` / ``sigmas`` from a pipeline are not applied;
+``trained_mu`` records the pipeline's mu at training time and a different mu warns (raises if
+``strict``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+
+from ..solvers import BespokeSolver, NonStationarySolver, read_solver_file, write_solver_file
+from .pipelines import pipeline_velocity
+from .stepping import ProgramStepper, state_dtype
+
+__all__ = ["BespokeScheduler", "pipeline_velocity"]
+
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+SOLVER_KINDS = {cls.KIND: cls for cls in (BespokeSolver, NonStationarySolver)}
+_MU_TOLERANCE = 1e-3
+
+
+def solver_record(solver) -> dict:
+    """A solver as JSON-ready data: what its solver file holds (kind, config, tensors as lists, info)."""
+    kind = getattr(solver, "KIND", None)
+    if kind not in SOLVER_KINDS or not isinstance(solver, SOLVER_KINDS[kind]):
+        raise TypeError(f"BespokeScheduler takes a BespokeSolver or NonStationarySolver, got {type(solver).__name__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "solver.safetensors")
+        solver.save(path)
+        f = read_solver_file(path, kind=kind)
+    tensors = {name: value.to(torch.float64).tolist() for name, value in f.tensors.items()}
+    return {"solver_kind": kind, "solver_config": dict(f.config), "solver_tensors": tensors,
+            "solver_info": dict(f.info)}
+
+
+def solver_from_record(kind: str, config: dict, tensors: dict, info: Optional[dict] = None):
+    """The solver a :func:`solver_record` describes, checked by the solver file reader."""
+    if kind not in SOLVER_KINDS:
+        raise ValueError(f"unknown solver kind {kind!r}; known: {sorted(SOLVER_KINDS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "solver.safetensors")
+        write_solver_file(path, kind=kind, config=dict(config), info=dict(info or {}),
+                          tensors={k: torch.tensor(v, dtype=torch.float64) for k, v in tensors.items()})
+        return SOLVER_KINDS[kind].load(path)
+
+
+class BespokeScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that samples with a Bespoke solver (module docstring).
+
+    Build it with :meth:`from_solver` or :meth:`from_pretrained`; ``BespokeScheduler(steps=n,
+    solver_order=k)`` alone is the identity solver (Euler for k = 1, midpoint for k = 2).
+    """
+
+    config_name = SCHEDULER_CONFIG_NAME
+    _compatibles: List[str] = []
+    order = 1  # replaced per instance by the solver's evaluations per step
+
+    @register_to_config
+    def __init__(self, steps: int = 1, solver_order: int = 1, solver_kind: str = "BespokeSolver",
+                 solver_config: Optional[dict] = None, solver_tensors: Optional[dict] = None,
+                 solver_info: Optional[dict] = None, num_train_timesteps: int = 1000, use_flow_sigmas: bool = True,
+                 use_dynamic_shifting: bool = False, trained_mu: Optional[float] = None,
+                 trained_shift: Optional[float] = None, trained_seq_len: Optional[int] = None,
+                 guidance_scale: Optional[float] = None, model_tag: Optional[str] = None, strict: bool = False):
+        if solver_tensors is None:
+            if solver_kind == BespokeSolver.KIND:
+                solver = BespokeSolver(steps, solver_order)
+            elif solver_kind == NonStationarySolver.KIND:
+                solver = NonStationarySolver(steps, (solver_config or {}).get("base", "euler"))
+            else:
+                raise ValueError(f"unknown solver kind {solver_kind!r}; known: {sorted(SOLVER_KINDS)}")
+        else:
+            solver = solver_from_record(solver_kind, solver_config or {}, solver_tensors, solver_info)
+        if (solver.steps, solver.order) != (steps, solver_order):
+            raise ValueError(f"config says steps={steps}, solver_order={solver_order} but the solver tables are "
+                             f"those of steps={solver.steps}, order={solver.order}")
+        with torch.no_grad():
+            program = solver.program()
+        self._stepper = ProgramStepper(program, velocity_sign=-1.0)
+        self.order = solver.order
+        self.nfe = solver.nfe
+        self.init_noise_sigma = 1.0
+        # Model times as the pipeline's transformer will see them: t rounded to float32 first, as
+        # bespoke_ext.sample hands them to a model, so pipeline_velocity sees the same timesteps.
+        t32 = self._stepper.eval_times.to(torch.float32).to(torch.float64)
+        self._timesteps = ((1.0 - t32) * num_train_timesteps).to(torch.float32)
+        self._sigmas = torch.cat([(1.0 - t32).to(torch.float32), torch.zeros(1)])
+        self.timesteps = self._timesteps.clone()
+        self.sigmas = self._sigmas.clone()
+        self.num_inference_steps = steps
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
+        self._returned: Optional[torch.Tensor] = None
+        self._started = False
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_solver(cls, solver, **config) -> "BespokeScheduler":
+        """A scheduler for ``solver`` (BespokeSolver of order 1 or 2, NonStationarySolver). ``config``:
+        the other settings (trained_mu, trained_shift, trained_seq_len, guidance_scale, model_tag,
+        strict, num_train_timesteps, ...); model_tag defaults to the solver's metadata's."""
+        record = solver_record(solver)
+        clash = set(record) & set(config) | ({"steps", "solver_order"} & set(config))
+        if clash:
+            raise TypeError(f"from_solver: {sorted(clash)} come from the solver itself")
+        config.setdefault("model_tag", solver.metadata.get("model_tag"))
+        return cls(steps=solver.steps, solver_order=solver.order, **record, **config)
+
+    def to_solver(self):
+        """A new solver module with this scheduler's parameters."""
+        c = self.config
+        if c.solver_tensors is not None:
+            return solver_from_record(c.solver_kind, c.solver_config or {}, c.solver_tensors, c.solver_info)
+        if c.solver_kind == NonStationarySolver.KIND:
+            return NonStationarySolver(c.steps, (c.solver_config or {}).get("base", "euler"))
+        return BespokeSolver(c.steps, c.solver_order)
+
+    @property
+    def steps(self) -> int:
+        """The num_inference_steps a pipeline must pass (solver steps; nfe = steps * order)."""
+        return self.config.steps
+
+    # -- what pipelines call -----------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                      sigmas: Optional[List[float]] = None, mu: Optional[float] = None,
+                      timesteps: Optional[List[float]] = None):
+        """Check the pipeline's request against the solver and reset for a new trajectory. The solver
+        fixes its own grid: ``sigmas`` / ``timesteps`` values are not used (a warning if they are not the
+        pipelines' default linspace), ``mu`` only compared with ``trained_mu``."""
+        n = num_inference_steps
+        if n is None and sigmas is not None:
+            n = len(sigmas)
+        if n is None and timesteps is not None:
+            n = len(timesteps)
+        steps = self.config.steps
+        if n is not None and int(n) != steps:
+            raise ValueError(f"BespokeScheduler: the solver was trained for {steps} steps = {self.nfe} model "
+                             f"evaluations; pass num_inference_steps={steps} (got {n})")
+        if sigmas is not None and not np.allclose(np.asarray(sigmas, dtype=np.float64),
+                                                  np.linspace(1.0, 1.0 / steps, steps), atol=1e-6):
+            warnings.warn("BespokeScheduler: custom sigmas are ignored; the solver uses its own learned grid",
+                          stacklevel=2)
+        if timesteps is not None:
+            warnings.warn("BespokeScheduler: custom timesteps are ignored; the solver uses its own learned grid",
+                          stacklevel=2)
+        self._check_mu(mu)
+        self.num_inference_steps = steps
+        self.timesteps = self._timesteps.to(device)
+        self.sigmas = self._sigmas.to(device)
+        self._stepper.coefficients(device, torch.float32)
+        self._step_index = None
+        self._begin_index = None
+        self._returned = None
+        self._started = False
+        self._stepper.reset()
+
+    def _check_mu(self, mu: Optional[float]) -> None:
+        trained = self.config.trained_mu
+        if mu is None or trained is None or abs(float(mu) - float(trained)) <= _MU_TOLERANCE:
+            return
+        message = (f"BespokeScheduler: the pipeline's shift mu={float(mu):.4g} differs from the mu={float(trained):.4g} "
+                   f"the solver was trained at (another resolution?); its learned grid is tuned to the trained "
+                   f"one. Train a solver for this resolution.")
+        if self.config.strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)
+
+    def step(self, model_output: torch.Tensor, timestep: Union[float, torch.Tensor], sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, return_dict: bool = True,
+             per_token_timesteps: Optional[torch.Tensor] = None, **kwargs):
+        """One model evaluation: returns the next model input (after the last, the sample)."""
+        if per_token_timesteps is not None:
+            raise NotImplementedError("BespokeScheduler: per-token timesteps are not supported")
+        if isinstance(timestep, (int, np.integer)) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
+            raise ValueError("BespokeScheduler.step takes the float timesteps from scheduler.timesteps, not integer "
+                             "indices")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        k = self._step_index
+        if k >= self.nfe:
+            raise ValueError(f"BespokeScheduler: all {self.nfe} evaluations are done; call set_timesteps again")
+        dtype = state_dtype(sample.dtype)
+        mine = sample is self._returned and self._returned is not None  # else a callback edited it: take it
+        x = None if mine else sample.to(dtype)
+        if not self._started and not self._stepper.startable(k):
+            raise ValueError(f"BespokeScheduler: the solver cannot start at evaluation {k} of {self.nfe} "
+                             f"(img2img strength / begin index): it needs earlier states")
+        prev = self._stepper.step(k, model_output.to(dtype), x)
+        self._started = True
+        self._step_index = k + 1
+        prev = prev.to(model_output.dtype)
+        self._returned = prev
+        if self._step_index == self.nfe:
+            self._stepper.reset()
+            self._returned = None
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    # -- helpers, as FlowMatchEulerDiscreteScheduler's -------------------------------------------------
+    @property
+    def step_index(self) -> Optional[int]:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """Whether the next evaluation is the first of a solver step."""
+        return (self._step_index or 0) % self.order == 0
+
+    def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        indices = (schedule_timesteps == timestep).nonzero()
+        if len(indices) == 0:
+            raise ValueError(f"BespokeScheduler: timestep {float(timestep):.6g} is not on the solver's grid "
+                             f"{[round(float(v), 4) for v in schedule_timesteps]}")
+        return int(indices[0].item())
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is None:
+            if torch.is_tensor(timestep):
+                timestep = timestep.to(self.timesteps.device)
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def scale_noise(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor],
+                    noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The flow path at the timestep's sigma: sigma * noise + (1 - sigma) * sample (img2img, inpainting)."""
+        sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)
+        schedule_timesteps = self.timesteps.to(sample.device)
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if self.begin_index is None:
+            indices = [self.index_for_timestep(t, schedule_timesteps) for t in timestep]
+        elif self.step_index is not None:
+            indices = [self.step_index] * timestep.shape[0]
+        else:
+            indices = [self.begin_index] * timestep.shape[0]
+        sigma = sigmas[indices].flatten()
+        while sigma.dim() < sample.dim():
+            sigma = sigma.unsqueeze(-1)
+        return sigma * noise + (1.0 - sigma) * sample
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

@@ -1,0 +1,183 @@
+"""diffusers and k-diffusion integrations: BespokeScheduler, pipeline_velocity, sample_bespoke.
+
+The scheduler is driven by a diffusers-style loop (``for t in timesteps: out = model; x = step(out, t, x)``)
+on a small analytic velocity field, and inside real FluxPipeline / StableDiffusion3Pipeline objects built
+from tiny configs (no downloads: no VAE, text encoders or tokenizers; prompt embeddings given).
+"""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import bespoke_ext as bx
+
+diffusers = pytest.importorskip("diffusers")
+
+from bespoke_ext.integrations.diffusers import BespokeScheduler  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def field():
+    from bespoke_ext.models.oracle import GaussianMixtureFlow
+
+    return GaussianMixtureFlow.random(dim=4, components=5, std=0.15, seed=0)
+
+
+def _x0(n=8, dim=4, seed=1):
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _loop(scheduler, model, x, begin=0, edit=None):
+    """What a diffusers flow pipeline does with its scheduler (Flux: set_begin_index, then step per t)."""
+    scheduler.set_timesteps(num_inference_steps=scheduler.steps)
+    scheduler.set_begin_index(begin)
+    for i, t in enumerate(scheduler.timesteps[begin:]):
+        t_model = (1 - t.double() / scheduler.config.num_train_timesteps).float()
+        noise_pred = -model(x, t_model)  # diffusers' flow output: noise - data = -u
+        x = scheduler.step(noise_pred, t, x, return_dict=False)[0]
+        if edit is not None:
+            x = edit(i, x)
+    return x
+
+
+def _perturbed(solver, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in solver.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return solver
+
+
+# -- 1. the scheduler -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order,method", [(1, "euler"), (2, "midpoint")])
+def test_identity_solver_in_a_diffusers_loop_is_euler_or_midpoint(field, order, method):
+    solver = bx.BespokeSolver(5, order)
+    scheduler = BespokeScheduler.from_solver(solver)
+    assert scheduler.steps == 5 and scheduler.order == order and len(scheduler.timesteps) == solver.nfe
+    x0 = _x0()
+    got = _loop(scheduler, field, x0)
+    want = bx.sample(field, x0, method=method, nfe=solver.nfe)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert (got - x0).abs().max() > 0.1  # it moved
+
+
+@pytest.mark.parametrize("make", [lambda: _perturbed(bx.BespokeSolver(4, 1)),
+                                  lambda: _perturbed(bx.BespokeSolver(3, 2)),
+                                  lambda: _perturbed(bx.NonStationarySolver(6, "midpoint"), scale=0.05)],
+                         ids=["bespoke-rk1", "bespoke-rk2", "nonstationary"])
+def test_trained_solver_in_a_diffusers_loop_equals_bx_sample(field, make):
+    solver = make()
+    x0 = _x0()
+    got = _loop(BespokeScheduler.from_solver(solver), field, x0)
+    want = bx.sample(field, x0, solver=solver)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    base_method = "euler" if isinstance(solver, bx.BespokeSolver) and solver.order == 1 else "midpoint"
+    base = bx.sample(field, x0, method=base_method, nfe=solver.nfe)
+    assert (want - base).abs().max() > 1e-3  # the perturbation matters, so the match is not trivial
+
+
+def test_save_pretrained_round_trip_is_json_and_exact(field, tmp_path):
+    solver = _perturbed(bx.BespokeSolver(3, 2))
+    scheduler = BespokeScheduler.from_solver(solver, trained_mu=0.8, model_tag="tiny")
+    scheduler.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["scheduler_config.json"]
+    config = json.loads((tmp_path / "scheduler_config.json").read_text())  # data only, no pickle
+    assert config["_class_name"] == "BespokeScheduler" and config["trained_mu"] == 0.8
+    loaded = BespokeScheduler.from_pretrained(tmp_path)
+    back = loaded.to_solver()
+    for (name, a), (_, b) in zip(solver.named_parameters(), back.named_parameters()):
+        assert torch.equal(a, b), name
+    x0 = _x0()
+    assert torch.equal(_loop(loaded, field, x0), _loop(scheduler, field, x0))
+    assert loaded.config.model_tag == "tiny"
+
+
+def test_nonstationary_round_trip(field, tmp_path):
+    solver = _perturbed(bx.NonStationarySolver(5, "euler"), scale=0.05)
+    BespokeScheduler.from_solver(solver).save_pretrained(tmp_path)
+    loaded = BespokeScheduler.from_pretrained(tmp_path)
+    x0 = _x0()
+    assert torch.allclose(_loop(loaded, field, x0), bx.sample(field, x0, solver=solver), atol=1e-5, rtol=0)
+
+
+def test_wrong_num_inference_steps_names_the_right_one():
+    scheduler = BespokeScheduler.from_solver(bx.BespokeSolver(4, 2))
+    with pytest.raises(ValueError, match="num_inference_steps=4"):
+        scheduler.set_timesteps(num_inference_steps=8)
+    with pytest.raises(ValueError, match="num_inference_steps=4"):
+        scheduler.set_timesteps(sigmas=[1.0, 0.8, 0.6, 0.4, 0.2])  # a pipeline's linspace of the wrong length
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])  # the pipelines' default linspace: fine, silent
+    assert len(scheduler.timesteps) == 8
+
+
+def test_timesteps_and_sigmas_follow_diffusers_conventions():
+    solver = _perturbed(bx.BespokeSolver(3, 2))
+    scheduler = BespokeScheduler.from_solver(solver)
+    scheduler.set_timesteps(3)
+    te = solver.eval_times()
+    assert scheduler.timesteps.dtype == torch.float32 and scheduler.timesteps.shape == (6,)
+    assert torch.allclose(scheduler.timesteps.double(), (1 - te) * 1000, atol=1e-3)
+    assert scheduler.sigmas.shape == (7,) and scheduler.sigmas[-1] == 0
+    assert torch.allclose(scheduler.sigmas[:-1] * 1000, scheduler.timesteps, atol=1e-3)
+    assert scheduler.config.use_flow_sigmas and not scheduler.config.use_dynamic_shifting
+    assert scheduler.init_noise_sigma == 1.0
+    # scale_noise at the begin index: the flow path at that sigma (img2img's first latents)
+    scheduler.set_begin_index(2)
+    data, noise = torch.ones(2, 4), torch.zeros(2, 4)
+    mixed = scheduler.scale_noise(data, scheduler.timesteps[2:3], noise)
+    assert torch.allclose(mixed, torch.full((2, 4), 1 - float(scheduler.sigmas[2])))
+    with pytest.raises(ValueError, match="float timesteps"):
+        scheduler.step(torch.zeros(2, 4), 500, torch.zeros(2, 4))
+
+
+def test_starting_at_a_step_boundary_continues_the_trajectory(field):
+    """img2img / strength < 1: timesteps[t_start * order:] and set_begin_index(t_start * order)."""
+    solver = _perturbed(bx.BespokeSolver(4, 2))
+    scheduler = BespokeScheduler.from_solver(solver)
+    x0 = _x0()
+    states = {}
+
+    def keep(i, x):
+        states[i] = x
+        return x
+
+    full = _loop(scheduler, field, x0, edit=keep)
+    resumed = _loop(scheduler, field, states[3], begin=4)  # after 4 evaluations = 2 steps
+    assert torch.allclose(resumed, full, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="cannot start"):
+        _loop(scheduler, field, states[2], begin=3)  # mid-step: x_i is gone
+    ns = BespokeScheduler.from_solver(bx.NonStationarySolver(4))
+    with pytest.raises(ValueError, match="cannot start"):
+        _loop(ns, field, x0, begin=2)  # every step reads x_0
+
+
+def test_the_sample_passed_in_is_used(field):
+    """A callback_on_step_end that replaces the latents is respected (a copy equals, an edit changes)."""
+    solver = _perturbed(bx.BespokeSolver(3, 2))
+    x0 = _x0()
+    plain = _loop(BespokeScheduler.from_solver(solver), field, x0)
+    copied = _loop(BespokeScheduler.from_solver(solver), field, x0, edit=lambda i, x: x.clone())
+    edited = _loop(BespokeScheduler.from_solver(solver), field, x0, edit=lambda i, x: x + 0.1 * (i == 1))
+    assert torch.equal(copied, plain)
+    assert (edited - plain).abs().max() > 1e-3
+
+
+def test_mu_different_from_the_trained_one_warns():
+    scheduler = BespokeScheduler.from_solver(bx.BespokeSolver(2, 1), trained_mu=0.5)
+    with pytest.warns(UserWarning, match="mu=1"):
+        scheduler.set_timesteps(2, mu=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.set_timesteps(2, mu=0.5)
+        BespokeScheduler.from_solver(bx.BespokeSolver(2, 1)).set_timesteps(2, mu=1.0)  # nothing recorded
+    strict = BespokeScheduler.from_solver(bx.BespokeSolver(2, 1), trained_mu=0.5, strict=True)
+    with pytest.raises(ValueError, match="mu"):
+        strict.set_timesteps(2, mu=1.0)
