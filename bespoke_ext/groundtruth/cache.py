@@ -7,17 +7,22 @@ loss, at the cost of one adaptive solve per sample instead of one per sample and
 
 On disk (a folder):
 
-    manifest.json            format, version, the spec (model tag, shape, dtype, tolerances, grid,
-                             sample count, shard size, seed), "complete", and per shard its file
-                             names and sha256 checksums
+    manifest.json            format, version, the spec (model tag, inputs tag, condition rows, shape,
+                             dtype, tolerances, grid, sample count, shard size, seed), "complete", and
+                             per shard its file names and sha256 checksums
     shard_00000.json         record of a finished shard (written last, so its presence means done)
     shard_00000.x.npy        states     [S, G+1, *shape]   (S samples of the shard)
     shard_00000.u.npy        velocities [S, G+1, *shape]
+    shard_00000.rows.npy     int64 [S]: each trajectory's row of the conditions pool (only with conditions)
+
+Version 2 (this one) added the inputs tag (constant extras' values and the conditions pool,
+``models.identity.inputs_tag``), the pool's row count and the rows files; a version-1 cache is refused
+(it cannot say what it was solved with).
 
 Generation runs shard by shard with a progress bar; every file is written atomically, so an
-interrupted build resumes with the first unfinished shard. The noise of shard s comes from a generator
-seeded by (seed, s) alone, so the cache does not depend on how many processes built it (shard s is
-built by rank s mod world_size). Opening checks the spec against what the caller expects, each shard's
+interrupted build resumes with the first unfinished shard. The noise of shard s, then its trajectories'
+condition rows, come from a generator seeded by (seed, s) alone, so the cache does not depend on how
+many processes built it (shard s is built by rank s mod world_size). Opening checks the spec against what the caller expects, each shard's
 shape, dtype and checksum; shards are memory-mapped, and loaded into memory only when small.
 """
 
@@ -35,14 +40,16 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_write, atomic_write_json, sha256_file
+from ..models.identity import inputs_tag
 from .hermite import hermite_coefficients, hermite_interpolate
+from .inputs import check_conditions, for_positions, pool_size, take
 from .odesolve import check_tolerance, solve_trajectories
 
-__all__ = ["CacheSpec", "TrajectoryCache", "build_cache", "finalize_cache", "shard_noise",
+__all__ = ["CacheSpec", "TrajectoryCache", "build_cache", "finalize_cache", "shard_noise", "shard_rows",
            "CACHE_FORMAT", "CACHE_VERSION", "DEFAULT_IN_MEMORY_BYTES"]
 
 CACHE_FORMAT = "bespoke_ext.trajectory_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_IN_MEMORY_BYTES = 1 << 30  # caches up to 1 GiB are read into memory; larger ones stay mapped
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -60,6 +67,8 @@ class CacheSpec:
     num_samples: int
     shard_size: int
     seed: int
+    inputs_tag: str = ""       # models.identity.inputs_tag(constant extras, conditions pool)
+    condition_rows: int = 0    # M, the rows of the conditions pool (0: no conditions)
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -74,6 +83,8 @@ class CacheSpec:
             raise ValueError("the cache grid must be strictly increasing from exactly 0.0 to exactly 1.0")
         if self.num_samples < 1 or self.shard_size < 1:
             raise ValueError(f"num_samples and shard_size must be >= 1, got {self.num_samples}, {self.shard_size}")
+        if not isinstance(self.condition_rows, int) or self.condition_rows < 0:
+            raise ValueError(f"condition_rows must be an integer >= 0, got {self.condition_rows!r}")
 
     @property
     def num_shards(self) -> int:
@@ -96,25 +107,46 @@ class CacheSpec:
         return cls(**{k: d[k] for k in names})
 
     def differences(self, other: "CacheSpec") -> List[str]:
+        """What differs between this (expected) spec and ``other`` (the cache's), one named line each."""
+        what = {"model_tag": "model_tag (the model's weights and settings)",
+                "inputs_tag": "inputs_tag (the values of the constant model_extras and the conditions pool)",
+                "condition_rows": "condition_rows (rows of the conditions pool)"}
         out = []
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             if a != b:
                 show = (lambda v: f"{len(v)} points" if f.name == "grid" else repr(v))
-                out.append(f"{f.name}: cache has {show(b)}, expected {show(a)}")
+                out.append(f"{what.get(f.name, f.name)}: cache has {show(b)}, expected {show(a)}")
         return out
+
+
+def _shard_draws(spec: CacheSpec, s: int) -> Tuple[Tensor, Optional[Tensor]]:
+    digest = hashlib.sha256(f"bespoke_ext.cache:{spec.seed}:{s}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+    a, b = spec.shard_range(s)
+    noise = torch.randn(b - a, *spec.shape, generator=g, dtype=_DTYPES[spec.dtype])
+    rows = torch.randint(spec.condition_rows, (b - a,), generator=g) if spec.condition_rows else None
+    return noise, rows
 
 
 def shard_noise(spec: CacheSpec, s: int) -> Tensor:
     """The noise x0 of shard s, [S, *shape] on the CPU: depends on (seed, s) only."""
-    digest = hashlib.sha256(f"bespoke_ext.cache:{spec.seed}:{s}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
-    a, b = spec.shard_range(s)
-    return torch.randn(b - a, *spec.shape, generator=g, dtype=_DTYPES[spec.dtype])
+    return _shard_draws(spec, s)[0]
+
+
+def shard_rows(spec: CacheSpec, s: int) -> Optional[Tensor]:
+    """The condition rows of shard s's trajectories, int64 [S] (None without conditions): drawn after the
+    noise from the same (seed, s) generator, so they too are independent of the process count."""
+    return _shard_draws(spec, s)[1]
+
+
+def _keys(spec: CacheSpec) -> Tuple[str, ...]:
+    return ("x", "u", "rows") if spec.condition_rows else ("x", "u")
 
 
 def _names(s: int) -> Dict[str, str]:
-    return {"record": f"shard_{s:05d}.json", "x": f"shard_{s:05d}.x.npy", "u": f"shard_{s:05d}.u.npy"}
+    return {"record": f"shard_{s:05d}.json", "x": f"shard_{s:05d}.x.npy", "u": f"shard_{s:05d}.u.npy",
+            "rows": f"shard_{s:05d}.rows.npy"}
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -128,7 +160,9 @@ def _read_manifest(directory: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path} is not a bespoke_ext trajectory cache manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
     if manifest.get("version") != CACHE_VERSION:
-        raise ValueError(f"trajectory cache {directory} has version {manifest.get('version')}, this package reads {CACHE_VERSION}")
+        raise ValueError(f"trajectory cache {directory} has format version {manifest.get('version')}, this package "
+                         f"reads version {CACHE_VERSION} only (older caches do not record what the model was called "
+                         f"with); delete the folder or use another cache_dir, and the cache is built again")
     return manifest
 
 
@@ -146,9 +180,9 @@ def _shard_done(directory: Path, spec: CacheSpec, s: int) -> bool:
     if not (directory / names["record"]).is_file():
         return False
     try:
-        for key in ("x", "u"):
+        for key in _keys(spec):
             arr = np.load(directory / names[key], mmap_mode="r")
-            if arr.shape != _shard_shape(spec, s):
+            if arr.shape != (_shard_shape(spec, s)[:1] if key == "rows" else _shard_shape(spec, s)):
                 return False
     except (OSError, ValueError):
         return False
@@ -161,21 +195,28 @@ def _shard_shape(spec: CacheSpec, s: int) -> Tuple[int, ...]:
 
 
 @torch.no_grad()
-def _velocities(model: Callable, states: Tensor, grid: Tensor, extras: dict, chunk: int) -> Tensor:
+def _velocities(model: Callable, states: Tensor, grid: Tensor, extras: dict, chunk: int,
+                cond: Optional[dict] = None) -> Tensor:
     """u(x(g_k), g_k) for states [G+1, S, *shape], evaluated in batched chunks of samples."""
     g1, s = states.shape[:2]
     flat = states.reshape(g1 * s, *states.shape[2:])
     times = grid.to(states.dtype).repeat_interleave(s)
     out = torch.empty_like(flat)
     for a in range(0, flat.shape[0], chunk):
-        out[a:a + chunk] = model(flat[a:a + chunk], times[a:a + chunk], **extras)
+        part = slice(a, min(a + chunk, flat.shape[0]))
+        out[part] = model(flat[part], times[part], **extras, **for_positions(cond, part, s))
     return out.reshape(states.shape)
 
 
 def build_cache(model: Callable, directory, spec: CacheSpec, *, model_extras: Optional[dict] = None,
                 device="cpu", group_size: int = 512, chunk_size: int = 65536, progress: bool = True,
-                rank: int = 0, world_size: int = 1, finalize: Optional[bool] = None) -> Path:
+                rank: int = 0, world_size: int = 1, finalize: Optional[bool] = None,
+                conditions: Optional[dict] = None) -> Path:
     """Solve and store the shards of ``spec`` that are not on disk yet; return the folder.
+
+    ``conditions``: the pool {name: Tensor [M, ...]} with M = ``spec.condition_rows``; every trajectory is
+    solved with the pool's row ``shard_rows(spec, s)[j]`` (stored in the shard). When ``spec.inputs_tag`` is
+    set it must be ``inputs_tag(model_extras, conditions)``.
 
     With ``world_size`` > 1 this process builds shards ``rank, rank + world_size, ...`` only; after
     every process has returned (a barrier), one of them calls ``finalize_cache``. ``finalize``
@@ -196,6 +237,13 @@ def build_cache(model: Callable, directory, spec: CacheSpec, *, model_extras: Op
         atomic_write_json(manifest_path, {"format": CACHE_FORMAT, "version": CACHE_VERSION,
                                           "spec": spec.to_json(), "complete": False, "shards": []})
     extras = dict(model_extras or {})
+    pool = check_conditions(conditions, extras)
+    if pool_size(pool) != spec.condition_rows:
+        raise ValueError(f"the conditions pool has {pool_size(pool)} rows, the cache spec says condition_rows = "
+                         f"{spec.condition_rows}")
+    if spec.inputs_tag and spec.inputs_tag != inputs_tag(extras, pool):
+        raise ValueError("the cache spec's inputs_tag is not that of these model_extras and conditions "
+                         "(models.identity.inputs_tag(model_extras, conditions))")
     grid = torch.tensor(spec.grid, dtype=torch.float64)
     todo = [s for s in range(rank, spec.num_shards, world_size) if not _shard_done(directory, spec, s)]
     total = sum(spec.shard_range(s)[1] - spec.shard_range(s)[0] for s in todo)
@@ -203,14 +251,17 @@ def build_cache(model: Callable, directory, spec: CacheSpec, *, model_extras: Op
                leave=False, position=rank)
     try:
         for s in todo:
-            x0 = shard_noise(spec, s).to(device)
+            x0, rows = _shard_draws(spec, s)
+            x0 = x0.to(device)
+            cond = take(pool, rows, device=device)
             states = solve_trajectories(model, x0, grid, rtol=spec.rtol, atol=spec.atol, model_extras=extras,
-                                        group_size=group_size, progress=bar)          # [G+1, S, *shape]
-            vel = _velocities(model, states, grid.to(device), extras, chunk_size)
+                                        group_size=group_size, progress=bar, conditions=cond)  # [G+1, S, *shape]
+            vel = _velocities(model, states, grid.to(device), extras, chunk_size, cond)
             names = _names(s)
             record = {"index": s, "samples": x0.shape[0], "files": {}, "sha256": {}}
-            for key, data in (("x", states), ("u", vel)):
-                arr = data.transpose(0, 1).contiguous().cpu().numpy()            # [S, G+1, *shape]
+            data_of = [("x", states), ("u", vel)] + ([("rows", rows)] if rows is not None else [])
+            for key, data in data_of:
+                arr = (data.numpy() if key == "rows" else data.transpose(0, 1).contiguous().cpu().numpy())  # [S, ...]
                 atomic_write(directory / names[key], lambda f, a=arr: np.save(f, a, allow_pickle=False))
                 record["files"][key] = names[key]
                 record["sha256"][key] = sha256_file(directory / names[key])
@@ -268,9 +319,13 @@ class TrajectoryCache:
         self.grid = torch.tensor(spec.grid, dtype=torch.float64, device=self.device)
         self._x: List[np.ndarray] = []
         self._u: List[np.ndarray] = []
+        rows: List[np.ndarray] = []
         np_dtype = np.dtype(spec.dtype)
         for s, record in enumerate(manifest["shards"]):
-            for key, store in (("x", self._x), ("u", self._u)):
+            stores = [("x", self._x), ("u", self._u)] + ([("rows", rows)] if spec.condition_rows else [])
+            for key, store in stores:
+                if key not in record.get("files", {}):
+                    raise ValueError(f"trajectory cache {self.directory}: shard {s} has no {key!r} file")
                 path = self.directory / record["files"][key]
                 if not path.is_file():
                     raise ValueError(f"trajectory cache {self.directory}: shard file {path.name} is missing")
@@ -281,10 +336,17 @@ class TrajectoryCache:
                     arr = np.load(path, mmap_mode="r", allow_pickle=False)
                 except ValueError as exc:
                     raise ValueError(f"trajectory cache {self.directory}: cannot read {path.name} ({exc})") from exc
-                if arr.shape != _shard_shape(spec, s) or arr.dtype != np_dtype:
+                want_shape, want_dtype = ((_shard_shape(spec, s)[:1], np.dtype(np.int64)) if key == "rows"
+                                          else (_shard_shape(spec, s), np_dtype))
+                if arr.shape != want_shape or arr.dtype != want_dtype:
                     raise ValueError(f"trajectory cache {self.directory}: {path.name} holds {arr.dtype} {arr.shape}, "
-                                     f"expected {np_dtype} {_shard_shape(spec, s)}")
+                                     f"expected {want_dtype} {want_shape}")
                 store.append(arr)
+        # Each trajectory's row of the conditions pool [N] (small: always in memory, on the CPU).
+        self._rows = torch.from_numpy(np.concatenate([np.array(r) for r in rows])) if rows else None
+        if self._rows is not None and self._rows.numel() and (int(self._rows.min()) < 0
+                                                              or int(self._rows.max()) >= spec.condition_rows):
+            raise ValueError(f"trajectory cache {self.directory}: condition rows outside [0, {spec.condition_rows})")
         nbytes = 2 * spec.num_samples * len(spec.grid) * math.prod(spec.shape) * np_dtype.itemsize
         self.in_memory = bool(in_memory) if isinstance(in_memory, bool) else nbytes <= int(in_memory)
         if self.in_memory:
@@ -342,6 +404,11 @@ class TrajectoryCache:
         rows = coeffs.repeat_interleave(b, dim=0)                                  # one row per (time, sample)
         out = hermite_interpolate(flat(x[:t]), flat(u[:t]), flat(x[t:]), flat(u[t:]), rows)
         return out.reshape(t, b, *self.shape)
+
+    def rows(self, idx) -> Optional[Tensor]:
+        """The conditions pool's row of samples ``idx``: int64 [B] on the CPU (None for a cache without conditions)."""
+        idx = self._check_index(idx)
+        return None if self._rows is None else self._rows[idx]
 
     def noise(self, idx) -> Tensor:
         """x0 of samples ``idx``: [B, *shape]."""

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .inputs import rows_of
+
 __all__ = ["solve_trajectories", "per_sample_max_rms", "check_tolerance", "DEFAULT_TOL"]
 
 DEFAULT_TOL = 1e-5
@@ -45,16 +47,18 @@ class _Field(torch.nn.Module):
     def __init__(self, model: Callable, extras: dict):
         super().__init__()
         self.model, self.extras, self.calls = model, extras, 0
+        self.cond: dict = {}   # the current group's per-sample conditions (leading dimension = the group)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         self.calls += 1
-        return self.model(x, t.to(x.dtype).expand(x.shape[0]), **self.extras)
+        return self.model(x, t.to(x.dtype).expand(x.shape[0]), **self.extras, **self.cond)
 
 
 @torch.no_grad()
 def solve_trajectories(model: Callable, x0: Tensor, times: Tensor, *, rtol: float = DEFAULT_TOL,
                        atol: float = DEFAULT_TOL, model_extras: Optional[dict] = None,
-                       group_size: int = 512, progress=None, stats: Optional[dict] = None) -> Tensor:
+                       group_size: int = 512, progress=None, stats: Optional[dict] = None,
+                       conditions: Optional[dict] = None) -> Tensor:
     """x(times) for every sample: a tensor [T, B, *shape] with x(times[0]) = x0.
 
     Args:
@@ -66,6 +70,8 @@ def solve_trajectories(model: Callable, x0: Tensor, times: Tensor, *, rtol: floa
         group_size: samples per adaptive solve (see the module note).
         progress: optional tqdm-like bar, advanced by the number of samples solved.
         stats: optional dict; ``stats["nfe"]`` is increased by the model calls made (batched calls).
+        conditions: per-sample model inputs {name: Tensor [B, ...]}, one row per sample of x0 (inputs.py);
+            each group is solved with its own rows.
     Returns the states in x0's dtype.
     """
     from torchdiffeq import odeint
@@ -82,9 +88,14 @@ def solve_trajectories(model: Callable, x0: Tensor, times: Tensor, *, rtol: floa
     # Times stay float64 inside the solver (accurate step placement); the model sees x's dtype.
     times = times.to(device=x0.device, dtype=torch.float64)
     field = _Field(model, dict(model_extras or {}))
+    cond = dict(conditions or {})
+    for name, v in cond.items():
+        if v.shape[0] != x0.shape[0]:
+            raise ValueError(f"conditions[{name!r}] has {v.shape[0]} rows for {x0.shape[0]} samples")
     out = []
     for start in range(0, x0.shape[0], group_size):
         group = x0[start:start + group_size]
+        field.cond = rows_of(cond, slice(start, start + group_size))
         out.append(odeint(field, group, times, rtol=rtol, atol=atol, method="dopri5",
                           options=dict(norm=per_sample_max_rms)))
         if progress is not None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..ops import rk_update as combine
+from .inputs import for_positions
 from .odesolve import DEFAULT_TOL, solve_trajectories
 
 __all__ = ["online_states", "velocities_at"]
@@ -24,21 +25,25 @@ __all__ = ["online_states", "velocities_at"]
 
 @torch.no_grad()
 def velocities_at(model: Callable, states: Tensor, times: Tensor, *, model_extras: Optional[dict] = None,
-                  chunk_size: int = 65536) -> Tensor:
-    """u(x, t) for states [T, B, *shape] at times [T] (batched over T*B samples, chunked)."""
+                  chunk_size: int = 65536, conditions: Optional[dict] = None) -> Tensor:
+    """u(x, t) for states [T, B, *shape] at times [T] (batched over T*B samples, chunked); ``conditions``
+    {name: Tensor [B, ...]} are tiled with the states."""
     t_count, b = states.shape[:2]
     flat = states.reshape(t_count * b, *states.shape[2:])
     tt = times.detach().to(device=states.device, dtype=states.dtype).repeat_interleave(b)
     out = torch.empty_like(flat)
     for a in range(0, flat.shape[0], chunk_size):
-        out[a:a + chunk_size] = model(flat[a:a + chunk_size], tt[a:a + chunk_size], **(model_extras or {}))
+        part = slice(a, min(a + chunk_size, flat.shape[0]))
+        out[part] = model(flat[part], tt[part], **(model_extras or {}), **for_positions(conditions, part, b))
     return out.reshape(states.shape)
 
 
 def online_states(model: Callable, x0: Tensor, times: Tensor, *, rtol: float = DEFAULT_TOL, atol: float = DEFAULT_TOL,
                   model_extras: Optional[dict] = None, group_size: int = 512, chunk_size: int = 65536,
-                  stats: Optional[dict] = None) -> Tensor:
+                  stats: Optional[dict] = None, conditions: Optional[dict] = None) -> Tensor:
     """x(times) from x(0) = x0: [T, B, *shape], differentiable in ``times`` through x_aux.
+
+    ``conditions``: per-sample model inputs {name: Tensor [B, ...]} (one row per sample of x0).
 
     ``times`` [T] increasing in [0, 1]; when times[0] > 0 the solve starts at 0 anyway (x0 is noise).
     """
@@ -51,10 +56,10 @@ def online_states(model: Callable, x0: Tensor, times: Tensor, *, rtol: float = D
         states = x0.unsqueeze(0)
     else:
         states = solve_trajectories(model, x0, solve_at, rtol=rtol, atol=atol, model_extras=model_extras,
-                                    group_size=group_size, stats=stats)
+                                    group_size=group_size, stats=stats, conditions=conditions)
     if not starts_at_zero:
         states = states[1:]
-    vel = velocities_at(model, states, tt, model_extras=model_extras, chunk_size=chunk_size)
+    vel = velocities_at(model, states, tt, model_extras=model_extras, chunk_size=chunk_size, conditions=conditions)
     if stats is not None:
         stats["nfe"] = stats.get("nfe", 0) + 1
     t_count, b = states.shape[:2]

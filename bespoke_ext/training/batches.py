@@ -1,22 +1,27 @@
 """Where each training iteration's ground truth comes from: online solves or the trajectory cache.
 
 Both sources draw the GLOBAL batch from one generator (identical on every rank, saved in checkpoints)
-and hand this rank its contiguous slice, so one process and N processes see the same samples.
+and hand this rank its contiguous slice, so one process and N processes see the same samples. With a
+conditions pool every sample carries one row of it: online, the rows are drawn with the noise (the
+global batch's noise, then its rows, from the same generator); cached, they are the rows stored with
+the trajectories. Ranks get the rows of their own samples, so they draw disjoint rows of one batch.
 
-    states(times) -> [n+1, b, *shape]   ground truth at the solver's times, differentiable in them
-    endpoints()   -> (x0, x(1))          pairs for the end-to-end loss
+    batch(times)      -> (states [n+1, b, *shape], conditions {name: [b, ...]})   the bound loss's input
+    endpoint_batch()  -> (x0, x(1), conditions)                                  the end-to-end loss's
+    states(times) / endpoints()   the same without the conditions
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..groundtruth import TrajectoryCache, online_states, solve_trajectories
+from ..groundtruth.inputs import pool_size, take
 from .distributed import DistContext, local_slice
 
 __all__ = ["derive_seed", "OnlineBatches", "CachedBatches"]
@@ -38,45 +43,64 @@ class _Batches:
     def local_size(self) -> int:
         return self.hi - self.lo
 
+    def states(self, times: Tensor) -> Tensor:
+        return self.batch(times)[0]
+
+    def endpoints(self) -> Tuple[Tensor, Tensor]:
+        return self.endpoint_batch()[:2]
+
 
 class OnlineBatches(_Batches):
     """The paper's ground truth: fresh x0 ~ N(0, I) every iteration, solved at the current times."""
 
     def __init__(self, model: Callable, shape: Sequence[int], *, batch_size: int, generator: torch.Generator,
                  ctx: DistContext, dtype: torch.dtype, device: torch.device, rtol: float, atol: float,
-                 group_size: int, chunk_size: int, extras: dict):
+                 group_size: int, chunk_size: int, extras: dict, conditions: Optional[dict] = None):
         super().__init__(batch_size, generator, ctx)
         self.model, self.shape, self.dtype, self.device = model, tuple(shape), dtype, device
+        self.conditions = conditions
         self.solve_kw = dict(rtol=rtol, atol=atol, model_extras=extras, group_size=group_size)
         self.chunk_size = chunk_size
         self.stats = {"nfe": 0}
 
-    def _noise(self) -> Tensor:
-        # Drawn on the CPU for the whole global batch, so every rank advances the generator alike.
+    def _noise(self) -> Tuple[Tensor, dict]:
+        # Drawn on the CPU for the whole global batch, so every rank advances the generator alike:
+        # the noise, then (with conditions) one row of the pool per sample.
         x0 = torch.randn(self.batch_size, *self.shape, generator=self.generator, dtype=self.dtype)
-        return x0[self.lo:self.hi].to(self.device)
+        rows = None
+        if self.conditions:
+            rows = torch.randint(pool_size(self.conditions), (self.batch_size,), generator=self.generator)
+            rows = rows[self.lo:self.hi]
+        return x0[self.lo:self.hi].to(self.device), take(self.conditions, rows, device=self.device)
 
-    def states(self, times: Tensor) -> Tensor:
-        x0 = self._noise()
+    def batch(self, times: Tensor) -> Tuple[Tensor, dict]:
+        x0, cond = self._noise()
         start = time.perf_counter()
-        out = online_states(self.model, x0, times, chunk_size=self.chunk_size, stats=self.stats, **self.solve_kw)
+        out = online_states(self.model, x0, times, chunk_size=self.chunk_size, stats=self.stats, conditions=cond,
+                            **self.solve_kw)
         self.gt_seconds += time.perf_counter() - start
-        return out
+        return out, cond
 
-    def endpoints(self) -> Tuple[Tensor, Tensor]:
-        x0 = self._noise()
+    def endpoint_batch(self) -> Tuple[Tensor, Tensor, dict]:
+        x0, cond = self._noise()
         start = time.perf_counter()
         ends = torch.tensor([0.0, 1.0], dtype=torch.float64)
-        x1 = solve_trajectories(self.model, x0, ends, stats=self.stats, **self.solve_kw)[-1]
+        x1 = solve_trajectories(self.model, x0, ends, stats=self.stats, conditions=cond, **self.solve_kw)[-1]
         self.gt_seconds += time.perf_counter() - start
-        return x0, x1
+        return x0, x1, cond
 
 
 class CachedBatches(_Batches):
-    """Batches of trajectories from a cache, read at any times by Hermite interpolation."""
+    """Batches of trajectories from a cache, read at any times by Hermite interpolation; with ``conditions``
+    (the pool the cache was solved with) each sample's condition is the pool's row stored with it."""
 
-    def __init__(self, cache: TrajectoryCache, *, batch_size: int, generator: torch.Generator, ctx: DistContext):
+    def __init__(self, cache: TrajectoryCache, *, batch_size: int, generator: torch.Generator, ctx: DistContext,
+                 conditions: Optional[dict] = None):
         super().__init__(batch_size, generator, ctx)
+        if pool_size(conditions) != cache.spec.condition_rows:
+            raise ValueError(f"the conditions pool has {pool_size(conditions)} rows, the trajectory cache was solved "
+                             f"for a pool of {cache.spec.condition_rows}")
+        self.conditions = conditions
         if batch_size > cache.num_samples:
             raise ValueError(f"batch_size ({batch_size}) exceeds the trajectory cache's {cache.num_samples} samples; "
                              f"raise cache_samples or lower batch_size")
@@ -87,12 +111,17 @@ class CachedBatches(_Batches):
         idx = torch.randperm(self.cache.num_samples, generator=self.generator)[:self.batch_size]
         return idx[self.lo:self.hi]
 
-    def states(self, times: Tensor) -> Tensor:
+    def _cond(self, idx: Tensor) -> dict:
+        return take(self.conditions, self.cache.rows(idx), device=self.cache.device)
+
+    def batch(self, times: Tensor) -> Tuple[Tensor, dict]:
         idx = self._indices()
         start = time.perf_counter()
         out = self.cache.states(idx, times)
+        cond = self._cond(idx)
         self.gt_seconds += time.perf_counter() - start
-        return out
+        return out, cond
 
-    def endpoints(self) -> Tuple[Tensor, Tensor]:
-        return self.cache.endpoints(self._indices())
+    def endpoint_batch(self) -> Tuple[Tensor, Tensor, dict]:
+        idx = self._indices()
+        return (*self.cache.endpoints(idx), self._cond(idx))

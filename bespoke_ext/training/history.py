@@ -6,7 +6,9 @@ every ``val_every`` iterations and the last): ``val_iteration``, ``val_rmse``, `
 ground truth x(1)), ``val_times`` (the solver's time grid then) and ``val_wall`` (seconds since the
 run started, summed over resumed runs). Summary: ``best_iteration``/``best_rmse`` (the solver returned
 when keep_best), ``base_rmse`` (iteration 0), ``gt_seconds`` (ground-truth work: cache build or online
-solves), ``wall_seconds`` (whole run), ``nfe``.
+solves), ``wall_seconds`` (whole run), ``nfe``. ``skipped_iterations``: the iterations (1-based, like
+``val_iteration``) whose loss or gradient was not finite and whose step was therefore not applied;
+``skipped`` is their count.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ class TrainHistory:
     wall_seconds: float = 0.0
     nfe: int = 0
     options: Dict = field(default_factory=dict)
+    skipped_iterations: List[int] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        """Optimizer steps skipped because the loss or a gradient was not finite."""
+        return len(self.skipped_iterations)
 
     @property
     def base_rmse(self) -> Optional[float]:
@@ -58,6 +66,7 @@ class TrainHistory:
     def truncate(self, iterations: int, validations: int) -> None:
         """Drop records beyond ``iterations`` losses and ``validations`` validations (interrupt rollback)."""
         del self.loss[iterations:], self.lr[iterations:]
+        self.skipped_iterations[:] = [i for i in self.skipped_iterations if i <= iterations]
         for name in ("val_iteration", "val_rmse", "val_psnr", "val_times", "val_wall"):
             del getattr(self, name)[validations:]
 
@@ -66,6 +75,7 @@ class TrainHistory:
         return {"iterations": self.iterations, "best_iteration": self.best_iteration,
                 "best_val_rmse": None if math.isinf(self.best_rmse) else self.best_rmse,
                 "base_val_rmse": self.base_rmse, "final_loss": self.loss[-1] if self.loss else None,
+                "skipped_steps": self.skipped,
                 "wall_seconds": round(self.wall_seconds, 3), "gt_seconds": round(self.gt_seconds, 3)}
 
 

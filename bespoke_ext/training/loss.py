@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..groundtruth.inputs import for_positions, rows_of
 from ..metrics.errors import per_sample_rms
 from ..program import Program
 from ..sampling.executor import execute
@@ -106,22 +107,25 @@ def _model_time(t: Tensor, like: Tensor) -> Tensor:
     return t.to(dtype=like.dtype, device=like.device)
 
 
-def local_errors(model: Callable, table: SolverTable, states: Tensor, *, chunk: slice, extras: dict) -> Tensor:
+def local_errors(model: Callable, table: SolverTable, states: Tensor, *, chunk: slice, extras: dict,
+                 conditions: Optional[dict] = None) -> Tensor:
     """Teacher-forced local errors d for the flattened (step, sample) pairs in ``chunk``.
 
     ``states`` [n+1, B, *shape] is the ground truth at table.times. Pair p = i * B + b is step i of
-    sample b. Returns d [len(chunk)].
+    sample b, called with sample b's rows of ``conditions`` {name: Tensor [B, ...]} (tiled n times like
+    the states). Returns d [len(chunk)].
     """
     n, b = table.steps, states.shape[1]
     shape = states.shape[2:]
     x_in = states[:-1].reshape(n * b, *shape)[chunk]            # x(t_i), step-major
     target = states[1:].reshape(n * b, *shape)[chunk]           # x(t_{i+1})
     rows = lambda c: c.repeat_interleave(b, dim=0)[chunk]       # one coefficient row per (step, sample)
-    u1 = model(x_in, _model_time(rows(table.stage_times[:, 0]), x_in), **extras)
+    cond = for_positions(conditions, chunk, b)                  # sample p % B's condition rows
+    u1 = model(x_in, _model_time(rows(table.stage_times[:, 0]), x_in), **extras, **cond)
     if table.order == 1:
         return ops.rk_residual([x_in, u1], rows(table.update), target)
     x_m = ops.rk_update([x_in, u1], rows(table.mid))
-    u2 = model(x_m, _model_time(rows(table.stage_times[:, 1]), x_in), **extras)
+    u2 = model(x_m, _model_time(rows(table.stage_times[:, 1]), x_in), **extras, **cond)
     return ops.rk_residual([x_in, x_m, u2], rows(table.update), target)
 
 
@@ -141,8 +145,11 @@ def _finish_backward(pairs: Sequence) -> None:
 
 
 def bound_loss(model: Callable, table: SolverTable, states: Tensor, *, normalizer: Optional[int] = None,
-               chunk_size: int = 16384, extras: Optional[dict] = None, backward: bool = False) -> Tensor:
+               chunk_size: int = 16384, extras: Optional[dict] = None, backward: bool = False,
+               conditions: Optional[dict] = None) -> Tensor:
     """sum over samples of sum_i M_i d_i, divided by ``normalizer`` (default: the batch size B).
+
+    ``conditions``: per-sample model inputs {name: Tensor [B, ...]}, one row per sample of ``states``.
 
     ``states`` [n+1, B, *shape]: ground truth at ``table.times`` (differentiable in them). With
     ``backward=True`` the gradients are accumulated into the solver's parameters chunk by chunk
@@ -159,14 +166,14 @@ def bound_loss(model: Callable, table: SolverTable, states: Tensor, *, normalize
     if not backward:
         total = states.new_zeros((), dtype=torch.float64)
         for chunk in _chunks(n * b, chunk_size):
-            d = local_errors(model, table, states, chunk=chunk, extras=extras)
+            d = local_errors(model, table, states, chunk=chunk, extras=extras, conditions=conditions)
             total = total + (table.weights.repeat_interleave(b)[chunk] * d.to(torch.float64)).sum()
         return total / norm
     leaves = table.detached_leaves()
     states_leaf = states.detach().requires_grad_(states.requires_grad)
     value = 0.0
     for chunk in _chunks(n * b, chunk_size):
-        d = local_errors(model, leaves, states_leaf, chunk=chunk, extras=extras)
+        d = local_errors(model, leaves, states_leaf, chunk=chunk, extras=extras, conditions=conditions)
         part = (leaves.weights.repeat_interleave(b)[chunk] * d.to(torch.float64)).sum() / norm
         part.backward()
         value += float(part.detach())
@@ -191,19 +198,23 @@ def solver_program(solver, *, differentiable: bool = True) -> Program:
 
 
 def final_errors(model: Callable, program: Program, x0: Tensor, x1: Tensor, *, extras: Optional[dict] = None,
-                 enable_grad: bool = True) -> Tensor:
+                 enable_grad: bool = True, conditions: Optional[dict] = None) -> Tensor:
     """|| x_n - x(1) || per sample [B] (float64), x_n from ``execute(program, model, x0)``: the sampler itself.
 
     ``enable_grad`` (the loss) runs the executor's differentiable path, otherwise its inference path
-    (validation); both are the arithmetic of ``bespoke_ext.sample(model, x0, solver=solver)``.
+    (validation); both are the arithmetic of ``bespoke_ext.sample(model, x0, solver=solver)``. Per-sample
+    ``conditions`` {name: Tensor [B, ...]} are passed as extras, as ``bespoke_ext.sample(..., y=labels)`` does.
     """
-    x_n, _, _ = execute(program, model, x0, extras or {}, enable_grad=enable_grad)
+    x_n, _, _ = execute(program, model, x0, {**(extras or {}), **(conditions or {})}, enable_grad=enable_grad)
     return per_sample_rms(x_n - x1)
 
 
 def end_to_end_loss(model: Callable, solver, x0: Tensor, x1: Tensor, *, normalizer: Optional[int] = None,
-                    chunk_size: int = 16384, extras: Optional[dict] = None, backward: bool = False) -> Tensor:
+                    chunk_size: int = 16384, extras: Optional[dict] = None, backward: bool = False,
+                    conditions: Optional[dict] = None) -> Tensor:
     """sum over samples of || x_n(theta; x0) - x(1) ||, divided by ``normalizer`` (default B).
+
+    ``conditions``: per-sample model inputs {name: Tensor [B, ...]}, sliced with the samples' chunks.
 
     ``solver``: a learned solver or its Program; x_n comes from the executor with ``enable_grad``, the
     arithmetic users sample with, and gradients reach theta through the program's tables. Chunked over
@@ -217,14 +228,16 @@ def end_to_end_loss(model: Callable, solver, x0: Tensor, x1: Tensor, *, normaliz
     if not backward:
         total = x0.new_zeros((), dtype=torch.float64)
         for chunk in _chunks(b, chunk_samples):
-            total = total + final_errors(model, program, x0[chunk], x1[chunk], extras=extras).sum()
+            total = total + final_errors(model, program, x0[chunk], x1[chunk], extras=extras,
+                                         conditions=rows_of(conditions, chunk)).sum()
         return total / norm
     leaves = dataclasses.replace(program, times=program.times.detach().requires_grad_(program.times.requires_grad),
                                  coeffs=program.coeffs.detach().requires_grad_(program.coeffs.requires_grad),
                                  views={})
     value = 0.0
     for chunk in _chunks(b, chunk_samples):
-        part = final_errors(model, leaves, x0[chunk], x1[chunk], extras=extras).sum() / norm
+        part = final_errors(model, leaves, x0[chunk], x1[chunk], extras=extras,
+                            conditions=rows_of(conditions, chunk)).sum() / norm
         if part.requires_grad:
             part.backward()
         value += float(part.detach())

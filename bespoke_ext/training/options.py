@@ -43,6 +43,9 @@ class TrainOptions:
         grad_clip: clip the solver's gradient to this 2-norm (None: no clipping); None by default for
             "bound", 1.0 for "end_to_end" (the end-to-end loss can spike when a time step collapses).
         keep_best: return the solver of the best validation RMSE seen, not the last one.
+        max_nonfinite_steps: a step whose loss or gradient is not finite (NaN/inf) is skipped, counted in
+            ``history.skipped`` and warned about (once); this many skipped steps in a row stop training with
+            an error (the checkpoint, if any, keeps the last good state).
     Ground truth
         gt: "cached" (solve a fixed set of trajectories once on a fine grid, read back by Hermite
             interpolation) or "online" (the paper's: fresh noise and an adaptive solve every iteration).
@@ -51,8 +54,9 @@ class TrainOptions:
             truth depends on its group at the tolerance level; under torchrun each rank solves its slice of
             the batch in groups, which matches one process exactly when the per-rank batch is a multiple of
             gt_group_size, and to the tolerance otherwise).
-        cache_dir: folder of the trajectory cache; None: a folder named by the cache's contents under
-            $BESPOKE_EXT_CACHE_DIR (default ~/.cache/bespoke_ext/trajectories), reused across runs.
+        cache_dir: folder of the trajectory cache; None: a folder named by the cache's contents (model tag,
+            inputs tag, tolerances, grid, samples, seed) under $BESPOKE_EXT_CACHE_DIR (default
+            ~/.cache/bespoke_ext/trajectories), reused across runs of the same model and inputs only.
         cache_samples: trajectories in the cache (the training set of "cached" mode).
         cache_grid: intervals of the fine grid; cache_grid_kind: "mixed", "cosine" or "uniform".
         cache_shard_size: trajectories per shard file (unit of resumption and of parallel building).
@@ -61,9 +65,19 @@ class TrainOptions:
         val_size: held-out noise samples whose ground truth x(1) is solved once.
         val_every: iterations between validations (also the first and last iteration).
     Execution
-        device, dtype: where and in what precision the model runs (default: the model's own).
-        model_extras: keyword arguments passed to every model call (class labels, guidance...).
-        model_tag: the model's identity in caches and checkpoints (default: class + weights hash).
+        device: where the model runs (default: the device of the model's weights; the CPU for a callable that
+            is not a torch.nn.Module: pass device= for one that computes elsewhere, the model probe says so).
+        dtype: the precision of ground truth and solver states, torch.float32 or torch.float64 (default: the
+            model's own when it is one of those, else float32). A bfloat16 / float16 model is called in its
+            own dtype (x cast to it for the call, the velocity cast back to the state's dtype), so ground
+            truth is still solved and stored in float32/float64 at gt_rtol/gt_atol; times are passed in
+            the state's dtype.
+        model_extras: constant keyword arguments passed to every model call (a guidance flag, a fixed label);
+            per-sample inputs (class labels, text embeddings) go in train()'s ``conditions`` instead.
+        model_tag: the model's identity in caches and checkpoints (default: models.identity.model_tag: class,
+            weights and every submodule's settings). Needed for a plain function, lambda or partial, whose
+            state the package cannot see, unless an explicit cache_dir is given. Cache keys and checkpoint
+            fingerprints also cover inputs_tag(model_extras, conditions).
         chunk_size: most samples per model call in the loss (bounds memory: the n*B teacher-forced
             evaluations are split into chunks whose graphs are freed one by one).
         progress: tqdm progress bars (rank 0 only).
@@ -78,6 +92,7 @@ class TrainOptions:
     lr_final_fraction: float = 0.05
     grad_clip: Optional[float] = None
     keep_best: bool = True
+    max_nonfinite_steps: int = 10
     gt: str = "cached"
     gt_rtol: float = 1e-5
     gt_atol: float = 1e-5
@@ -134,7 +149,7 @@ class TrainOptions:
             if not isinstance(v, (int, float)) or not 0 < v <= 1e-5:
                 raise ValueError(f"{name} must be in (0, 1e-5] (ground truth is solved at 1e-5 or tighter), got {v!r}")
         for name in ("gt_group_size", "cache_samples", "cache_grid", "cache_shard_size", "val_size", "val_every",
-                     "chunk_size", "checkpoint_every"):
+                     "chunk_size", "checkpoint_every", "max_nonfinite_steps"):
             positive(name, integer=True)
         if self.cache_grid < 2:
             raise ValueError(f"cache_grid must be >= 2 intervals, got {self.cache_grid}")

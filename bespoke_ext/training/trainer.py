@@ -15,6 +15,27 @@ run (Ctrl-C) saves its last complete iteration before it stops.
 
 The model's weights are frozen for the duration (requires_grad False, eval mode; both restored after),
 but the model is NOT run under no_grad: the loss differentiates through its inputs x and t.
+
+Conditions: with a pool {name: Tensor [M, ...]} every ground-truth trajectory, training sample and
+validation sample draws one row index r, the same for every name, and the model is called as
+``model(x, t, name=pool[name][r], ..., **model_extras)`` (one row per sample of x). The rows follow
+the samples through groups, chunks and the bound loss's n*B tiling; the cache stores each trajectory's
+row; validation draws its own rows.
+
+Before any ground truth, one probe call on a batch of 2 (conditions rows and model_extras included)
+checks that the model accepts those names and returns a finite floating tensor of x's shape and dtype
+on the training device.
+
+Dtype policy: ground truth and solver states are float32 or float64 (``dtype``); a bfloat16/float16
+model is called in its own dtype, x cast to it and the velocity cast back (groundtruth/inputs.py).
+
+Identity: caches and checkpoints are keyed by ``model_tag(model)`` (weights and settings of the module
+and its submodules) and ``inputs_tag(model_extras, conditions)``; a plain function, lambda or partial
+needs an explicit ``model_tag`` or ``cache_dir``.
+
+Non-finite steps: a loss or gradient that is not finite skips the step (``history.skipped``, one
+warning); ``max_nonfinite_steps`` in a row stop training with NonFiniteTrainingError, after saving the
+last good state to the checkpoint, if any.
 """
 
 from __future__ import annotations
@@ -25,14 +46,16 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache
-from ..models.identity import model_tag
+from ..groundtruth.inputs import STATE_DTYPES, StateDtype, check_conditions, model_call_dtype, pool_size, take
+from ..models.identity import OpaqueModelError, inputs_tag, model_tag
 from .batches import CachedBatches, OnlineBatches, derive_seed
 from .checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, distributed_context, resolve_device
@@ -41,11 +64,15 @@ from .loss import bound_loss, end_to_end_loss, solver_table
 from .options import TrainOptions
 from .validation import ValidationSet
 
-__all__ = ["train", "default_cache_root"]
+__all__ = ["train", "default_cache_root", "NonFiniteTrainingError"]
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient (TrainOptions.max_nonfinite_steps)."""
 
 
 def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, batch_size: int, seed: int = 0,
-          **options):
+          conditions=None, **options):
     """Train ``solver`` (a BespokeSolver, changed in place and returned) for the velocity field ``model``.
 
     Args:
@@ -57,9 +84,15 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
         shape: per-sample shape of x, e.g. (2,) or (1, 28, 28).
         iterations: optimizer steps.
         batch_size: noise samples per iteration (global, split across ranks under torchrun).
-        seed: seeds every random stream (batches, validation noise, cache noise).
+        seed: seeds every random stream (batches, validation noise, cache noise, condition rows).
+        conditions: None, or a pool {name: Tensor [M, ...]} of per-sample model inputs (class labels, text
+            embeddings), all with the same leading dimension M. Each ground-truth trajectory, training sample
+            and validation sample draws one row r (the same for every name) and the model is called as
+            ``model(x, t, name=pool[name][r], ..., **model_extras)``. Constant inputs stay in model_extras.
+            The solver then samples with per-sample extras: ``bespoke_ext.sample(model, x0, solver=s, y=...)``.
         **options: see ``TrainOptions`` (lr, L_tau, loss, gt, gt_rtol/gt_atol, cache_*, val_size, val_every,
-            device, dtype, model_extras, model_tag, chunk_size, progress, checkpoint, checkpoint_every, ...).
+            device, dtype, model_extras, model_tag, chunk_size, progress, checkpoint, checkpoint_every,
+            max_nonfinite_steps, ...).
     Returns the solver, with ``solver.history`` (a ``TrainHistory``) attached; with keep_best (default) its
     parameters are those of the best validation RMSE seen.
     """
@@ -78,9 +111,74 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
             raise TypeError(f"solver must be a BespokeSolver (lacks .{attr}), got {type(solver).__name__}")
     device, dtype = _resolve_device_dtype(model, opts)
     device = resolve_device(device)          # under torchrun, "cuda" means this process's GPU
+    pool = check_conditions(conditions, opts.model_extras)
+    if pool:
+        pool = {name: v.to(device) for name, v in pool.items()}
+    tag = _identity(model, opts)
     ctx = distributed_context(device)
     with _frozen(model):
-        return _Run(model, solver, shape, iterations, batch_size, seed, opts, device, dtype, ctx).run()
+        probe_model(model, shape, device=device, dtype=dtype, extras=opts.model_extras, conditions=pool)
+        return _Run(model, solver, shape, iterations, batch_size, seed, opts, device, dtype, ctx, pool, tag).run()
+
+
+def _identity(model, opts: TrainOptions) -> str:
+    """The model's tag in cache keys, checkpoint fingerprints and solver metadata."""
+    if opts.model_tag is not None:
+        return str(opts.model_tag)
+    try:
+        return model_tag(model)
+    except OpaqueModelError as exc:
+        if opts.cache_dir is not None:
+            return model_tag(model, strict=False)   # the caller names the cache folder: the tag is a label
+        raise OpaqueModelError(
+            f"train(): {exc}. Pass the option model_tag='<a name that changes whenever the model does>' or an "
+            f"explicit cache_dir='<a folder for this model's ground truth>'") from None
+
+
+def _describe(v) -> str:
+    return f"{type(v).__name__} {tuple(v.shape)} {v.dtype} on {v.device}" if torch.is_tensor(v) else type(v).__name__
+
+
+def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, dtype: torch.dtype,
+                extras: Optional[dict] = None, conditions: Optional[dict] = None) -> None:
+    """One call on a batch of 2 before any ground truth, as training will call the model: x [2, *shape] in the
+    model's dtype (``dtype``, or its own bf16/fp16), t [2], conditions rows 0 and 1, model_extras. Raises a
+    clear error unless the model accepts those names and returns a finite floating tensor of x's shape and
+    dtype on ``device``."""
+    extras = dict(extras or {})
+    call_dtype = model_call_dtype(model) or dtype
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device).to(call_dtype)
+    t = torch.tensor([0.25, 0.75], dtype=dtype, device=device)
+    m = pool_size(conditions)
+    cond = take(conditions, torch.tensor([0, 1 % m]) if m else None, device=device)
+    names = ", ".join([f"{k}=<{_describe(v)}>" for k, v in cond.items()] + [f"{k}=..." for k in extras])
+    call = f"model(x, t{', ' + names if names else ''}) with x [2, {', '.join(map(str, shape))}] {call_dtype} on {device}"
+    try:
+        with torch.no_grad():
+            out = model(x, t, **extras, **cond)
+    except TypeError as exc:
+        raise TypeError(f"the model probe {call} raised TypeError: {exc}. The model must accept x, t and every "
+                        f"name in model_extras {sorted(extras)} and conditions {sorted(cond)} as keyword arguments"
+                        ) from exc
+    except Exception as exc:
+        raise RuntimeError(f"the model probe {call} failed before training: {type(exc).__name__}: {exc}") from exc
+    if not torch.is_tensor(out):
+        raise TypeError(f"the model probe {call} returned {type(out).__name__}; expected a velocity tensor of "
+                        f"x's shape {tuple(x.shape)}")
+    if out.shape != x.shape:
+        raise ValueError(f"the model probe {call} returned shape {tuple(out.shape)}; expected x's shape "
+                         f"{tuple(x.shape)} (is shape={tuple(shape)} the per-sample shape the model takes?)")
+    if not out.is_floating_point() or out.dtype != x.dtype:
+        raise ValueError(f"the model probe {call} returned dtype {out.dtype}; expected x's dtype {x.dtype} "
+                         f"(pass dtype= the model's precision, torch.float32 or torch.float64, or make the model "
+                         f"return its input's dtype)")
+    if out.device != x.device:
+        raise ValueError(f"the model probe {call} returned a tensor on {out.device}; expected the training device "
+                         f"{x.device} (pass device='{out.device}', or move the model)")
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise ValueError(f"the model probe {call} returned {bad} non-finite values (NaN or inf) of {out.numel()}; "
+                         f"expected a finite velocity")
 
 
 def _check_shape(shape) -> Tuple[int, ...]:
@@ -94,12 +192,16 @@ def _check_shape(shape) -> Tuple[int, ...]:
 
 
 def _resolve_device_dtype(model, opts: TrainOptions):
-    tensors = []
-    if isinstance(model, torch.nn.Module):
-        tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    """(device, state dtype): the options', else the model's (a bound method: its module's); a bf16/fp16
+    model's states are float32 (it is called in its own dtype, see groundtruth/inputs.py)."""
+    module = getattr(model, "__self__", model)
+    tensors, params = [], []
+    if isinstance(module, torch.nn.Module):
+        tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+        params = [p for p in module.parameters() if p.is_floating_point()]
     device = torch.device(opts.device) if opts.device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    params = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, torch.nn.Module) else []
-    dtype = opts.dtype or (params[0].dtype if params else torch.float32)
+    own = params[0].dtype if params else torch.float32
+    dtype = opts.dtype or (own if own in STATE_DTYPES else torch.float32)
     return device, dtype
 
 
@@ -130,12 +232,16 @@ def default_cache_root() -> Path:
 
 class _Run:
     def __init__(self, model, solver, shape, iterations, batch_size, seed, opts: TrainOptions, device, dtype,
-                 ctx: DistContext):
-        self.model, self.solver, self.shape = model, solver, shape
+                 ctx: DistContext, pool: Optional[dict], tag: str):
+        # Every call the package makes goes through the dtype policy (a bf16/fp16 model in its own dtype).
+        self.model = StateDtype(model, model_call_dtype(model))
+        self.solver, self.shape = solver, shape
         self.iterations, self.batch_size, self.seed = iterations, batch_size, seed
         self.opts, self.device, self.dtype, self.ctx = opts, device, dtype, ctx
         self.extras = dict(opts.model_extras)
-        self.tag = opts.model_tag or model_tag(model)
+        self.pool = pool
+        self.tag = tag
+        self.inputs = inputs_tag(self.extras, pool)
         self.show = opts.progress and ctx.is_main
 
     # -- identity of the run (checkpoints refuse to resume anything else) ------------------------
@@ -148,7 +254,8 @@ class _Run:
                 "clip": o.clip, "keep_best": o.keep_best, "gt": o.gt, "gt_rtol": o.gt_rtol, "gt_atol": o.gt_atol,
                 "gt_group_size": o.gt_group_size, "cache_samples": o.cache_samples, "cache_grid": o.cache_grid,
                 "cache_grid_kind": o.cache_grid_kind, "cache_shard_size": o.cache_shard_size, "val_size": o.val_size,
-                "val_every": o.val_every, "model_extras": o.to_json()["model_extras"]}
+                "val_every": o.val_every, "model_extras": o.to_json()["model_extras"], "inputs_tag": self.inputs,
+                "conditions": _pool_json(self.pool)}
 
     def lr_at(self, it: int) -> float:
         o = self.opts
@@ -162,7 +269,8 @@ class _Run:
         o = self.opts
         return CacheSpec(model_tag=self.tag, shape=self.shape, dtype=str(self.dtype).replace("torch.", ""),
                          rtol=o.gt_rtol, atol=o.gt_atol, grid=tuple(fine_grid(o.cache_grid, o.cache_grid_kind).tolist()),
-                         num_samples=o.cache_samples, shard_size=o.cache_shard_size, seed=self.seed)
+                         num_samples=o.cache_samples, shard_size=o.cache_shard_size, seed=self.seed,
+                         inputs_tag=self.inputs, condition_rows=pool_size(self.pool))
 
     def cache_dir(self, spec: CacheSpec) -> Path:
         if self.opts.cache_dir is not None:
@@ -175,11 +283,12 @@ class _Run:
         if o.gt == "online":
             return OnlineBatches(self.model, self.shape, batch_size=self.batch_size, generator=generator, ctx=self.ctx,
                                  dtype=self.dtype, device=self.device, rtol=o.gt_rtol, atol=o.gt_atol,
-                                 group_size=o.gt_group_size, chunk_size=o.chunk_size, extras=self.extras)
+                                 group_size=o.gt_group_size, chunk_size=o.chunk_size, extras=self.extras,
+                                 conditions=self.pool)
         spec = self.cache_spec()
         directory = self.cache_dir(spec)
         kw = dict(model_extras=self.extras, device=self.device, group_size=o.gt_group_size, chunk_size=o.chunk_size,
-                  progress=self.show)
+                  progress=self.show, conditions=self.pool)
         if self.ctx.enabled:
             # Ranks build disjoint shards; one finalises the manifest once all are on disk.
             build_cache(self.model, directory, spec, rank=self.ctx.rank, world_size=self.ctx.world_size,
@@ -191,7 +300,7 @@ class _Run:
         else:
             build_cache(self.model, directory, spec, **kw)
         cache = TrajectoryCache(directory, expect=spec, device=self.device, in_memory=o.cache_in_memory)
-        return CachedBatches(cache, batch_size=self.batch_size, generator=generator, ctx=self.ctx)
+        return CachedBatches(cache, batch_size=self.batch_size, generator=generator, ctx=self.ctx, conditions=self.pool)
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self):
@@ -242,7 +351,8 @@ class _Run:
             history.gt_seconds += time.perf_counter() - gt_started
             val = ValidationSet(self.model, self.shape, size=o.val_size, seed=derive_seed(self.seed, "validation"),
                                 dtype=self.dtype, device=self.device, rtol=o.gt_rtol, atol=o.gt_atol,
-                                group_size=o.gt_group_size, extras=self.extras, ctx=self.ctx, progress=self.show)
+                                group_size=o.gt_group_size, extras=self.extras, ctx=self.ctx, progress=self.show,
+                                conditions=self.pool)
 
             def validate(iteration):
                 nonlocal best_state
@@ -265,15 +375,38 @@ class _Run:
             bar = tqdm(total=self.iterations, initial=start, desc=f"training bespoke NFE {solver.nfe}", unit="it",
                        disable=not self.show)
             snap = snapshot(start)
+            streak, streak_snap, warned = 0, None, False
             try:
                 for it in range(start, self.iterations):
                     snap = snapshot(it)   # small (a few hundred numbers): the state an interrupt rolls back to
                     gt_before = batches.gt_seconds
-                    loss = self.step(optimizer, batches, self.lr_at(it))
+                    loss, applied = self.step(optimizer, batches, self.lr_at(it))
                     history.gt_seconds += batches.gt_seconds - gt_before
                     history.loss.append(loss)
                     history.lr.append(self.lr_at(it))
                     done = it + 1
+                    if applied:
+                        streak = 0
+                    else:
+                        history.skipped_iterations.append(done)
+                        streak += 1
+                        streak_snap = snap if streak == 1 else streak_snap   # the last good state
+                        if not warned and self.ctx.is_main:
+                            warnings.warn(f"bespoke_ext.train: iteration {done}: the loss ({loss:.4g}) or a gradient "
+                                          f"is not finite; the step was skipped (counted in history.skipped; "
+                                          f"{o.max_nonfinite_steps} in a row stop training)", RuntimeWarning,
+                                          stacklevel=2)
+                            warned = True
+                        if streak >= o.max_nonfinite_steps:
+                            save(streak_snap)
+                            kept = (f"; checkpoint {o.checkpoint} holds the last good state (iteration "
+                                    f"{streak_snap['iteration']})" if o.checkpoint else "")
+                            raise NonFiniteTrainingError(
+                                f"training stopped at iteration {done}: {streak} steps in a row (iterations "
+                                f"{done - streak + 1}..{done}) had a non-finite loss or gradient, "
+                                f"{history.skipped} skipped in all. The model returns NaN or inf on some "
+                                f"training inputs, or the solver diverged (lower lr, set grad_clip){kept}; "
+                                f"max_nonfinite_steps={o.max_nonfinite_steps} sets the limit")
                     if done % o.val_every == 0 or done == self.iterations:
                         validate(done)
                     bar.update(1)
@@ -291,12 +424,13 @@ class _Run:
         solver.history = history
         if isinstance(getattr(solver, "metadata", None), dict):
             # Goes into the solver file on save(): how it was trained and for which model.
-            solver.metadata["training"] = {**history.summary(), "model_tag": self.tag, "shape": list(self.shape),
+            solver.metadata["training"] = {**history.summary(), "model_tag": self.tag, "inputs_tag": self.inputs,
+                                           "conditions": _pool_json(self.pool), "shape": list(self.shape),
                                            "batch_size": self.batch_size, "seed": self.seed, "options": o.to_json()}
         return solver
 
-    def step(self, optimizer, batches, lr: float) -> float:
-        """One optimizer step; returns the global batch's loss."""
+    def step(self, optimizer, batches, lr: float) -> Tuple[float, bool]:
+        """One optimizer step; returns the global batch's loss and whether the step was applied (finite)."""
         o, solver = self.opts, self.solver
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -304,10 +438,11 @@ class _Run:
         kw = dict(normalizer=self.batch_size, chunk_size=o.chunk_size, extras=self.extras, backward=True)
         if o.loss == "bound":
             table = solver_table(solver, L_tau=o.L_tau)
-            local = bound_loss(self.model, table, batches.states(table.times), **kw)
+            states, cond = batches.batch(table.times)
+            local = bound_loss(self.model, table, states, conditions=cond, **kw)
         else:
-            x0, x1 = batches.endpoints()
-            local = end_to_end_loss(self.model, solver, x0, x1, **kw)
+            x0, x1, cond = batches.endpoint_batch()
+            local = end_to_end_loss(self.model, solver, x0, x1, conditions=cond, **kw)
         loss = float(self.ctx.all_reduce_sum_(local.to(self.device)))
         params = [p for p in solver.parameters() if p.requires_grad]
         self.ctx.sum_gradients_(params)
@@ -316,8 +451,13 @@ class _Run:
             # A diverging step (a collapsed time step, an overflow) is skipped, not applied; every rank
             # sees the same summed gradients and so skips alike.
             optimizer.zero_grad(set_to_none=True)
-            return loss
+            return loss, False
         if o.clip is not None:
             torch.nn.utils.clip_grad_norm_(params, o.clip)
         optimizer.step()
-        return loss
+        return loss, True
+
+
+def _pool_json(pool: Optional[dict]) -> dict:
+    """The conditions pool described (names, shapes, dtypes): its values are in inputs_tag."""
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in (pool or {}).items()}

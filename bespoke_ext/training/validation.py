@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..groundtruth import solve_trajectories
+from ..groundtruth.inputs import pool_size, rows_of, take
 from ..metrics.errors import psnr_from_rms
 from .distributed import DistContext, local_slice
 from .loss import final_errors, solver_program
@@ -29,17 +30,21 @@ class ValidationSet:
     """x0 [V, *shape] and x(1) [V, *shape], solved once (ranks split the solve by groups).
 
     Args: model, shape, size V, seed (of the validation stream), dtype, device, tolerances, group size,
-    model extras, ctx (distributed context), progress bar flag.
+    model extras, ctx (distributed context), progress bar flag, conditions (the pool {name: Tensor [M, ...]}:
+    every validation sample draws its own row from the validation stream, after its noise; ``rows`` [V]
+    and ``cond`` {name: Tensor [V, ...]} hold them).
     """
 
     def __init__(self, model: Callable, shape: Sequence[int], *, size: int, seed: int, dtype: torch.dtype,
                  device: torch.device, rtol: float, atol: float, group_size: int, extras: dict,
-                 ctx: DistContext, progress: bool = False):
+                 ctx: DistContext, progress: bool = False, conditions: Optional[dict] = None):
         from tqdm.auto import tqdm
 
         self.ctx = ctx
         g = torch.Generator().manual_seed(seed)
         self.x0 = torch.randn(size, *shape, generator=g, dtype=dtype).to(device)
+        self.rows = torch.randint(pool_size(conditions), (size,), generator=g) if conditions else None
+        self.cond = take(conditions, self.rows, device=device)
         x1 = torch.zeros_like(self.x0)
         groups = range(0, size, group_size)
         mine = [a for j, a in enumerate(groups) if j % ctx.world_size == ctx.rank]
@@ -48,7 +53,8 @@ class ValidationSet:
                   disable=not progress, leave=False) as bar:
             for a in mine:
                 x1[a:a + group_size] = solve_trajectories(model, self.x0[a:a + group_size], ends, rtol=rtol, atol=atol,
-                                                          model_extras=extras, group_size=group_size, progress=bar)[-1]
+                                                          model_extras=extras, group_size=group_size, progress=bar,
+                                                          conditions=rows_of(self.cond, slice(a, a + group_size)))[-1]
         self.x1 = ctx.all_reduce_sum_(x1)  # each sample is non-zero on exactly one rank
         self.lo, self.hi = local_slice(size, ctx.rank, ctx.world_size)
 
@@ -63,7 +69,9 @@ class ValidationSet:
         hi = len(self) if hi is None else hi
         program = solver_program(solver, differentiable=False)
         parts = [final_errors(model, program, self.x0[a:min(a + chunk_size, hi)], self.x1[a:min(a + chunk_size, hi)],
-                              extras=extras, enable_grad=False) for a in range(lo, hi, chunk_size)]
+                              extras=extras, enable_grad=False,
+                              conditions=rows_of(self.cond, slice(a, min(a + chunk_size, hi))))
+                 for a in range(lo, hi, chunk_size)]
         return torch.cat(parts) if parts else self.x0.new_zeros(0, dtype=torch.float64)
 
     def evaluate(self, model: Callable, solver, *, extras: dict, chunk_size: int) -> Tuple[float, float]:

@@ -1,0 +1,124 @@
+"""What every ground-truth and loss computation calls the model with: per-sample conditions and the dtype policy.
+
+Per-sample conditions. ``conditions`` is a pool {name: Tensor [M, ...]} (class labels, text embeddings).
+Every trajectory, training sample and validation sample draws one row index r in [0, M) (the same
+for every name); the model is then called as ``model(x, t, name=pool[name][r], ..., **model_extras)``
+with one row per sample of x. Inside this package a batch carries its gathered rows as a dict
+{name: Tensor [B, ...]} (``take``), and every function that splits, groups, chunks or tiles the
+batch splits the rows the same way (``rows_of``, ``for_positions``).
+
+Dtype policy. Ground truth and solver states are float32 or float64 whatever the model's dtype. A
+bfloat16 / float16 model is called in its own dtype: x is cast to it for the call and the velocity
+cast back to the state's dtype (``StateDtype``), so tolerances and Hermite interpolation work in
+the state's precision. Times stay in the state's dtype (a model that needs them in its own dtype
+casts them itself).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "StateDtype", "model_call_dtype",
+           "LOW_PRECISION", "STATE_DTYPES"]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.float64)
+
+Rows = Dict[str, Tensor]
+
+
+def check_conditions(conditions, extras: Optional[Mapping] = None) -> Optional[Dict[str, Tensor]]:
+    """Validate a conditions pool; returns it as a dict (None for None or {}). Clear errors for a
+    non-dict, non-tensor values, 0-dim tensors, an empty pool, mismatched leading dimensions, or a
+    name that is also a constant extra."""
+    if conditions is None:
+        return None
+    if not isinstance(conditions, Mapping):
+        raise TypeError(f"conditions must be None or a dict {{name: Tensor [M, ...]}} of per-sample model inputs, "
+                        f"got {type(conditions).__name__}")
+    if not conditions:
+        return None
+    out, sizes = {}, {}
+    for name, value in conditions.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"conditions names must be keyword-argument names, got {name!r}")
+        if not torch.is_tensor(value):
+            raise TypeError(f"conditions[{name!r}] must be a tensor [M, ...] (one row per condition), got "
+                            f"{type(value).__name__}; convert it with torch.as_tensor, or pass a constant input "
+                            f"in model_extras")
+        if value.dim() == 0:
+            raise ValueError(f"conditions[{name!r}] is 0-dimensional; a pool needs a leading dimension M of rows "
+                             f"(a constant input belongs in model_extras)")
+        if value.shape[0] == 0:
+            raise ValueError(f"conditions[{name!r}] has no rows (leading dimension 0)")
+        out[name], sizes[name] = value, int(value.shape[0])
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"conditions must share one leading dimension M (every sample draws the same row of "
+                         f"every name); got leading dimensions {sizes}")
+    clash = sorted(set(out) & set(extras or {}))
+    if clash:
+        raise ValueError(f"{clash} given both in conditions and in model_extras; a name is either per-sample "
+                         f"(conditions) or constant (model_extras)")
+    return out
+
+
+def pool_size(conditions: Optional[Mapping]) -> int:
+    """M, the number of rows of the pool (0 for no conditions)."""
+    return int(next(iter(conditions.values())).shape[0]) if conditions else 0
+
+
+def take(conditions: Optional[Mapping], rows: Optional[Tensor], device=None) -> Rows:
+    """{name: pool[name][rows]} on ``device`` (default: the pool's), or {} without conditions."""
+    if not conditions or rows is None:
+        return {}
+    out = {}
+    for name, pool in conditions.items():
+        got = pool[rows.to(pool.device)]
+        out[name] = got if device is None else got.to(device)
+    return out
+
+
+def rows_of(cond: Optional[Mapping], index) -> Rows:
+    """The rows of gathered per-sample conditions at ``index`` (a slice or an index tensor)."""
+    if not cond:
+        return {}
+    return {name: (v[index] if isinstance(index, slice) else v[index.to(v.device)]) for name, v in cond.items()}
+
+
+def for_positions(cond: Optional[Mapping], positions: slice, batch: int) -> Rows:
+    """Rows for flattened (time or step, sample) positions p = i * batch + b in ``positions``: sample p % batch.
+
+    Used where a batch of ``batch`` samples is evaluated at several times in one flattened call (the
+    bound loss's n*B teacher-forced pairs, velocities on a grid): the rows are tiled like the states.
+    """
+    if not cond:
+        return {}
+    p = torch.arange(positions.start, positions.stop)
+    return rows_of(cond, p % batch)
+
+
+class StateDtype:
+    """The model as the ground truth and the losses call it: states in float32/float64, a bf16/fp16
+    model called in its own dtype (x cast to ``call_dtype`` for the call, the velocity cast back to x's
+    dtype). With ``call_dtype`` None (or equal to x's dtype) the model is called unchanged."""
+
+    def __init__(self, model: Callable, call_dtype: Optional[torch.dtype] = None):
+        self.model, self.call_dtype = model, call_dtype
+
+    def __call__(self, x: Tensor, t, **kwargs) -> Tensor:
+        if self.call_dtype is None or x.dtype == self.call_dtype:
+            return self.model(x, t, **kwargs)
+        return self.model(x.to(self.call_dtype), t, **kwargs).to(x.dtype)
+
+
+def model_call_dtype(model) -> Optional[torch.dtype]:
+    """The dtype a module computes in when that is bf16/fp16 (its first floating parameter or buffer); else None."""
+    model = getattr(model, "__self__", model)       # a bound method: its module
+    if isinstance(model, torch.nn.Module):
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                return t.dtype if t.dtype in LOW_PRECISION else None
+    return None
