@@ -15,7 +15,7 @@ import bespoke_ext as bx
 
 diffusers = pytest.importorskip("diffusers")
 
-from bespoke_ext.integrations.diffusers import BespokeScheduler  # noqa: E402
+from bespoke_ext.integrations.diffusers import BespokeScheduler, pipeline_velocity  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,3 +181,160 @@ def test_mu_different_from_the_trained_one_warns():
     strict = BespokeScheduler.from_solver(bx.BespokeSolver(2, 1), trained_mu=0.5, strict=True)
     with pytest.raises(ValueError, match="mu"):
         strict.set_timesteps(2, mu=1.0)
+
+
+# -- 2. real pipelines from tiny configs ------------------------------------------------------------
+
+H = W = 32  # pixels; no VAE: vae_scale_factor 8, latents 4 x 4
+
+
+def _flux_pipe():
+    pytest.importorskip("transformers")  # without it FluxPipeline is a dummy object
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    embeds = dict(prompt_embeds=torch.randn(2, 7, 32, generator=g), pooled_prompt_embeds=torch.randn(2, 32, generator=g),
+                  negative_prompt_embeds=torch.randn(2, 7, 32, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(2, 32, generator=g))
+    return pipe, embeds
+
+
+def _sd3_pipe():
+    pytest.importorskip("transformers")
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    embeds = dict(prompt_embeds=torch.randn(2, 7, 32, generator=g), pooled_prompt_embeds=torch.randn(2, 64, generator=g),
+                  negative_prompt_embeds=torch.randn(2, 7, 32, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(2, 64, generator=g))
+    return pipe, embeds
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return _flux_pipe()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return _sd3_pipe()
+
+
+def _counting(transformer):
+    calls = []
+    handle = transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def _run(pipe, embeds, latents, steps, **kw):
+    return pipe(**embeds, latents=latents, height=H, width=W, num_inference_steps=steps, output_type="latent",
+                **kw).images
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 2.0])
+def test_flux_euler_through_bx_sample_equals_the_pipeline(flux, true_cfg):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe, embeds = flux
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=2.5, true_cfg_scale=true_cfg)
+    latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(4))
+    want = _run(pipe, embeds, latents, 4, guidance_scale=2.5, true_cfg_scale=true_cfg)
+    grid = 1 - pipe.scheduler.sigmas.double()  # the pipeline's shifted grid (mu from the sequence length)
+    got = bx.sample(velocity, latents, method="euler", time_grid=grid, **embeds)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    other = bx.sample(pipeline_velocity(pipe, height=H, width=W, guidance_scale=5.0, true_cfg_scale=true_cfg),
+                      latents, method="euler", time_grid=grid, **embeds)
+    assert (other - want).abs().max() > 1e-4  # the guidance embedding is really applied
+
+
+@pytest.mark.parametrize("make", [lambda: _perturbed(bx.BespokeSolver(3, 2), 0.2),
+                                  lambda: _perturbed(bx.NonStationarySolver(4), 0.05)], ids=["rk2", "ns"])
+def test_bespoke_scheduler_inside_flux_makes_nfe_calls_and_equals_bx_sample(flux, make):
+    pipe, embeds = flux
+    solver = make()
+    velocity = pipeline_velocity(pipe, height=H, width=W)
+    pipe.scheduler = BespokeScheduler.from_solver(solver, trained_mu=velocity.mu)
+    latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(5))
+    calls, handle = _counting(pipe.transformer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the pipeline's mu is the trained one: no warning
+            got = _run(pipe, embeds, latents, pipe.scheduler.steps)
+    finally:
+        handle.remove()
+    assert len(calls) == solver.nfe
+    want = bx.sample(velocity, latents, solver=solver, **embeds)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=f"num_inference_steps={solver.steps}"):
+        _run(pipe, embeds, latents, solver.steps + 1)
+    pipe.scheduler = BespokeScheduler.from_solver(solver, trained_mu=velocity.mu + 0.3)
+    with pytest.warns(UserWarning, match="mu="):
+        _run(pipe, embeds, latents, solver.steps)
+
+
+def test_sd3_euler_with_cfg_through_bx_sample_equals_the_pipeline(sd3):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe, embeds = sd3
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=4.0)
+    latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(6))
+    want = _run(pipe, embeds, latents, 4, guidance_scale=4.0)
+    got = bx.sample(velocity, latents, method="euler", time_grid=1 - pipe.scheduler.sigmas.double(), **embeds)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    unguided = pipeline_velocity(pipe, height=H, width=W, guidance_scale=1.0)
+    other = bx.sample(unguided, latents, method="euler", time_grid=1 - pipe.scheduler.sigmas.double(), **embeds)
+    assert (other - want).abs().max() > 1e-3  # CFG is really applied
+    positive = {k: v for k, v in embeds.items() if not k.startswith("negative")}
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        velocity(latents, torch.tensor(0.0), **positive)
+
+
+def test_bespoke_scheduler_inside_sd3_after_save_and_load(sd3, tmp_path):
+    pipe, embeds = sd3
+    solver = _perturbed(bx.BespokeSolver(3, 2), 0.2)
+    BespokeScheduler.from_solver(solver).save_pretrained(tmp_path)
+    pipe.scheduler = BespokeScheduler.from_pretrained(tmp_path)
+    velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=4.0)
+    latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(7))
+    calls, handle = _counting(pipe.transformer)
+    try:
+        got = _run(pipe, embeds, latents, pipe.scheduler.steps, guidance_scale=4.0)
+    finally:
+        handle.remove()
+    assert len(calls) == solver.nfe  # CFG batches [uncond, cond]: one forward per evaluation
+    want = bx.sample(velocity, latents, solver=solver, **embeds)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    fresh = bx.sample(velocity, latents, method="midpoint", nfe=solver.nfe, **embeds)
+    assert (want - fresh).abs().max() > 1e-3
+
+
+def test_pipeline_velocity_checks_latent_shape_and_pipeline(flux):
+    pipe, embeds = flux
+    velocity = pipeline_velocity(pipe, height=H, width=W)
+    with pytest.raises(ValueError, match="per-sample shape"):
+        velocity(torch.zeros(2, 5, 4), torch.tensor(0.0), **embeds)
+
+    class NotAPipeline:
+        transformer = torch.nn.Linear(2, 2)
+        vae_scale_factor = 8
+
+    with pytest.raises(NotImplementedError, match="Flux and SD3"):
+        pipeline_velocity(NotAPipeline(), height=H, width=W)
