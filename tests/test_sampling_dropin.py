@@ -5,6 +5,7 @@ autograd inside) and autocast outputs."""
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from unittest.mock import MagicMock
 
@@ -351,3 +352,23 @@ def test_half_outputs_for_float64_states_and_gradients_through_the_cast(x0):
     assert out.dtype == torch.float64
     out.sum().backward()
     assert x.grad is not None and model.w.grad is not None
+
+
+def test_one_output_cast_wrapper_per_model_held_weakly(x0):
+    """CUDA graphs are cached per model object, so the model they see must be the same object on
+    every call; and the cache must not keep models alive."""
+    import gc
+    import weakref
+
+    module = sys.modules["bespoke_ext.sampling.sample"]
+    model = Field()
+    first, second = module._cast_outputs(model), module._cast_outputs(model)
+    assert first is second and first.model is model
+    sample(model, x0, method="euler")
+    assert module._cast_outputs(model) is first
+    alive = weakref.ref(model)
+    del model, first, second
+    gc.collect()
+    assert alive() is None
+    unhashable = type("Unhashable", (), {"__eq__": lambda s, o: False, "__call__": lambda s, x, t: -x})()
+    assert module._cast_outputs(unhashable).model is unhashable

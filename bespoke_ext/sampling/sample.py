@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -75,13 +76,13 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
     The model is called as ``model(x, t, **model_extras)`` with t a 0-dim tensor in x's dtype and
     must return a new tensor of x's shape and device (checked on the first call). A floating-point
     output of another dtype, such as the float16 / bfloat16 outputs of a model run under
-    ``torch.autocast`` for a float32 state, is cast to the state's dtype (with ``cuda_graph=True``
-    the model must return x's dtype itself). ``return_stats`` and ``cuda_graph`` are therefore
-    not passed on as model extras, and extras named like solver arguments (``steps``,
-    ``num_steps``, ``num_inference_steps``, ``stepsize``, ``time_steps``, ``solver_method``, ...;
-    see ``SOLVER_LIKE_EXTRAS``) are a TypeError naming the argument: a model taking ``**kwargs``
-    would swallow them while the solver silently did its default. (Bind a model input that really
-    has such a name with ``functools.partial(model, steps=...)``.)
+    ``torch.autocast`` for a float32 state, is cast to the state's dtype (CUDA graphs included).
+    ``return_stats`` and ``cuda_graph`` are not passed on as model extras, and extras named like
+    solver arguments (``steps``, ``num_steps``, ``num_inference_steps``, ``stepsize``,
+    ``time_steps``, ``solver_method``, ...; see ``SOLVER_LIKE_EXTRAS``) are a TypeError naming the
+    argument: a model taking ``**kwargs`` would swallow them while the solver silently did its
+    default. (Bind a model input that really has such a name with
+    ``functools.partial(model, steps=...)``.)
     """
     _check_model_and_x0(model, x0)
     _check_extras(model_extras)
@@ -101,10 +102,11 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
                                          enable_grad=enable_grad, method=name, step_size=step)
             return _result(traj[-1], traj, stats, return_intermediates, return_stats)
         program = _fixed_program(name, grid, nfe=nfe, step_size=step_size, intermediates=return_intermediates)
+    wrapped = _cast_outputs(model)
     if cuda_graph and x0.is_cuda:
-        final, traj, stats = execute_graphed(program, model, x0, model_extras)
+        final, traj, stats = execute_graphed(program, wrapped, x0, model_extras)
     else:
-        final, traj, stats = execute(program, _StateDtype(model), x0, model_extras, enable_grad=enable_grad)
+        final, traj, stats = execute(program, wrapped, x0, model_extras, enable_grad=enable_grad)
     return _result(final, traj, stats, return_intermediates, return_stats)
 
 
@@ -112,13 +114,19 @@ class _StateDtype:
     """The model with floating-point outputs of another dtype (autocast) cast to the state's.
 
     One dtype comparison per evaluation; ``network_forwards`` is the model's own counter, so
-    SampleStats still counts the network forwards of guided models.
+    SampleStats still counts the network forwards of guided models. Holds the model weakly when
+    cached (``_cast_outputs``), so the cache never keeps a model alive.
     """
 
-    __slots__ = ("model",)
+    __slots__ = ("_model", "__weakref__")
 
     def __init__(self, model: Callable):
-        self.model = model
+        self._model = model  # the model, or a weak reference to it
+
+    @property
+    def model(self) -> Callable:
+        m = self._model
+        return m() if isinstance(m, weakref.ref) else m
 
     def __call__(self, x: Tensor, t: Tensor, **extras):
         v = self.model(x, t, **extras)
@@ -129,6 +137,21 @@ class _StateDtype:
     @property
     def network_forwards(self):
         return getattr(self.model, "network_forwards", None)
+
+
+# One wrapper per model, alive as long as the model: CUDA graphs are cached per model object, so
+# the wrapper handed to them must be the same object on every call.
+_WRAPPERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cast_outputs(model: Callable) -> _StateDtype:
+    try:
+        wrapper = _WRAPPERS.get(model)
+        if wrapper is None:
+            wrapper = _WRAPPERS[model] = _StateDtype(weakref.ref(model))
+        return wrapper
+    except TypeError:  # not hashable or not weak-referenceable: a wrapper for this call
+        return _StateDtype(model)
 
 
 # Extras that name a solver argument (compared lower-case, without "_" and "-"), with the argument
