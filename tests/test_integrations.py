@@ -338,3 +338,104 @@ def test_pipeline_velocity_checks_latent_shape_and_pipeline(flux):
 
     with pytest.raises(NotImplementedError, match="Flux and SD3"):
         pipeline_velocity(NotAPipeline(), height=H, width=W)
+
+
+# -- 3. k-diffusion convention ------------------------------------------------------------------------
+
+def _denoiser(field):
+    """A k-diffusion flow denoiser D(x, sigma) = x + sigma u(x, 1 - sigma) (ComfyUI CONST: x - sigma * out)."""
+    def model(x, sigma, **extra):
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        return x + s * field(x, 1 - sigma[0])
+    return model
+
+
+def _sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """k-diffusion's sample_euler (k_diffusion/sampling.py) with s_churn = 0, its default."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma_hat = sigmas[i]
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = (x - denoised) / sigma_hat  # to_d
+        dt = sigmas[i + 1] - sigma_hat
+        x = x + d * dt
+    return x
+
+
+def test_sample_bespoke_identity_solver_equals_k_diffusion_sample_euler(field):
+    from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
+
+    solver = bx.BespokeSolver(6, 1)
+    sigmas = solver_sigmas(solver)
+    assert sigmas[0] == 1 and sigmas[-1] == 0 and sigmas.shape == (7,)
+    x0 = _x0()
+    model = _denoiser(field)
+    got = sample_bespoke(model, x0, sigmas, solver=solver, disable=True)
+    assert torch.allclose(got, _sample_euler(model, x0, sigmas), atol=1e-5, rtol=0)
+    assert torch.allclose(got, bx.sample(field, x0, method="euler", nfe=6), atol=1e-5, rtol=0)
+    assert (got - x0).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("make", [lambda: bx.BespokeSolver(4, 2), lambda: _perturbed(bx.BespokeSolver(4, 2)),
+                                  lambda: _perturbed(bx.NonStationarySolver(6), 0.05)],
+                         ids=["midpoint", "bespoke-rk2", "nonstationary"])
+def test_sample_bespoke_equals_bx_sample(field, make):
+    from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
+
+    solver = make()
+    x0 = _x0()
+    seen = []
+    got = sample_bespoke(_denoiser(field), x0, solver_sigmas(solver), solver=solver, disable=True,
+                         callback=lambda d: seen.append((d["i"], float(d["sigma"]), sorted(d))))
+    assert torch.allclose(got, bx.sample(field, x0, solver=solver), atol=1e-5, rtol=0)
+    sig = solver_sigmas(solver)
+    assert [i for i, _, _ in seen] == list(range(solver.steps))  # once per step
+    assert [s for _, s, _ in seen] == [float(v) for v in sig[:-1]]
+    assert seen[0][2] == ["denoised", "i", "sigma", "sigma_hat", "x"]
+
+
+def test_sample_bespoke_resumes_on_a_suffix_of_its_sigmas(field):
+    from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
+
+    solver = _perturbed(bx.BespokeSolver(5, 2))
+    x0 = _x0()
+    path = bx.sample(field, x0, solver=solver, return_intermediates=True)  # states at solver.times()
+    got = sample_bespoke(_denoiser(field), path[2], solver_sigmas(solver)[2:], solver=solver, disable=True)
+    assert torch.allclose(got, path[-1], atol=1e-5, rtol=0)
+    ns = bx.NonStationarySolver(4)
+    with pytest.raises(ValueError, match="cannot resume"):
+        sample_bespoke(_denoiser(field), x0, solver_sigmas(ns)[1:], solver=ns, disable=True)
+
+
+def test_sample_bespoke_refuses_non_flow_models_and_foreign_sigmas(field):
+    from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
+
+    solver = bx.BespokeSolver(4, 1)
+    model, x0 = _denoiser(field), _x0()
+    karras = torch.tensor([14.61, 4.0, 1.2, 0.3, 0.0])  # an SD-style (VE) schedule
+    with pytest.raises(ValueError, match="not a flow model"):
+        sample_bespoke(model, x0, karras, solver=solver)
+    with pytest.raises(ValueError, match="not this solver's grid"):
+        sample_bespoke(model, x0, torch.linspace(1, 0, 4), solver=solver)
+    with pytest.raises(TypeError, match="solver="):
+        sample_bespoke(model, x0, solver_sigmas(solver))
+
+    class EPS:
+        pass
+
+    class CONST:
+        pass
+
+    class Wrapped:  # ComfyUI: model_k.inner_model.inner_model.model_sampling
+        def __init__(self, sampling):
+            self.inner_model = type("Inner", (), {"inner_model": type("M", (), {"model_sampling": sampling})()})()
+
+        def __call__(self, x, sigma, **kw):
+            return model(x, sigma, **kw)
+
+    with pytest.raises(ValueError, match="model_sampling is EPS"):
+        sample_bespoke(Wrapped(EPS()), x0, solver_sigmas(solver), solver=solver)
+    flow = type("ModelSamplingFlux", (CONST,), {})()
+    got = sample_bespoke(Wrapped(flow), x0, solver_sigmas(solver), solver=solver, disable=True)
+    assert torch.allclose(got, bx.sample(field, x0, method="euler", nfe=4), atol=1e-5, rtol=0)
