@@ -244,7 +244,7 @@ class Swallows(torch.nn.Module):
 @pytest.mark.parametrize("name, meant", [
     ("steps", "nfe="), ("num_steps", "nfe="), ("n_steps", "nfe="), ("num_inference_steps", "nfe="),
     ("NFEs", "nfe="), ("num_function_evals", "nfe="), ("stepsize", "step_size="), ("step_Size", "step_size="),
-    ("dt", "step_size="), ("time_steps", "time_grid="), ("timesteps", "time_grid="), ("t_span", "time_grid="),
+    ("time_step_size", "step_size="), ("time_steps", "time_grid="), ("timesteps", "time_grid="), ("t_span", "time_grid="),
     ("solver_method", "method="), ("ode_method", "method="), ("tol", "atol="), ("return_intermediate", "return_intermediates="),
     ("enable_grads", "enable_grad="), ("options", "nfe=, step_size="), ("cuda_graphs", "cuda_graph="),
 ])
@@ -265,8 +265,8 @@ def test_ordinary_extras_still_reach_the_model(x0):
         return -x
 
     labels = torch.arange(32)
-    sample(model, x0, method="euler", y=labels, cond="a", guidance_scale=2.0, grid=3, step_index=1)
-    assert set(seen) == {"y", "cond", "guidance_scale", "grid", "step_index"} and seen["y"] is labels
+    sample(model, x0, method="euler", y=labels, cond="a", guidance_scale=2.0, grid=3, step_index=1, dt=0.5)
+    assert set(seen) == {"y", "cond", "guidance_scale", "grid", "step_index", "dt"} and seen["y"] is labels
     # and a model input that really has a solver-like name goes in through functools.partial
     sample(functools.partial(model, steps=7), x0, method="euler")
     assert seen["steps"] == 7

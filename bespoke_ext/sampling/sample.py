@@ -167,7 +167,8 @@ SOLVER_LIKE_EXTRAS = {
     **dict.fromkeys(("method", "methods", "solver", "solvers", "solvermethod", "odemethod", "solvername",
                      "methodname", "odesolver", "sampler", "integrator"),
                     "method= (a method name) or solver= (a learned solver)"),
-    **dict.fromkeys(("stepsize", "stepsizes", "dt", "deltat", "timestepsize", "stepwidth"), "step_size="),
+    # (not "dt": shortcut models take the step size as an input of their own)
+    **dict.fromkeys(("stepsize", "stepsizes", "timestepsize", "stepwidth"), "step_size="),
     **dict.fromkeys(("timegrid", "tgrid", "timesteps", "timepoints", "times", "tspan", "teval", "tseq"),
                     "time_grid="),
     **dict.fromkeys(("tol", "tols", "tolerance", "abstol", "reltol", "atols", "rtols", "abstolerance",
