@@ -312,24 +312,27 @@ def test_probe_and_checks_name_bad_conditions_and_extras(tmp_path, label_flow):
 class HalfNet(torch.nn.Module):
     """A bfloat16 model: computes in bf16 and returns bf16."""
 
-    def __init__(self):
+    def __init__(self, returns=None):
         super().__init__()
         with torch.random.fork_rng():
             torch.manual_seed(0)
             self.net = torch.nn.Linear(5, 3)
         self.net.to(torch.bfloat16)
-        self.seen = set()
+        self.register_buffer("scale", torch.tensor(0.3))   # a float32 buffer: the parameters decide the dtype
+        self.seen, self.returns = set(), returns
 
     identity_ignore = ("seen",)
 
     def forward(self, x, t):
         self.seen.add(x.dtype)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        return -x + 0.3 * torch.tanh(self.net(torch.cat([x, t.to(x.dtype)[:, None], x[:, :1] * 0], dim=1)))
+        out = -x + self.scale.to(x.dtype) * torch.tanh(self.net(torch.cat([x, t.to(x.dtype)[:, None], x[:, :1] * 0], dim=1)))
+        return out if self.returns is None else out.to(self.returns)
 
 
-def test_bf16_model_is_called_in_bf16_and_ground_truth_stays_float32(tmp_path):
-    model = HalfNet()
+@pytest.mark.parametrize("returns", [None, torch.float32])
+def test_bf16_model_is_called_in_bf16_and_ground_truth_stays_float32(tmp_path, returns):
+    model = HalfNet(returns)
     solver = train(model, BespokeSolver(2, 1), shape=(3,), iterations=2, batch_size=4, cache_samples=4,
                    cache_shard_size=4, cache_dir=str(tmp_path / "gt"), val_size=4, progress=False)
     assert model.seen == {torch.bfloat16}

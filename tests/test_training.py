@@ -348,6 +348,8 @@ def test_options_are_checked_with_clear_errors(mixture):
         train(m, s, shape=(), iterations=1, batch_size=2)
     with pytest.raises(TypeError, match="BespokeSolver"):
         train(m, object(), shape=(4,), iterations=1, batch_size=2)
+    with pytest.raises(ValueError, match="max_nonfinite_steps"):
+        train(m, s, shape=(4,), iterations=1, batch_size=2, max_nonfinite_steps=0)
     assert TrainOptions().schedule == "constant" and TrainOptions(loss="end_to_end").clip == 1.0
 
 

@@ -115,10 +115,12 @@ class StateDtype:
 
 
 def model_call_dtype(model) -> Optional[torch.dtype]:
-    """The dtype a module computes in when that is bf16/fp16 (its first floating parameter or buffer); else None."""
+    """The dtype a module computes in when that is bf16/fp16 (its first floating parameter; a module without
+    parameters: its first floating buffer); else None."""
     model = getattr(model, "__self__", model)       # a bound method: its module
     if isinstance(model, torch.nn.Module):
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.is_floating_point():
-                return t.dtype if t.dtype in LOW_PRECISION else None
+        for tensors in (model.parameters(), model.buffers()):
+            for t in tensors:
+                if t.is_floating_point():
+                    return t.dtype if t.dtype in LOW_PRECISION else None
     return None

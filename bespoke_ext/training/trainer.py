@@ -168,7 +168,9 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
     if out.shape != x.shape:
         raise ValueError(f"the model probe {call} returned shape {tuple(out.shape)}; expected x's shape "
                          f"{tuple(x.shape)} (is shape={tuple(shape)} the per-sample shape the model takes?)")
-    if not out.is_floating_point() or out.dtype != x.dtype:
+    # A bf16/fp16 model may return its own dtype or the state's (its velocity is cast to the state's dtype).
+    allowed = {x.dtype, dtype}
+    if not out.is_floating_point() or out.dtype not in allowed:
         raise ValueError(f"the model probe {call} returned dtype {out.dtype}; expected x's dtype {x.dtype} "
                          f"(pass dtype= the model's precision, torch.float32 or torch.float64, or make the model "
                          f"return its input's dtype)")
