@@ -439,3 +439,23 @@ def test_sample_bespoke_refuses_non_flow_models_and_foreign_sigmas(field):
     flow = type("ModelSamplingFlux", (CONST,), {})()
     got = sample_bespoke(Wrapped(flow), x0, solver_sigmas(solver), solver=solver, disable=True)
     assert torch.allclose(got, bx.sample(field, x0, method="euler", nfe=4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_train_for_a_pipeline_then_sample_inside_it(flux, tmp_path):
+    """The recipe: bx.train(pipeline_velocity(...), solver, conditions=prompt embeddings), save_pretrained,
+    install with from_pretrained; the pipeline then samples what bx.sample does."""
+    pipe, embeds = flux
+    velocity = pipeline_velocity(pipe, height=H, width=W)
+    conditions = {k: embeds[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    solver = bx.train(velocity, bx.BespokeSolver(2, 2), shape=velocity.latent_shape, iterations=4, batch_size=2,
+                      conditions=conditions, cache_samples=8, val_size=4, gt_group_size=8,
+                      val_every=2, lr=5e-2, progress=False, cache_dir=str(tmp_path / "gt"),
+                      keep_best=False)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for p in solver.parameters())  # it trained
+    BespokeScheduler.from_solver(solver, trained_mu=velocity.mu).save_pretrained(tmp_path / "sched")
+    pipe.scheduler = BespokeScheduler.from_pretrained(tmp_path / "sched")
+    latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(8))
+    got = _run(pipe, embeds, latents, pipe.scheduler.steps)
+    want = bx.sample(velocity, latents, solver=solver, **conditions)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
