@@ -16,8 +16,10 @@ job="${1:-test}"
 shift || true
 
 stamp_inputs() {
-  # anything that changes what gets built or installed
-  cat pyproject.toml setup.py scripts/quickstart.sh csrc/*.h csrc/*.cpp csrc/cpu/*.cpp 2>/dev/null | sha256sum | cut -c1-16
+  # anything that changes what gets built or installed, and the torch installed now (a torch upgrade by
+  # another package needs a rebuild of the extension: bespoke_ext refuses to import the old one)
+  { cat pyproject.toml setup.py scripts/quickstart.sh csrc/*.h csrc/*.cpp csrc/cpu/*.cpp 2>/dev/null
+    "$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 
 setup() {
