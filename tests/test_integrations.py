@@ -5,6 +5,7 @@ on a small analytic velocity field, and inside real FluxPipeline / StableDiffusi
 from tiny configs (no downloads: no VAE, text encoders or tokenizers; prompt embeddings given).
 """
 
+import copy
 import json
 import warnings
 
@@ -15,7 +16,10 @@ import bespoke_ext as bx
 
 diffusers = pytest.importorskip("diffusers")
 
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+
 from bespoke_ext.integrations.diffusers import BespokeScheduler, pipeline_velocity  # noqa: E402
+from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,14 +100,10 @@ def test_save_pretrained_round_trip_is_json_and_exact(field, tmp_path):
     x0 = _x0()
     assert torch.equal(_loop(loaded, field, x0), _loop(scheduler, field, x0))
     assert loaded.config.model_tag == "tiny"
-
-
-def test_nonstationary_round_trip(field, tmp_path):
-    solver = _perturbed(bx.NonStationarySolver(5, "euler"), scale=0.05)
-    BespokeScheduler.from_solver(solver).save_pretrained(tmp_path)
-    loaded = BespokeScheduler.from_pretrained(tmp_path)
-    x0 = _x0()
-    assert torch.allclose(_loop(loaded, field, x0), bx.sample(field, x0, solver=solver), atol=1e-5, rtol=0)
+    ns = _perturbed(bx.NonStationarySolver(5, "euler"), scale=0.05)
+    BespokeScheduler.from_solver(ns).save_pretrained(tmp_path / "ns")
+    loaded = BespokeScheduler.from_pretrained(tmp_path / "ns")
+    assert torch.allclose(_loop(loaded, field, x0), bx.sample(field, x0, solver=ns), atol=1e-5, rtol=0)
 
 
 def test_wrong_num_inference_steps_names_the_right_one():
@@ -144,12 +144,7 @@ def test_starting_at_a_step_boundary_continues_the_trajectory(field):
     scheduler = BespokeScheduler.from_solver(solver)
     x0 = _x0()
     states = {}
-
-    def keep(i, x):
-        states[i] = x
-        return x
-
-    full = _loop(scheduler, field, x0, edit=keep)
+    full = _loop(scheduler, field, x0, edit=lambda i, x: states.setdefault(i, x))  # keeps each state
     resumed = _loop(scheduler, field, states[3], begin=4)  # after 4 evaluations = 2 steps
     assert torch.allclose(resumed, full, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="cannot start"):
@@ -188,6 +183,13 @@ def test_mu_different_from_the_trained_one_warns():
 H = W = 32  # pixels; no VAE: vae_scale_factor 8, latents 4 x 4
 
 
+def _embeds(pooled, seed):
+    """Two rows (one per sample) of each prompt embedding the pipelines take, as if encoded once."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"{neg}{name}": torch.randn(2, *shape, generator=g) for neg in ("", "negative_")
+            for name, shape in (("prompt_embeds", (7, 32)), ("pooled_prompt_embeds", (pooled,)))}
+
+
 def _flux_pipe():
     pytest.importorskip("transformers")  # without it FluxPipeline is a dummy object
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -200,11 +202,7 @@ def _flux_pipe():
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(2)
-    embeds = dict(prompt_embeds=torch.randn(2, 7, 32, generator=g), pooled_prompt_embeds=torch.randn(2, 32, generator=g),
-                  negative_prompt_embeds=torch.randn(2, 7, 32, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(2, 32, generator=g))
-    return pipe, embeds
+    return pipe, _embeds(pooled=32, seed=2)
 
 
 def _sd3_pipe():
@@ -219,11 +217,7 @@ def _sd3_pipe():
                                     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                     text_encoder_3=None, tokenizer_3=None, transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(3)
-    embeds = dict(prompt_embeds=torch.randn(2, 7, 32, generator=g), pooled_prompt_embeds=torch.randn(2, 64, generator=g),
-                  negative_prompt_embeds=torch.randn(2, 7, 32, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(2, 64, generator=g))
-    return pipe, embeds
+    return pipe, _embeds(pooled=64, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +232,7 @@ def sd3():
 
 def _counting(transformer):
     calls = []
-    handle = transformer.register_forward_pre_hook(lambda *a: calls.append(1))
-    return calls, handle
+    return calls, transformer.register_forward_pre_hook(lambda *a: calls.append(1))
 
 
 def _run(pipe, embeds, latents, steps, **kw):
@@ -249,8 +242,6 @@ def _run(pipe, embeds, latents, steps, **kw):
 
 @pytest.mark.parametrize("true_cfg", [1.0, 2.0])
 def test_flux_euler_through_bx_sample_equals_the_pipeline(flux, true_cfg):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     pipe, embeds = flux
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=2.5, true_cfg_scale=true_cfg)
@@ -290,8 +281,6 @@ def test_bespoke_scheduler_inside_flux_makes_nfe_calls_and_equals_bx_sample(flux
 
 
 def test_sd3_euler_with_cfg_through_bx_sample_equals_the_pipeline(sd3):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     pipe, embeds = sd3
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=4.0)
@@ -315,10 +304,8 @@ def test_bespoke_scheduler_inside_sd3_after_save_and_load(sd3, tmp_path):
     velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=4.0)
     latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(7))
     calls, handle = _counting(pipe.transformer)
-    try:
-        got = _run(pipe, embeds, latents, pipe.scheduler.steps, guidance_scale=4.0)
-    finally:
-        handle.remove()
+    got = _run(pipe, embeds, latents, pipe.scheduler.steps, guidance_scale=4.0)
+    handle.remove()
     assert len(calls) == solver.nfe  # CFG batches [uncond, cond]: one forward per evaluation
     want = bx.sample(velocity, latents, solver=solver, **embeds)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
@@ -364,8 +351,6 @@ def _sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None
 
 
 def test_sample_bespoke_identity_solver_equals_k_diffusion_sample_euler(field):
-    from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
-
     solver = bx.BespokeSolver(6, 1)
     sigmas = solver_sigmas(solver)
     assert sigmas[0] == 1 and sigmas[-1] == 0 and sigmas.shape == (7,)
@@ -381,8 +366,6 @@ def test_sample_bespoke_identity_solver_equals_k_diffusion_sample_euler(field):
                                   lambda: _perturbed(bx.NonStationarySolver(6), 0.05)],
                          ids=["midpoint", "bespoke-rk2", "nonstationary"])
 def test_sample_bespoke_equals_bx_sample(field, make):
-    from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
-
     solver = make()
     x0 = _x0()
     seen = []
@@ -396,8 +379,6 @@ def test_sample_bespoke_equals_bx_sample(field, make):
 
 
 def test_sample_bespoke_resumes_on_a_suffix_of_its_sigmas(field):
-    from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
-
     solver = _perturbed(bx.BespokeSolver(5, 2))
     x0 = _x0()
     path = bx.sample(field, x0, solver=solver, return_intermediates=True)  # states at solver.times()
@@ -409,8 +390,6 @@ def test_sample_bespoke_resumes_on_a_suffix_of_its_sigmas(field):
 
 
 def test_sample_bespoke_refuses_non_flow_models_and_foreign_sigmas(field):
-    from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
-
     solver = bx.BespokeSolver(4, 1)
     model, x0 = _denoiser(field), _x0()
     karras = torch.tensor([14.61, 4.0, 1.2, 0.3, 0.0])  # an SD-style (VE) schedule
@@ -421,11 +400,7 @@ def test_sample_bespoke_refuses_non_flow_models_and_foreign_sigmas(field):
     with pytest.raises(TypeError, match="solver="):
         sample_bespoke(model, x0, solver_sigmas(solver))
 
-    class EPS:
-        pass
-
-    class CONST:
-        pass
+    EPS, CONST = type("EPS", (), {}), type("CONST", (), {})
 
     class Wrapped:  # ComfyUI: model_k.inner_model.inner_model.model_sampling
         def __init__(self, sampling):
@@ -459,3 +434,17 @@ def test_train_for_a_pipeline_then_sample_inside_it(flux, tmp_path):
     got = _run(pipe, embeds, latents, pipe.scheduler.steps)
     want = bx.sample(velocity, latents, solver=solver, **conditions)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_scheduler_loop_on_device(field, device):
+    """The tables follow set_timesteps(device=...): a loop on the device equals bx.sample there."""
+    model = copy.deepcopy(field).to(device)  # the module-scoped fixture stays on the CPU
+    solver = _perturbed(bx.BespokeSolver(3, 2))
+    scheduler = BespokeScheduler.from_solver(solver)
+    scheduler.set_timesteps(scheduler.steps, device=device)
+    assert scheduler.timesteps.device.type == torch.device(device).type
+    x0 = _x0().to(device)
+    x = x0
+    for t in scheduler.timesteps:
+        x = scheduler.step(-model(x, (1 - t.double() / 1000).float()), t, x, return_dict=False)[0]
+    assert torch.allclose(x, bx.sample(model, x0, solver=solver), atol=1e-5, rtol=0)
