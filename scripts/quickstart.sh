@@ -33,7 +33,7 @@ setup() {
   "$VENV/bin/python" -m pip install -q "$TORCH_PIN" numpy
   # --no-build-isolation: build against the torch installed above, not a fresh download
   "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,demo]"
-  echo "$stamp" > "$VENV/.bespoke_ext_stamp"
+  stamp_inputs > "$VENV/.bespoke_ext_stamp"  # now with the torch just installed
 }
 
 setup
