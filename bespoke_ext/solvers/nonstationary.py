@@ -15,11 +15,11 @@ zero in a fresh solver. g is bespoke.py's relative softplus (exactly 1 at 0, pos
     g(time_scale time_logits_{k-1}); t_k = sum_{j<k} w_j / sum_j w_j + e_k, e = T - cumsum(dT) / sum(dT)
     the base's re-normalisation rounding (~1e-16, 0 at both ends): t_0 = 0, t_n = 1, t = T bitwise
     at zero offsets, strictly increasing for every real parameter vector (increments >> |e|);
-  - a_i = A_i + a_scale a_delta_i, b_ij = B_ij + b_scale b_delta_ij; a_scale = coeff_scale,
-    b_scale = coeff_scale / n.
+  - a_i = A_i + coeff_scale a_delta_i, b_ij = B_ij + coeff_scale b_delta_ij (a ~ 1, b ~ 1/n).
 Units: Adam moves each raw number by ~lr per step whatever its gradient. Time logits are log relative
-increments (as in BespokeSolver), a is in its natural unit (~1), b in units of the mean step (~1/n):
-every number moves ~lr relative to its size; a step of a whole row b_i. moves x_{i+1} like one of a_i.
+increments (as in BespokeSolver); a and b are in absolute units, so b moves ~n times faster relative
+to its size than times and a: measured best (moons2d, NFE 10, 600 steps, log-MSE: 0.28x midpoint's
+RMSE vs 0.40x with b in units of 1/n; midpoint-based, lr 5e-3).
 
 Program: each state x_k has its own slot (a velocity may alias its input: none is reused), each U_j a
 velocity slot. Step i is written relative to a reference state x_r, r = refs[i] <= i (the state the
@@ -214,7 +214,6 @@ class NonStationarySolver(nn.Module):
         self.base = base
         self.time_scale = _check_scale("time_scale", time_scale)
         self.coeff_scale = _check_scale("coeff_scale", coeff_scale)
-        self.a_scale, self.b_scale = self.coeff_scale, self.coeff_scale / n  # module docstring
         self.refs = tuple(tables.refs)
         _check_refs(self.refs, n)
         f64 = dict(dtype=torch.float64)
@@ -302,8 +301,8 @@ class NonStationarySolver(nn.Module):
     def coefficients(self) -> Tuple[Tensor, Tensor]:
         """a [n] and b [n, n] (lower triangular), float64, differentiable."""
         n = self._nfe
-        a = self.base_a.double() + self.a_scale * self.a_delta.double()
-        packed = self.base_b.double() + self.b_scale * self.b_delta.double()
+        a = self.base_a.double() + self.coeff_scale * self.a_delta.double()
+        packed = self.base_b.double() + self.coeff_scale * self.b_delta.double()
         rows, cols = torch.tril_indices(n, n, device=packed.device)
         b = packed.new_zeros(n, n).index_put((rows, cols), packed)
         return a, b
