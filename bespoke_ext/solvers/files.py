@@ -46,11 +46,13 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Tuple, Union
 
 import torch
 from safetensors.torch import save as _save_safetensors
 from torch import Tensor
+
+from .file_schemas import SCHEMAS, Shapes, SolverSchema, clip, register_schema, schema_of, short_repr
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "SolverFile", "SolverFileError", "SolverSchema", "SCHEMAS", "register_schema",
@@ -72,7 +74,6 @@ MAX_FILE_BYTES = 8 + MAX_HEADER_BYTES + 8 * MAX_ELEMENTS
 _CHUNK = 1 << 20
 
 PathLike = Union[str, os.PathLike]
-Shapes = Dict[str, Tuple[int, ...]]
 
 
 class SolverFileError(ValueError):
@@ -86,106 +87,6 @@ class SolverFile:
     config: dict
     info: dict
     tensors: Dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class SolverSchema:
-    """What a solver kind's file holds.
-
-    tensors: the exact set of tensor names.
-    derive: tensor shapes -> the config entries they determine (e.g. steps, order); a ValueError
-        when no solver of this kind has these shapes.
-    shapes: config (at least the derived entries) -> the tensor shapes it needs; checked against
-        the file's shapes both ways (derive, then shapes of the derived config).
-    config_keys: the exact set of config keys.
-    check_config: the config entries the shapes do not determine (ValueError when invalid), or None.
-    """
-
-    kind: str
-    tensors: Tuple[str, ...]
-    derive: Callable[[Shapes], dict]
-    shapes: Callable[[Mapping], Shapes]
-    config_keys: Tuple[str, ...]
-    check_config: Optional[Callable[[Mapping], None]] = None
-
-
-SCHEMAS: Dict[str, SolverSchema] = {}
-
-
-def register_schema(schema: SolverSchema) -> SolverSchema:
-    """Declare (or replace) the file schema of a solver kind."""
-    SCHEMAS[schema.kind] = schema
-    return schema
-
-
-def _schema(kind: str) -> SolverSchema:
-    try:
-        return SCHEMAS[kind]
-    except KeyError:
-        raise ValueError(f"no solver file schema is registered for kind {kind!r} (solvers/files.py "
-                         f"register_schema); known: {sorted(SCHEMAS)}") from None
-
-
-# -- the schemas of the solver kinds --------------------------------------------------------------------
-
-
-def _dims(shapes: Shapes, name: str, ndim: int) -> Tuple[int, ...]:
-    shape = shapes[name]
-    if len(shape) != ndim:
-        raise ValueError(f"{name!r} must have {ndim} dimension(s), has shape {shape}")
-    return shape
-
-
-def _bespoke_derive(shapes: Shapes) -> dict:
-    steps, order = _dims(shapes, "dt_logits", 2)
-    if steps < 1 or order not in (1, 2):
-        raise ValueError(f"'dt_logits' of shape {(steps, order)} is not [steps >= 1, order 1 or 2]")
-    return {"steps": steps, "order": order}
-
-
-def _bespoke_shapes(config: Mapping) -> Shapes:
-    n, k = config["steps"], config["order"]
-    return {"time_logits": (n * k - 1,), "dt_logits": (n, k), "log_s": (n, k), "ds": (n, k)}
-
-
-BESPOKE_SCHEMA = register_schema(SolverSchema(
-    kind="BespokeSolver", tensors=("time_logits", "dt_logits", "log_s", "ds"),
-    derive=_bespoke_derive, shapes=_bespoke_shapes, config_keys=("order", "steps"),
-))
-
-
-def _nonstationary_derive(shapes: Shapes) -> dict:
-    (n,) = _dims(shapes, "a_delta", 1)
-    if n < 1:
-        raise ValueError("'a_delta' is empty: a solver makes at least one model evaluation")
-    return {"nfe": n}
-
-
-def _nonstationary_shapes(config: Mapping) -> Shapes:
-    n = config["nfe"]
-    tri = n * (n + 1) // 2
-    return {"time_logits": (n - 1,), "a_delta": (n,), "b_delta": (tri,), "base_times": (n + 1,),
-            "base_a": (n,), "base_b": (tri,)}
-
-
-def _nonstationary_config(config: Mapping) -> None:
-    base, refs = config["base"], config["refs"]
-    if not isinstance(base, str) or len(base) > 64:
-        raise ValueError(f"'base' must be a short string, got {_short(base)}")
-    if not isinstance(refs, list) or len(refs) != config["nfe"]:
-        raise ValueError(f"'refs' must list one entry per evaluation (nfe={_short(config['nfe'])}), got {_short(refs)}")
-    for name in ("time_scale", "coeff_scale"):
-        v = config[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name!r} must be a positive finite number, got {_short(v)}")
-
-
-NONSTATIONARY_SCHEMA = register_schema(SolverSchema(
-    kind="NonStationarySolver",
-    tensors=("time_logits", "a_delta", "b_delta", "base_times", "base_a", "base_b"),
-    derive=_nonstationary_derive, shapes=_nonstationary_shapes,
-    config_keys=("base", "coeff_scale", "nfe", "refs", "time_scale"), check_config=_nonstationary_config,
-))
 
 
 # -- checks shared by the writer and the reader ------------------------------------------------------------
@@ -205,7 +106,7 @@ def _check_layout(schema: SolverSchema, config, shapes: Shapes) -> None:
         raise ValueError(f"tensor shapes {_shapes_text(shapes)} do not match a {schema.kind} with "
                          f"{_config_text(derived)}, which needs {_shapes_text(expected)}")
     if not isinstance(config, dict):
-        raise ValueError(f"the config must be a JSON object, got {_short(config)}")
+        raise ValueError(f"the config must be a JSON object, got {short_repr(config)}")
     if set(config) != set(schema.config_keys):
         raise ValueError(f"config keys {sorted(config)[:16]} are not those of a {schema.kind} "
                          f"({sorted(schema.config_keys)})")
@@ -253,7 +154,7 @@ def write_solver_file(path: PathLike, *, kind: str, config: dict, tensors: Dict[
     caps): a ValueError otherwise, before anything is written, so the file reads back. (Without it,
     tests can write files the reader refuses.)
     """
-    schema = _schema(kind)
+    schema = schema_of(kind)
     try:
         config_json = json.dumps(config, sort_keys=True, allow_nan=False)
         info_json = json.dumps(info, sort_keys=True, allow_nan=False)
@@ -304,7 +205,7 @@ def _check_sizes(shapes: Shapes) -> None:
 def read_solver_file(path: PathLike, *, kind: str) -> SolverFile:
     """Read and verify a solver file of class ``kind``; SolverFileError naming the file for
     anything else (module docstring: what is checked, and in which order)."""
-    schema = _schema(kind)
+    schema = schema_of(kind)
     path = os.fspath(path)
     try:
         return _read(path, schema)
@@ -315,7 +216,7 @@ def read_solver_file(path: PathLike, *, kind: str) -> SolverFile:
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError,
             MemoryError, struct.error, RuntimeError) as exc:
         # UnicodeDecodeError and json's errors are ValueErrors; nesting too deep is a RecursionError
-        raise SolverFileError(f"{path}: not a readable solver file ({type(exc).__name__}: {_clip(str(exc), 200)})") from exc
+        raise SolverFileError(f"{path}: not a readable solver file ({type(exc).__name__}: {clip(str(exc), 200)})") from exc
 
 
 def _read(path: str, schema: SolverSchema) -> SolverFile:
@@ -370,7 +271,7 @@ def _check_meta(meta: dict, kind: str, refuse) -> int:
         raise refuse(f"not a bespoke_ext solver file (a safetensors file without format {FORMAT!r} in its metadata)")
     text = meta.get("format_version", "")
     if not (0 < len(text) <= 6 and text.isdigit() and text.isascii()):
-        raise refuse(f"unreadable format_version {_short(text)}")
+        raise refuse(f"unreadable format_version {short_repr(text)}")
     version = int(text)
     if version > FORMAT_VERSION:
         raise refuse(f"written in solver format version {version}, newer than this bespoke_ext reads "
@@ -378,7 +279,7 @@ def _check_meta(meta: dict, kind: str, refuse) -> int:
     if version < 1:
         raise refuse(f"invalid format_version {version}")
     if meta.get("kind") != kind:
-        raise refuse(f"holds a {_short(meta.get('kind'))}, not a {kind!r}")
+        raise refuse(f"holds a {short_repr(meta.get('kind'))}, not a {kind!r}")
     return version
 
 
@@ -393,28 +294,28 @@ def _tensor_entries(header: dict, data_len: int, refuse) -> Dict[str, Entry]:
     total = 0
     for name, e in header.items():
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-            raise refuse(f"tensor {_short(name)}: not a safetensors tensor entry")
+            raise refuse(f"tensor {short_repr(name)}: not a safetensors tensor entry")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         if dtype not in _DTYPES:
-            raise refuse(f"tensor {_short(name)} has dtype {_short(dtype)}; solver parameters are floating point, "
+            raise refuse(f"tensor {short_repr(name)} has dtype {short_repr(dtype)}; solver parameters are floating point, "
                          f"one of {sorted(_DTYPES)}")
         if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_index(d) for d in shape):
-            raise refuse(f"tensor {_short(name)}: shape {_short(shape)} is not a list of at most {MAX_DIMS} "
+            raise refuse(f"tensor {short_repr(name)}: shape {short_repr(shape)} is not a list of at most {MAX_DIMS} "
                          f"non-negative integers")
         total += _elements(shape)
         if total > MAX_ELEMENTS:
-            raise refuse(f"tensor {_short(name)}: more than {MAX_ELEMENTS} tensor elements in all, more than a "
+            raise refuse(f"tensor {short_repr(name)}: more than {MAX_ELEMENTS} tensor elements in all, more than a "
                          f"solver file may hold")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)):
-            raise refuse(f"tensor {_short(name)}: data_offsets {_short(offsets)} are not two non-negative integers")
+            raise refuse(f"tensor {short_repr(name)}: data_offsets {short_repr(offsets)} are not two non-negative integers")
         begin, end = offsets
         if end - begin != _elements(shape) * _DTYPES[dtype][1]:
-            raise refuse(f"tensor {_short(name)}: {end - begin} bytes for shape {tuple(shape)} of {dtype}; damaged header")
+            raise refuse(f"tensor {short_repr(name)}: {end - begin} bytes for shape {tuple(shape)} of {dtype}; damaged header")
         entries[name] = (dtype, tuple(shape), begin, end)
     position = 0  # safetensors lays the tensors out back to back, in offset order, filling the data
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
         if begin != position:
-            raise refuse(f"tensor {_short(name)}: data at byte {begin}, expected {position}; damaged header")
+            raise refuse(f"tensor {short_repr(name)}: data at byte {begin}, expected {position}; damaged header")
         position = end
     if position != data_len:
         raise refuse(f"truncated or damaged tensor data: the header describes {position} bytes, the file holds {data_len}")
@@ -485,18 +386,9 @@ def _no_duplicates(pairs):
     return out
 
 
-def _short(value, limit: int = 60) -> str:
-    """repr(value), clipped: header values may be huge or hostile."""
-    return _clip(repr(value), limit)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _shapes_text(shapes: Mapping) -> str:
     return "{" + ", ".join(f"{k}: {tuple(v)}" for k, v in sorted(shapes.items())) + "}"
 
 
 def _config_text(config: Mapping) -> str:
-    return ", ".join(f"{k}={_short(v)}" for k, v in sorted(config.items()))
+    return ", ".join(f"{k}={short_repr(v)}" for k, v in sorted(config.items()))

@@ -9,7 +9,8 @@ from .history import TrainHistory, plot_history
 from .loss import (SolverTable, bound_loss, end_to_end_loss, final_errors, lipschitz_weights, local_errors,
                    solver_program, solver_table)
 from .options import TrainOptions
-from .trainer import NonFiniteTrainingError, default_cache_root, probe_model, train
+from .probe import probe_model
+from .trainer import NonFiniteTrainingError, default_cache_root, train
 from .validation import ValidationSet
 
 __all__ = [

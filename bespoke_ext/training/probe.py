@@ -1,0 +1,60 @@
+"""The model probe: one call before any ground truth, so a model that breaks the contract fails at once
+with a message naming what was expected, not deep inside an adaptive solve or a kernel."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..groundtruth.inputs import model_call_dtype, pool_size, take
+
+__all__ = ["probe_model"]
+
+
+def _describe(v) -> str:
+    return f"{type(v).__name__} {tuple(v.shape)} {v.dtype} on {v.device}" if torch.is_tensor(v) else type(v).__name__
+
+
+def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, dtype: torch.dtype,
+                extras: Optional[dict] = None, conditions: Optional[dict] = None) -> None:
+    """One call on a batch of 2 before any ground truth, as training will call the model: x [2, *shape] in the
+    model's dtype (``dtype``, or its own bf16/fp16), t [2], conditions rows 0 and 1, model_extras. Raises a
+    clear error unless the model accepts those names and returns a finite floating tensor of x's shape and
+    dtype on ``device``."""
+    extras = dict(extras or {})
+    call_dtype = model_call_dtype(model) or dtype
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device).to(call_dtype)
+    t = torch.tensor([0.25, 0.75], dtype=dtype, device=device)
+    m = pool_size(conditions)
+    cond = take(conditions, torch.tensor([0, 1 % m]) if m else None, device=device)
+    names = ", ".join([f"{k}=<{_describe(v)}>" for k, v in cond.items()] + [f"{k}=..." for k in extras])
+    call = f"model(x, t{', ' + names if names else ''}) with x [2, {', '.join(map(str, shape))}] {call_dtype} on {device}"
+    try:
+        with torch.no_grad():
+            out = model(x, t, **extras, **cond)
+    except TypeError as exc:
+        raise TypeError(f"the model probe {call} raised TypeError: {exc}. The model must accept x, t and every "
+                        f"name in model_extras {sorted(extras)} and conditions {sorted(cond)} as keyword arguments"
+                        ) from exc
+    except Exception as exc:
+        raise RuntimeError(f"the model probe {call} failed before training: {type(exc).__name__}: {exc}") from exc
+    if not torch.is_tensor(out):
+        raise TypeError(f"the model probe {call} returned {type(out).__name__}; expected a velocity tensor of "
+                        f"x's shape {tuple(x.shape)}")
+    if out.shape != x.shape:
+        raise ValueError(f"the model probe {call} returned shape {tuple(out.shape)}; expected x's shape "
+                         f"{tuple(x.shape)} (is shape={tuple(shape)} the per-sample shape the model takes?)")
+    # A bf16/fp16 model may return its own dtype or the state's (its velocity is cast to the state's dtype).
+    allowed = {x.dtype, dtype}
+    if not out.is_floating_point() or out.dtype not in allowed:
+        raise ValueError(f"the model probe {call} returned dtype {out.dtype}; expected x's dtype {x.dtype} "
+                         f"(pass dtype= the model's precision, torch.float32 or torch.float64, or make the model "
+                         f"return its input's dtype)")
+    if out.device != x.device:
+        raise ValueError(f"the model probe {call} returned a tensor on {out.device}; expected the training device "
+                         f"{x.device} (pass device='{out.device}', or move the model)")
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise ValueError(f"the model probe {call} returned {bad} non-finite values (NaN or inf) of {out.numel()}; "
+                         f"expected a finite velocity")
