@@ -131,8 +131,7 @@ def test_timesteps_and_sigmas_follow_diffusers_conventions():
     assert scheduler.init_noise_sigma == 1.0
     # scale_noise at the begin index: the flow path at that sigma (img2img's first latents)
     scheduler.set_begin_index(2)
-    data, noise = torch.ones(2, 4), torch.zeros(2, 4)
-    mixed = scheduler.scale_noise(data, scheduler.timesteps[2:3], noise)
+    mixed = scheduler.scale_noise(torch.ones(2, 4), scheduler.timesteps[2:3], torch.zeros(2, 4))
     assert torch.allclose(mixed, torch.full((2, 4), 1 - float(scheduler.sigmas[2])))
     with pytest.raises(ValueError, match="float timesteps"):
         scheduler.step(torch.zeros(2, 4), 500, torch.zeros(2, 4))
@@ -264,12 +263,10 @@ def test_bespoke_scheduler_inside_flux_makes_nfe_calls_and_equals_bx_sample(flux
     pipe.scheduler = BespokeScheduler.from_solver(solver, trained_mu=velocity.mu)
     latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(5))
     calls, handle = _counting(pipe.transformer)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the pipeline's mu is the trained one: no warning
-            got = _run(pipe, embeds, latents, pipe.scheduler.steps)
-    finally:
-        handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pipeline's mu is the trained one: no warning
+        got = _run(pipe, embeds, latents, pipe.scheduler.steps)
+    handle.remove()
     assert len(calls) == solver.nfe
     want = bx.sample(velocity, latents, solver=solver, **embeds)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
@@ -299,12 +296,15 @@ def test_sd3_euler_with_cfg_through_bx_sample_equals_the_pipeline(sd3):
 def test_bespoke_scheduler_inside_sd3_after_save_and_load(sd3, tmp_path):
     pipe, embeds = sd3
     solver = _perturbed(bx.BespokeSolver(3, 2), 0.2)
-    BespokeScheduler.from_solver(solver).save_pretrained(tmp_path)
-    pipe.scheduler = BespokeScheduler.from_pretrained(tmp_path)
+    pipe.scheduler = BespokeScheduler.from_solver(solver)
+    pipe.save_pretrained(tmp_path)  # the whole pipeline: model_index.json names the scheduler's module
+    loaded = type(pipe).from_pretrained(tmp_path, **{k: None for k, v in pipe.components.items() if v is None})
+    assert isinstance(loaded.scheduler, BespokeScheduler)
+    loaded.set_progress_bar_config(disable=True)
     velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=4.0)
     latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(7))
-    calls, handle = _counting(pipe.transformer)
-    got = _run(pipe, embeds, latents, pipe.scheduler.steps, guidance_scale=4.0)
+    calls, handle = _counting(loaded.transformer)
+    got = _run(loaded, embeds, latents, loaded.scheduler.steps, guidance_scale=4.0)
     handle.remove()
     assert len(calls) == solver.nfe  # CFG batches [uncond, cond]: one forward per evaluation
     want = bx.sample(velocity, latents, solver=solver, **embeds)
