@@ -124,3 +124,21 @@ def test_argument_errors_name_the_option(tmp_path):
         run("moons2d", out=tmp_path, batch=0, quick=True, progress=False)
     args = add_demo_arguments(argparse.ArgumentParser()).parse_args([])
     assert args.nfe == [8, 10] and args.out == "bespoke-demo" and args.model is None
+
+
+def test_conditional_demo_model_guides_and_cycles_the_labels():
+    from bespoke_ext.demo.conditional import demo_model
+    from bespoke_ext.models import ClassifierFreeGuidance
+    from bespoke_ext.models.embedded import load_embedded
+
+    dm = demo_model(load_embedded("mnist_cond"), 4.0)
+    assert isinstance(dm.velocity, ClassifierFreeGuidance) and dm.velocity.guidance_scale == 3.0  # g = 1 + w
+    assert dm.conditional and dm.conditions["y"].tolist() == list(range(10))
+    assert dm.extras(12)["y"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert demo_model(load_embedded("mnist_cond")).guidance == 2.0
+    plain = demo_model(load_embedded("moons2d"))
+    assert not plain.conditional and plain.conditions is None and plain.extras(5) == {}
+    with pytest.raises(ValueError, match="--guidance"):
+        demo_model(load_embedded("moons2d"), 2.0)
+    with pytest.raises(ValueError, match="--guidance"):
+        demo_model(load_embedded("mnist_cond"), -1.0)
