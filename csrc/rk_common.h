@@ -4,15 +4,17 @@
 // so every error message is the same on every device.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/types.h>
 
 #include <vector>
 
 namespace bespoke_ext {
 
-// Kernels pass term pointers by value; 16 covers RK updates (2-3 terms), Hermite
-// interpolation (4) and non-stationary solvers with up to 15 stored velocities.
-constexpr int64_t kMaxTerms = 16;
+// Kernels pass term pointers by value (CUDA: one kernel parameter struct, 2 x 8 x kMaxTerms
+// bytes, well under the 4 KiB parameter limit). 128 covers RK updates (2-3 terms), Hermite
+// interpolation (4) and non-stationary solvers, which combine NFE + 1 terms (65 at NFE 64).
+constexpr int64_t kMaxTerms = 128;
 
 // Fixed reduction block (elements per partial sum). Partial sums are added in a fixed
 // order afterwards, so coefficient gradients and RMS values do not depend on the number
@@ -104,6 +106,21 @@ inline void check_like_terms(const char* op, const char* name, const at::Tensor&
            t0.device(), ", got ", x.device());
 }
 
+// `out` is written while the terms are read. Writing straight into a term (out is terms[j],
+// the same elements in the same layout) is safe: each output element depends only on the
+// same element of every term, which is read before it is written. Any other overlap would
+// let a write land on an element that is still to be read, so it is refused. (Strided
+// inputs are copied and a strided `out` is computed in a buffer first, so only dense
+// tensors can overlap here, which get_overlap_status decides exactly.)
+inline void check_out_overlap(const char* op, const at::Tensor& out, at::TensorList terms) {
+  for (size_t j = 0; j < terms.size(); ++j) {
+    BX_CHECK(at::get_overlap_status(out, terms[j]) != at::MemOverlapStatus::Partial, op,
+             ": `out` partially overlaps terms[", j, "] in memory (shape ", out.sizes(),
+             ", strides ", out.strides(), " against strides ", terms[j].strides(),
+             "); pass a separate buffer, or terms[", j, "] itself to update it in place");
+  }
+}
+
 // Per-sample vectors (residual output and its incoming gradient): shape [N].
 inline void check_per_sample(const char* op, const char* name, const at::Tensor& v,
                              const RkProblem& p, const at::Tensor& like) {
@@ -130,6 +147,54 @@ inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at
 // Coefficients in the math type, contiguous, as [rows, k] with rows = 1 when shared.
 inline at::Tensor coeffs_for_math(const at::Tensor& coeffs, const RkProblem& p) {
   return coeffs.to(acc_dtype(p.dtype)).contiguous();
+}
+
+// Gradient buffers for the k terms (none when they are not asked for).
+inline std::vector<at::Tensor> empty_term_grads(const RkProblem& p, const at::Tensor& t0, bool need) {
+  std::vector<at::Tensor> g;
+  if (need) {
+    g.reserve(p.k);
+    for (int64_t j = 0; j < p.k; ++j) g.push_back(at::empty(t0.sizes(), t0.options()));
+  }
+  return g;
+}
+
+// Host prologue of rk_residual_backward, the same on every device: checks, contiguous
+// inputs, output buffers and the per-sample factor of the gradient.
+//   r = sum_j c_j T_j - y, rms = sqrt(mean r^2):  d rms / d r_i = r_i / (len * rms)
+// so with g_r = grad[n] r / (len rms[n]):  dT_j = c_j g_r, dy = -g_r, dc_j = sum_i g_r T_j.
+// At rms = 0 (a perfect fit) the gradient is taken as 0, the minimum-norm subgradient.
+struct ResidualBackward {
+  RkProblem p;
+  std::vector<at::Tensor> terms;   // contiguous
+  at::Tensor target;               // contiguous
+  at::Tensor coeffs;               // math type, contiguous
+  at::Tensor scale;                // [N] grad[n] / (len rms[n]) in the math type, 0 where rms = 0
+  std::vector<at::Tensor> gterms;  // outputs (empty list when not asked for)
+  at::Tensor gtarget;              // output (0 elements when not asked for)
+};
+
+inline ResidualBackward prepare_residual_backward(const at::Tensor& grad, const at::Tensor& rms,
+                                                  at::TensorList terms, const at::Tensor& coeffs,
+                                                  const at::Tensor& target, bool need_terms,
+                                                  bool need_target) {
+  const char* op = "rk_residual_backward";
+  ResidualBackward b;
+  b.p = check_rk_args(op, terms, coeffs, /*need_leading_dim=*/true);
+  check_like_terms(op, "target", target, terms[0]);
+  check_per_sample(op, "grad", grad, b.p, terms[0]);
+  check_per_sample(op, "rms", rms, b.p, terms[0]);
+  b.terms = contiguous_terms(terms);
+  b.target = target.contiguous();
+  b.coeffs = coeffs_for_math(coeffs, b.p);
+  const at::Tensor rms_acc = rms.to(acc_dtype(b.p.dtype));
+  b.scale = at::where(rms_acc > 0, grad.to(rms_acc.scalar_type()) / (rms_acc * static_cast<double>(b.p.len)),
+                      at::zeros_like(rms_acc))
+                .contiguous();
+  b.gterms = empty_term_grads(b.p, terms[0], need_terms);
+  b.gtarget = need_target ? at::empty(terms[0].sizes(), terms[0].options())
+                          : at::empty({0}, terms[0].options());
+  return b;
 }
 
 }  // namespace bespoke_ext
