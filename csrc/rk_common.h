@@ -149,6 +149,37 @@ inline at::Tensor coeffs_for_math(const at::Tensor& coeffs, const RkProblem& p) 
   return coeffs.to(acc_dtype(p.dtype)).contiguous();
 }
 
+// Host logic of rk_update_out on every device: checks, then
+// update_into(problem, contiguous terms, math-type coeffs, contiguous destination), writing
+// straight into `out` or, when it is strided, into a buffer then copied into it.
+template <typename UpdateInto>
+void update_out(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor& out,
+                const UpdateInto& update_into) {
+  const char* op = "rk_update_out";
+  const RkProblem p = check_rk_args(op, terms, coeffs);
+  check_like_terms(op, "out", out, terms[0]);
+  check_out_overlap(op, out, terms);
+  if (out.numel() == 0) return;
+  const auto ts = contiguous_terms(terms);
+  const at::Tensor c = coeffs_for_math(coeffs, p);
+  if (out.is_contiguous()) {
+    update_into(p, ts, c, out);
+  } else {
+    const at::Tensor dst = at::empty(out.sizes(), out.options());
+    update_into(p, ts, c, dst);
+    out.copy_(dst);
+  }
+}
+
+// Host logic of rk_update (allocating) on every device.
+template <typename UpdateInto>
+at::Tensor update(at::TensorList terms, const at::Tensor& coeffs, const UpdateInto& update_into) {
+  const RkProblem p = check_rk_args("rk_update", terms, coeffs);
+  at::Tensor out = at::empty(terms[0].sizes(), terms[0].options());
+  if (out.numel() > 0) update_into(p, contiguous_terms(terms), coeffs_for_math(coeffs, p), out);
+  return out;
+}
+
 // Gradient buffers for the k terms (none when they are not asked for).
 inline std::vector<at::Tensor> empty_term_grads(const RkProblem& p, const at::Tensor& t0, bool need) {
   std::vector<at::Tensor> g;
@@ -159,19 +190,48 @@ inline std::vector<at::Tensor> empty_term_grads(const RkProblem& p, const at::Te
   return g;
 }
 
+// What both backward ops start from, after their checks: the terms and coefficients ready
+// for the kernels and the buffers of the terms' gradients.
+struct BackwardInputs {
+  RkProblem p;
+  std::vector<at::Tensor> terms;   // contiguous
+  at::Tensor coeffs;               // math type, contiguous
+  std::vector<at::Tensor> gterms;  // outputs (empty list when not asked for)
+
+  BackwardInputs(const RkProblem& problem, at::TensorList ts, const at::Tensor& c, bool need_terms)
+      : p(problem),
+        terms(contiguous_terms(ts)),
+        coeffs(coeffs_for_math(c, problem)),
+        gterms(empty_term_grads(problem, ts[0], need_terms)) {}
+};
+
+// Host prologue of rk_update_backward, the same on every device.
+//   out = sum_j c_j T_j:  dT_j = c_j g,  dc_j = sum_i g_i T_j,i  (per sample or over all elements)
+struct UpdateBackward : BackwardInputs {
+  at::Tensor grad;  // contiguous
+  using BackwardInputs::BackwardInputs;
+};
+
+inline UpdateBackward prepare_update_backward(const at::Tensor& grad, at::TensorList terms,
+                                              const at::Tensor& coeffs, bool need_terms) {
+  const char* op = "rk_update_backward";
+  const RkProblem p = check_rk_args(op, terms, coeffs);
+  check_like_terms(op, "grad", grad, terms[0]);
+  UpdateBackward b(p, terms, coeffs, need_terms);
+  b.grad = grad.contiguous();
+  return b;
+}
+
 // Host prologue of rk_residual_backward, the same on every device: checks, contiguous
 // inputs, output buffers and the per-sample factor of the gradient.
 //   r = sum_j c_j T_j - y, rms = sqrt(mean r^2):  d rms / d r_i = r_i / (len * rms)
 // so with g_r = grad[n] r / (len rms[n]):  dT_j = c_j g_r, dy = -g_r, dc_j = sum_i g_r T_j.
 // At rms = 0 (a perfect fit) the gradient is taken as 0, the minimum-norm subgradient.
-struct ResidualBackward {
-  RkProblem p;
-  std::vector<at::Tensor> terms;   // contiguous
-  at::Tensor target;               // contiguous
-  at::Tensor coeffs;               // math type, contiguous
-  at::Tensor scale;                // [N] grad[n] / (len rms[n]) in the math type, 0 where rms = 0
-  std::vector<at::Tensor> gterms;  // outputs (empty list when not asked for)
-  at::Tensor gtarget;              // output (0 elements when not asked for)
+struct ResidualBackward : BackwardInputs {
+  at::Tensor target;   // contiguous
+  at::Tensor scale;    // [N] grad[n] / (len rms[n]) in the math type, 0 where rms = 0
+  at::Tensor gtarget;  // output (0 elements when not asked for)
+  using BackwardInputs::BackwardInputs;
 };
 
 inline ResidualBackward prepare_residual_backward(const at::Tensor& grad, const at::Tensor& rms,
@@ -179,19 +239,16 @@ inline ResidualBackward prepare_residual_backward(const at::Tensor& grad, const 
                                                   const at::Tensor& target, bool need_terms,
                                                   bool need_target) {
   const char* op = "rk_residual_backward";
-  ResidualBackward b;
-  b.p = check_rk_args(op, terms, coeffs, /*need_leading_dim=*/true);
+  const RkProblem p = check_rk_args(op, terms, coeffs, /*need_leading_dim=*/true);
   check_like_terms(op, "target", target, terms[0]);
-  check_per_sample(op, "grad", grad, b.p, terms[0]);
-  check_per_sample(op, "rms", rms, b.p, terms[0]);
-  b.terms = contiguous_terms(terms);
+  check_per_sample(op, "grad", grad, p, terms[0]);
+  check_per_sample(op, "rms", rms, p, terms[0]);
+  ResidualBackward b(p, terms, coeffs, need_terms);
   b.target = target.contiguous();
-  b.coeffs = coeffs_for_math(coeffs, b.p);
-  const at::Tensor rms_acc = rms.to(acc_dtype(b.p.dtype));
-  b.scale = at::where(rms_acc > 0, grad.to(rms_acc.scalar_type()) / (rms_acc * static_cast<double>(b.p.len)),
+  const at::Tensor rms_acc = rms.to(acc_dtype(p.dtype));
+  b.scale = at::where(rms_acc > 0, grad.to(rms_acc.scalar_type()) / (rms_acc * static_cast<double>(p.len)),
                       at::zeros_like(rms_acc))
                 .contiguous();
-  b.gterms = empty_term_grads(b.p, terms[0], need_terms);
   b.gtarget = need_target ? at::empty(terms[0].sizes(), terms[0].options())
                           : at::empty({0}, terms[0].options());
   return b;

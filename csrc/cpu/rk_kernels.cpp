@@ -189,27 +189,11 @@ void update_into(const RkProblem& p, const std::vector<at::Tensor>& ts, const at
 }  // namespace
 
 void rk_update_out(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor& out) {
-  const char* op = "rk_update_out";
-  const RkProblem p = check_rk_args(op, terms, coeffs);
-  check_like_terms(op, "out", out, terms[0]);
-  check_out_overlap(op, out, terms);
-  if (out.numel() == 0) return;
-  const auto ts = contiguous_terms(terms);
-  const at::Tensor c = coeffs_for_math(coeffs, p);
-  if (out.is_contiguous()) {
-    update_into(p, ts, c, out);
-  } else {
-    const at::Tensor dst = at::empty(out.sizes(), out.options());
-    update_into(p, ts, c, dst);
-    out.copy_(dst);
-  }
+  update_out(terms, coeffs, out, update_into);
 }
 
 at::Tensor rk_update(at::TensorList terms, const at::Tensor& coeffs) {
-  const RkProblem p = check_rk_args("rk_update", terms, coeffs);
-  at::Tensor out = at::empty(terms[0].sizes(), terms[0].options());
-  if (out.numel() > 0) update_into(p, contiguous_terms(terms), coeffs_for_math(coeffs, p), out);
-  return out;
+  return update(terms, coeffs, update_into);
 }
 
 at::Tensor rk_residual(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor& target) {
@@ -244,26 +228,21 @@ at::Tensor rk_residual(at::TensorList terms, const at::Tensor& coeffs, const at:
   return rms;
 }
 
-// d/dT_j = c_j g;  d/dc_j = sum_i g_i T_j,i   (per sample or over all elements)
+// Formulas and checks: prepare_update_backward (rk_common.h).
 std::tuple<std::vector<at::Tensor>, at::Tensor> rk_update_backward(
     const at::Tensor& grad, at::TensorList terms, const at::Tensor& coeffs, bool need_terms,
     bool need_coeffs) {
-  const char* op = "rk_update_backward";
-  const RkProblem p = check_rk_args(op, terms, coeffs);
-  check_like_terms(op, "grad", grad, terms[0]);
-  const auto ts = contiguous_terms(terms);
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor c = coeffs_for_math(coeffs, p);
+  UpdateBackward b = prepare_update_backward(grad, terms, coeffs, need_terms);
+  const RkProblem& p = b.p;
   const Units u = Units::make(p, /*flat=*/!p.per_sample);
-  std::vector<at::Tensor> gterms = empty_term_grads(p, terms[0], need_terms);
   at::Tensor partial = need_coeffs ? at::empty({u.slots_total(), p.k}, coeffs.options().dtype(at::kDouble))
                                    : at::Tensor();
   if (u.count > 0 && (need_terms || need_coeffs)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      auto a = make_args<scalar_t, acc_t>(p, ts, c);
-      a.grad = g.data_ptr<scalar_t>();
-      for (size_t j = 0; j < gterms.size(); ++j) a.gterm[j] = gterms[j].data_ptr<scalar_t>();
+      auto a = make_args<scalar_t, acc_t>(p, b.terms, b.coeffs);
+      a.grad = b.grad.data_ptr<scalar_t>();
+      for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
       parallel_units(u, p.k, need_coeffs ? partial.data_ptr<double>() : nullptr,
                      [&](int64_t lo, int64_t hi, double* sums) {
                        BX_CPU_ISA(backward_range, a, /*residual=*/false, lo, hi, sums);
@@ -271,7 +250,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> rk_update_backward(
     });
   }
   at::Tensor gcoeffs = need_coeffs ? finish_coeff_grad(partial, u, p, coeffs) : at::empty({0}, coeffs.options());
-  return {gterms, gcoeffs};
+  return {b.gterms, gcoeffs};
 }
 
 // Formulas and checks: prepare_residual_backward (rk_common.h).
@@ -303,12 +282,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> rk_residual_backward
 
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(bespoke_ext, CPU, m) {
-  m.impl("rk_update", &cpu::rk_update);
-  m.impl("rk_update_out", &cpu::rk_update_out);
-  m.impl("rk_residual", &cpu::rk_residual);
-  m.impl("rk_update_backward", &cpu::rk_update_backward);
-  m.impl("rk_residual_backward", &cpu::rk_residual_backward);
-}
+BX_REGISTER_RK_OPS(CPU, cpu)
 
 }  // namespace bespoke_ext
