@@ -5,7 +5,8 @@ Switches (environment variables):
   BESPOKE_EXT_FORCE_CUDA=1  compile the CUDA kernels even when no GPU is visible (the usual
                             case on build machines); fails if torch or the toolkit lacks CUDA
 By default CUDA kernels are compiled when torch is a CUDA build and a toolkit is found
-(CUDA_HOME). TORCH_CUDA_ARCH_LIST picks the GPU architectures, as for any torch extension.
+(CUDA_HOME). TORCH_CUDA_ARCH_LIST picks the GPU architectures, as for any torch extension;
+without it, the visible GPU's, or DEFAULT_CUDA_ARCH_LIST when none is visible.
 """
 
 import glob
@@ -37,11 +38,28 @@ def _use_cuda() -> bool:
     return torch.version.cuda is not None and has_toolkit
 
 
+# Used when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: A100, H100/H200, and PTX
+# that newer GPUs compile at load time. (torch would otherwise look for a visible GPU's
+# architecture and fail with an IndexError.)
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _default_cuda_arch_list() -> None:
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or torch.cuda.is_available():
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    print(f"bespoke_ext: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building for {DEFAULT_CUDA_ARCH_LIST}")
+
+
 def _extension():
-    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    # -ffp-contract=off: no fused multiply-add, so every CPU build gives the same bits (csrc/cpu)
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]  # the C++ standard is the one torch asks for
     link = ["-fopenmp"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if _use_cuda():
+        _default_cuda_arch_list()
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-lineinfo"]
         return cpp_extension.CUDAExtension(

@@ -1,19 +1,29 @@
-"""Kernel benchmarks of the fused ops, each measured side by side in one run against the same
-expression in eager PyTorch, under torch.compile, and the memory-bandwidth floor.
+"""Kernel benchmarks of the fused ops, each case measured in one run against the same
+expression in eager PyTorch, under torch.compile, and the copy floor.
 
-    python -m pytest benchmarks/bench_ops.py --benchmark-only \
+    python -m pytest benchmarks/bench_ops.py --benchmark-only \\
         --benchmark-json=benchmarks/results/ops_<machine>_raw.json
     python benchmarks/report_ops.py benchmarks/results/ops_<machine>_raw.json
 
-Groups are (op, dtype, size); within a group:
-  fused        the op, allocating its output (what autograd code calls)
-  fused_out    rk_update_out into a preallocated buffer (steady state of a sampling loop)
-  eager        the same expression in eager PyTorch
-  compiled     the same expression under torch.compile (inductor)
-  copy         out.copy_(terms[0]) on the same size: measures copy bandwidth, from which the
-               report derives the floor (k + 1) * N * elem_size bytes / bandwidth
-Backward groups compare the fused backward op with eager autograd of the same expression.
-Set BENCH_SIZES (comma-separated element counts) to change the sweep.
+A case is (op, shape, k, dtype, shared or per-sample coefficients, threads); its variants:
+  fused_out      rk_update_out into a preallocated buffer (the steady state of a sampling loop)
+  fused          the allocating op (what autograd code calls)
+  eager_inplace  the in-place eager chain torch.mul(out=), addcmul_, ... into the same buffer
+  eager          the allocating eager expression sum_j c_j * T_j
+  compiled       that expression under torch.compile (inductor), allocating
+  copy           out.copy_(terms[0]): the copy bandwidth, from which the report derives the
+                 floor (k + 1) * numel * elem_size bytes / bandwidth
+Backward cases compare the fused backward op with eager autograd of the same expression;
+residual cases the fused RMS with its eager expression.
+
+Shapes cover every way of grouping elements into samples: flat [L] (one element per sample),
+[N, 2], [N, 64], [N, 3072], [1, L] and images [B, 3, 32, 32]. Timings are steady-state loops
+(buffers reused, pages already touched), except the allocating variants, which pay fresh
+allocations as callers do.
+
+Environment: BENCH_DEVICE (cpu or cuda), BENCH_THREADS (CPU thread counts, default "1,2"),
+BENCH_FLAT_SIZES (the flat sweep, default "1e4,1e6,4.2e6,1.7e7"), BENCH_SCALE (multiplies the
+number of samples of the other shapes, e.g. 16 on a GPU).
 """
 
 import os
@@ -23,11 +33,38 @@ import torch
 
 from bespoke_ext import ops
 
-K = 3
-SIZES = [int(float(s)) for s in os.environ.get("BENCH_SIZES", "1e4,1e6,1.6e7,6.7e7").split(",")]
-BACKWARD_SIZES = [s for s in SIZES if 1e5 <= s <= 2e7] or SIZES[:1]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+ON_CPU = DEVICE == "cpu"
+THREADS = [int(t) for t in os.environ.get("BENCH_THREADS", "1,2").split(",")] if ON_CPU else [0]
+FLAT_SIZES = [int(float(s)) for s in os.environ.get("BENCH_FLAT_SIZES", "1e4,1e6,4.2e6,1.7e7").split(",")]
+SCALE = int(os.environ.get("BENCH_SCALE", "1"))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _case(shape, k=3, dtype="fp32", coeffs="shared"):
+    return pytest.param((tuple(shape), k, dtype, coeffs), id=f"{'x'.join(map(str, shape))}-k{k}-{dtype}-{coeffs}")
+
+
+# (shape, k, dtype, coefficients): about 1M elements each unless the shape says otherwise
+UPDATE_CASES = (
+    [_case((n,)) for n in FLAT_SIZES]
+    + [_case((1 << 20,), coeffs="per_sample"), _case((1 << 22,), k=2), _case((1 << 22,), k=8),
+       _case((1 << 22,), dtype="bf16")]
+    + [_case((4096 * SCALE, 2), coeffs=c) for c in ("shared", "per_sample")]
+    + [_case(((1 << 19) * SCALE, 2), coeffs=c) for c in ("shared", "per_sample")]
+    + [_case((16384 * SCALE, 64), coeffs=c) for c in ("shared", "per_sample")]
+    + [_case((16384 * SCALE, 64), dtype="bf16", coeffs="per_sample"), _case((16384 * SCALE, 64), k=8, coeffs="per_sample")]
+    + [_case((342 * SCALE, 3072), coeffs=c) for c in ("shared", "per_sample")]
+    + [_case((1, (1 << 22) * SCALE))]
+    + [_case((256 * SCALE, 3, 32, 32), coeffs=c) for c in ("shared", "per_sample")]
+)
+REDUCE_CASES = [
+    _case((1 << 22,)),
+    _case(((1 << 19) * SCALE, 2), coeffs="per_sample"),
+    _case((16384 * SCALE, 64), coeffs="per_sample"),
+    _case((8 * SCALE, 16384)),
+    _case((256 * SCALE, 3, 32, 32), coeffs="per_sample"),
+]
 
 
 def _sync():
@@ -35,86 +72,123 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _inputs(size, dtype, k=K):
-    gen = torch.Generator().manual_seed(size % 1000)
-    terms = [torch.randn(size // 64, 64, generator=gen).to(dtype=dtype, device=DEVICE) for _ in range(k)]
-    coeffs = torch.tensor([1.0, 0.25, -0.5, 0.125, 2.0, -1.0, 0.5, 0.75][:k], device=DEVICE)
-    return terms, coeffs
+def _inputs(shape, k, dtype, coeffs):
+    gen = torch.Generator().manual_seed(sum(shape) + k)
+    terms = [torch.randn(shape, generator=gen).to(dtype=DTYPES[dtype], device=DEVICE) for _ in range(k)]
+    n = shape[0]
+    c = torch.randn((n, k) if coeffs == "per_sample" else (k,), generator=gen).to(DEVICE)
+    # the same coefficients as eager operands: broadcastable per-sample columns or 0-dim scalars
+    bshape = (-1,) + (1,) * (len(shape) - 1)
+    cols = [c[:, j].reshape(bshape).to(DTYPES[dtype]) if c.dim() == 2 else c[j].to(DTYPES[dtype]) for j in range(k)]
+    return terms, c, cols
 
 
-def _eager(terms, coeffs):
-    out = terms[0] * coeffs[0]
+def _eager(terms, cols):
+    out = terms[0] * cols[0]
     for j in range(1, len(terms)):
-        out = out + terms[j] * coeffs[j]
+        out = out + terms[j] * cols[j]
     return out
 
 
-_compiled = torch.compile(_eager, dynamic=False)
+def _eager_inplace(terms, cols, out):
+    torch.mul(terms[0], cols[0], out=out)
+    for j in range(1, len(terms)):
+        out.addcmul_(terms[j], cols[j])
+    return out
 
 
-def _run(benchmark, fn):
+# one compiled function per rank, k and coefficient layout (dynamic shapes: no recompile per size)
+_compiled = torch.compile(_eager, dynamic=True)
+
+
+def _residual_eager(terms, cols, target):
+    r = (_eager(terms, cols) - target).float()
+    return r.pow(2).reshape(r.shape[0], -1).mean(1).sqrt()
+
+
+_residual_compiled = torch.compile(_residual_eager, dynamic=True)
+
+
+def _run(benchmark, fn, numel, threads):
+    if ON_CPU:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+
     def timed():
         fn()
         _sync()
 
-    timed()  # warm-up (compilation, page faults)
-    benchmark.pedantic(timed, rounds=15 if DEVICE == "cpu" else 100, warmup_rounds=2, iterations=1)
+    try:
+        timed()  # warm-up: compilation, page faults
+        rounds = (20 if numel <= 1 << 20 else 7) if ON_CPU else 100
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)
+    finally:
+        if ON_CPU:
+            torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("variant", ["fused", "fused_out", "eager", "compiled", "copy"])
-def test_update(benchmark, variant, dtype, size):
-    terms, coeffs = _inputs(size, DTYPES[dtype])
-    benchmark.group = f"rk_update k={K} {dtype} n={size:.1e}"
-    benchmark.extra_info.update(op="rk_update", k=K, dtype=dtype, size=size, variant=variant,
-                                elem_size=terms[0].element_size(), device=DEVICE)
+def _info(benchmark, op, case, variant, threads, elem_size):
+    shape, k, dtype, coeffs = case
+    numel = 1
+    for d in shape:
+        numel *= d
+    benchmark.group = f"{op} {'x'.join(map(str, shape))} k={k} {dtype} {coeffs} threads={threads}"
+    benchmark.extra_info.update(op=op, shape=list(shape), size=numel, k=k, dtype=dtype, coeffs=coeffs,
+                                threads=threads, variant=variant, elem_size=elem_size, device=DEVICE,
+                                load1=os.getloadavg()[0])  # the machine is shared: say how busy it was
+    return numel
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("case", UPDATE_CASES)
+@pytest.mark.parametrize("variant", ["fused_out", "fused", "eager_inplace", "eager", "compiled", "copy"])
+def test_update(benchmark, variant, case, threads):
+    terms, c, cols = _inputs(*case)
+    numel = _info(benchmark, "rk_update", case, variant, threads, terms[0].element_size())
     out = torch.empty_like(terms[0])
     fns = {
-        "fused": lambda: ops.rk_update(terms, coeffs),
-        "fused_out": lambda: ops.rk_update_out(terms, coeffs, out),
-        "eager": lambda: _eager(terms, coeffs),
-        "compiled": lambda: _compiled(terms, coeffs),
+        "fused_out": lambda: ops.rk_update_out(terms, c, out),
+        "fused": lambda: ops.rk_update(terms, c),
+        "eager_inplace": lambda: _eager_inplace(terms, cols, out),
+        "eager": lambda: _eager(terms, cols),
+        "compiled": lambda: _compiled(terms, cols),
         "copy": lambda: out.copy_(terms[0]),
     }
     with torch.inference_mode():
-        _run(benchmark, fns[variant])
+        _run(benchmark, fns[variant], numel, threads)
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("case", REDUCE_CASES)
 @pytest.mark.parametrize("variant", ["fused", "eager", "compiled"])
-def test_residual(benchmark, variant, dtype, size):
-    terms, coeffs = _inputs(size, DTYPES[dtype])
+def test_residual(benchmark, variant, case, threads):
+    terms, c, cols = _inputs(*case)
     target = torch.randn_like(terms[0])
-    benchmark.group = f"rk_residual k={K} {dtype} n={size:.1e}"
-    benchmark.extra_info.update(op="rk_residual", k=K, dtype=dtype, size=size, variant=variant,
-                                elem_size=terms[0].element_size(), device=DEVICE)
-
-    def eager():
-        return (_eager(terms, coeffs) - target).float().pow(2).mean(1).sqrt()
-
-    compiled = torch.compile(eager, dynamic=False)
-    fns = {"fused": lambda: ops.rk_residual(terms, coeffs, target), "eager": eager, "compiled": compiled}
+    numel = _info(benchmark, "rk_residual", case, variant, threads, terms[0].element_size())
+    fns = {
+        "fused": lambda: ops.rk_residual(terms, c, target),
+        "eager": lambda: _residual_eager(terms, cols, target),
+        "compiled": lambda: _residual_compiled(terms, cols, target),
+    }
     with torch.inference_mode():
-        _run(benchmark, fns[variant])
+        _run(benchmark, fns[variant], numel, threads)
 
 
-@pytest.mark.parametrize("size", BACKWARD_SIZES)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("case", REDUCE_CASES)
 @pytest.mark.parametrize("variant", ["fused", "eager"])
-def test_update_backward(benchmark, variant, dtype, size):
-    """Gradients for all terms and the (shared) coefficients, given the output gradient."""
-    terms, coeffs = _inputs(size, DTYPES[dtype])
-    terms = [t.requires_grad_() for t in terms]
-    coeffs = coeffs.requires_grad_()
+def test_update_backward(benchmark, variant, case, threads):
+    """Gradients of all terms and the coefficients, given the output gradient."""
+    terms, c, _ = _inputs(*case)
+    numel = _info(benchmark, "rk_update_backward", case, variant, threads, terms[0].element_size())
     grad = torch.randn_like(terms[0])
-    benchmark.group = f"rk_update backward k={K} {dtype} n={size:.1e}"
-    benchmark.extra_info.update(op="rk_update_backward", k=K, dtype=dtype, size=size, variant=variant,
-                                elem_size=terms[0].element_size(), device=DEVICE)
     if variant == "fused":
-        fn = lambda: torch.ops.bespoke_ext.rk_update_backward(grad, terms, coeffs, True, True)  # noqa: E731
+        fn = lambda: torch.ops.bespoke_ext.rk_update_backward(grad, terms, c, True, True)  # noqa: E731
     else:
-        out = _eager(terms, coeffs)
-        fn = lambda: torch.autograd.grad(out, [*terms, coeffs], grad, retain_graph=True)  # noqa: E731
-    _run(benchmark, fn)
+        terms = [t.requires_grad_() for t in terms]
+        c = c.requires_grad_()
+        bshape = (-1,) + (1,) * (terms[0].dim() - 1)
+        cols = [c[:, j].reshape(bshape) if c.dim() == 2 else c[j] for j in range(len(terms))]
+        out = _eager(terms, [x.to(terms[0].dtype) for x in cols])
+        fn = lambda: torch.autograd.grad(out, [*terms, c], grad, retain_graph=True)  # noqa: E731
+    _run(benchmark, fn, numel, threads)

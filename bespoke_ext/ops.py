@@ -29,26 +29,35 @@ from . import _C  # noqa: F401  (loads the library, which registers the ops)
 __all__ = ["rk_update", "rk_update_out", "rk_residual"]
 
 _ops = torch.ops.bespoke_ext
+# the overloads looked up once: a sampling loop calls these every step
+_rk_update = _ops.rk_update.default
+_rk_update_out = _ops.rk_update_out.default
+_rk_residual = _ops.rk_residual.default
+
+
+def _as_list(terms: Sequence[Tensor]) -> list:
+    return terms if type(terms) is list else list(terms)
 
 
 def rk_update(terms: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     """sum_j coeffs[..., j] * terms[j]; coeffs [k] or [N, k]. Differentiable in terms and coeffs."""
-    return _ops.rk_update.default(list(terms), coeffs)
+    return _rk_update(_as_list(terms), coeffs)
 
 
 def rk_update_out(terms: Sequence[Tensor], coeffs: Tensor, out: Tensor) -> Tensor:
     """rk_update written into ``out`` (no allocation, no autograd); returns ``out``.
 
-    ``out`` may be one of ``terms`` (each output element depends only on the same element of
-    every term), which gives in-place updates such as x <- a x + b u.
+    ``out`` may be one of ``terms`` itself (each output element depends only on the same
+    element of every term), which gives in-place updates such as x <- a x + b u. An ``out``
+    that overlaps a term in any other way (a shifted or transposed view of it) is refused.
     """
-    _ops.rk_update_out.default(list(terms), coeffs, out)
+    _rk_update_out(_as_list(terms), coeffs, out)
     return out
 
 
 def rk_residual(terms: Sequence[Tensor], coeffs: Tensor, target: Tensor) -> Tensor:
     """Per-sample RMS of (rk_update(terms, coeffs) - target), shape [N], without forming it."""
-    return _ops.rk_residual.default(list(terms), coeffs, target)
+    return _rk_residual(_as_list(terms), coeffs, target)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,15 +4,17 @@
 // so every error message is the same on every device.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/types.h>
 
 #include <vector>
 
 namespace bespoke_ext {
 
-// Kernels pass term pointers by value; 16 covers RK updates (2-3 terms), Hermite
-// interpolation (4) and non-stationary solvers with up to 15 stored velocities.
-constexpr int64_t kMaxTerms = 16;
+// Kernels pass term pointers by value (CUDA: one kernel parameter struct, 2 x 8 x kMaxTerms
+// bytes, well under the 4 KiB parameter limit). 128 covers RK updates (2-3 terms), Hermite
+// interpolation (4) and non-stationary solvers, which combine NFE + 1 terms (65 at NFE 64).
+constexpr int64_t kMaxTerms = 128;
 
 // Fixed reduction block (elements per partial sum). Partial sums are added in a fixed
 // order afterwards, so coefficient gradients and RMS values do not depend on the number
@@ -104,6 +106,21 @@ inline void check_like_terms(const char* op, const char* name, const at::Tensor&
            t0.device(), ", got ", x.device());
 }
 
+// `out` is written while the terms are read. Writing straight into a term (out is terms[j],
+// the same elements in the same layout) is safe: each output element depends only on the
+// same element of every term, which is read before it is written. Any other overlap would
+// let a write land on an element that is still to be read, so it is refused. (Strided
+// inputs are copied and a strided `out` is computed in a buffer first, so only dense
+// tensors can overlap here, which get_overlap_status decides exactly.)
+inline void check_out_overlap(const char* op, const at::Tensor& out, at::TensorList terms) {
+  for (size_t j = 0; j < terms.size(); ++j) {
+    BX_CHECK(at::get_overlap_status(out, terms[j]) != at::MemOverlapStatus::Partial, op,
+             ": `out` partially overlaps terms[", j, "] in memory (shape ", out.sizes(),
+             ", strides ", out.strides(), " against strides ", terms[j].strides(),
+             "); pass a separate buffer, or terms[", j, "] itself to update it in place");
+  }
+}
+
 // Per-sample vectors (residual output and its incoming gradient): shape [N].
 inline void check_per_sample(const char* op, const char* name, const at::Tensor& v,
                              const RkProblem& p, const at::Tensor& like) {
@@ -130,6 +147,111 @@ inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at
 // Coefficients in the math type, contiguous, as [rows, k] with rows = 1 when shared.
 inline at::Tensor coeffs_for_math(const at::Tensor& coeffs, const RkProblem& p) {
   return coeffs.to(acc_dtype(p.dtype)).contiguous();
+}
+
+// Host logic of rk_update_out on every device: checks, then
+// update_into(problem, contiguous terms, math-type coeffs, contiguous destination), writing
+// straight into `out` or, when it is strided, into a buffer then copied into it.
+template <typename UpdateInto>
+void update_out(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor& out,
+                const UpdateInto& update_into) {
+  const char* op = "rk_update_out";
+  const RkProblem p = check_rk_args(op, terms, coeffs);
+  check_like_terms(op, "out", out, terms[0]);
+  check_out_overlap(op, out, terms);
+  if (out.numel() == 0) return;
+  const auto ts = contiguous_terms(terms);
+  const at::Tensor c = coeffs_for_math(coeffs, p);
+  if (out.is_contiguous()) {
+    update_into(p, ts, c, out);
+  } else {
+    const at::Tensor dst = at::empty(out.sizes(), out.options());
+    update_into(p, ts, c, dst);
+    out.copy_(dst);
+  }
+}
+
+// Host logic of rk_update (allocating) on every device.
+template <typename UpdateInto>
+at::Tensor update(at::TensorList terms, const at::Tensor& coeffs, const UpdateInto& update_into) {
+  const RkProblem p = check_rk_args("rk_update", terms, coeffs);
+  at::Tensor out = at::empty(terms[0].sizes(), terms[0].options());
+  if (out.numel() > 0) update_into(p, contiguous_terms(terms), coeffs_for_math(coeffs, p), out);
+  return out;
+}
+
+// Gradient buffers for the k terms (none when they are not asked for).
+inline std::vector<at::Tensor> empty_term_grads(const RkProblem& p, const at::Tensor& t0, bool need) {
+  std::vector<at::Tensor> g;
+  if (need) {
+    g.reserve(p.k);
+    for (int64_t j = 0; j < p.k; ++j) g.push_back(at::empty(t0.sizes(), t0.options()));
+  }
+  return g;
+}
+
+// What both backward ops start from, after their checks: the terms and coefficients ready
+// for the kernels and the buffers of the terms' gradients.
+struct BackwardInputs {
+  RkProblem p;
+  std::vector<at::Tensor> terms;   // contiguous
+  at::Tensor coeffs;               // math type, contiguous
+  std::vector<at::Tensor> gterms;  // outputs (empty list when not asked for)
+
+  BackwardInputs(const RkProblem& problem, at::TensorList ts, const at::Tensor& c, bool need_terms)
+      : p(problem),
+        terms(contiguous_terms(ts)),
+        coeffs(coeffs_for_math(c, problem)),
+        gterms(empty_term_grads(problem, ts[0], need_terms)) {}
+};
+
+// Host prologue of rk_update_backward, the same on every device.
+//   out = sum_j c_j T_j:  dT_j = c_j g,  dc_j = sum_i g_i T_j,i  (per sample or over all elements)
+struct UpdateBackward : BackwardInputs {
+  at::Tensor grad;  // contiguous
+  using BackwardInputs::BackwardInputs;
+};
+
+inline UpdateBackward prepare_update_backward(const at::Tensor& grad, at::TensorList terms,
+                                              const at::Tensor& coeffs, bool need_terms) {
+  const char* op = "rk_update_backward";
+  const RkProblem p = check_rk_args(op, terms, coeffs);
+  check_like_terms(op, "grad", grad, terms[0]);
+  UpdateBackward b(p, terms, coeffs, need_terms);
+  b.grad = grad.contiguous();
+  return b;
+}
+
+// Host prologue of rk_residual_backward, the same on every device: checks, contiguous
+// inputs, output buffers and the per-sample factor of the gradient.
+//   r = sum_j c_j T_j - y, rms = sqrt(mean r^2):  d rms / d r_i = r_i / (len * rms)
+// so with g_r = grad[n] r / (len rms[n]):  dT_j = c_j g_r, dy = -g_r, dc_j = sum_i g_r T_j.
+// At rms = 0 (a perfect fit) the gradient is taken as 0, the minimum-norm subgradient.
+struct ResidualBackward : BackwardInputs {
+  at::Tensor target;   // contiguous
+  at::Tensor scale;    // [N] grad[n] / (len rms[n]) in the math type, 0 where rms = 0
+  at::Tensor gtarget;  // output (0 elements when not asked for)
+  using BackwardInputs::BackwardInputs;
+};
+
+inline ResidualBackward prepare_residual_backward(const at::Tensor& grad, const at::Tensor& rms,
+                                                  at::TensorList terms, const at::Tensor& coeffs,
+                                                  const at::Tensor& target, bool need_terms,
+                                                  bool need_target) {
+  const char* op = "rk_residual_backward";
+  const RkProblem p = check_rk_args(op, terms, coeffs, /*need_leading_dim=*/true);
+  check_like_terms(op, "target", target, terms[0]);
+  check_per_sample(op, "grad", grad, p, terms[0]);
+  check_per_sample(op, "rms", rms, p, terms[0]);
+  ResidualBackward b(p, terms, coeffs, need_terms);
+  b.target = target.contiguous();
+  const at::Tensor rms_acc = rms.to(acc_dtype(p.dtype));
+  b.scale = at::where(rms_acc > 0, grad.to(rms_acc.scalar_type()) / (rms_acc * static_cast<double>(p.len)),
+                      at::zeros_like(rms_acc))
+                .contiguous();
+  b.gtarget = need_target ? at::empty(terms[0].sizes(), terms[0].options())
+                          : at::empty({0}, terms[0].options());
+  return b;
 }
 
 }  // namespace bespoke_ext

@@ -37,4 +37,15 @@ BX_DECLARE_RK_OPS
 
 #undef BX_DECLARE_RK_OPS
 
+// Registers the kernels of namespace NS for dispatch key KEY (once per device, in the file
+// that holds them; needs torch/library.h).
+#define BX_REGISTER_RK_OPS(KEY, NS)                                \
+  TORCH_LIBRARY_IMPL(bespoke_ext, KEY, m) {                        \
+    m.impl("rk_update", &NS::rk_update);                           \
+    m.impl("rk_update_out", &NS::rk_update_out);                   \
+    m.impl("rk_residual", &NS::rk_residual);                       \
+    m.impl("rk_update_backward", &NS::rk_update_backward);         \
+    m.impl("rk_residual_backward", &NS::rk_residual_backward);     \
+  }
+
 }  // namespace bespoke_ext

@@ -307,7 +307,7 @@ def test_property_update_and_residual(n, inner, k, dtype, per_sample, transpose,
         (lambda: ops.rk_update([torch.ones(2, 3)] * 2, torch.ones(3, 2)), "per-sample `coeffs` must have shape [N, k] = [2, 2]"),
         (lambda: ops.rk_update([torch.ones(2, 3)] * 2, torch.ones(2, 2, 1)), "`coeffs` must have shape [k] or [N, k]"),
         (lambda: ops.rk_update([torch.ones(2, 3)] * 2, torch.ones(2, dtype=torch.float16)), "`coeffs` must be float32 or float64"),
-        (lambda: ops.rk_update([torch.ones(2, 3)] * 17, torch.ones(17)), "at most 16 terms"),
+        (lambda: ops.rk_update([torch.ones(2, 3)] * 129, torch.ones(129)), "at most 128 terms"),
         (lambda: ops.rk_update_out([torch.ones(2, 3)], torch.ones(1), torch.ones(3, 2)), "`out` must have the terms' shape"),
         (lambda: ops.rk_update_out([torch.ones(2, 3)], torch.ones(1), torch.ones(2, 3).double()), "`out` must have the terms' dtype"),
         (lambda: ops.rk_residual([torch.ones(2, 3)], torch.ones(1), torch.ones(2, 4)), "`target` must have the terms' shape"),
@@ -356,3 +356,272 @@ def test_gradient_for_coefficients_alone(device, op):
     ref = ref_update(terms, c64).sum() if op == "update" else ref_residual(terms, c64, torch.zeros_like(terms[0])).sum()
     (g_ref,) = torch.autograd.grad(ref, [c64])
     torch.testing.assert_close(g, g_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# every op at the shapes that stress the work split, against float64 references
+
+
+def ref_update_backward(grad, terms, coeffs):
+    """dT_j = c[n?, j] g,  dc_j = sum_i g T_j (per sample over the non-leading dims, or in all)."""
+    g = grad.double()
+    c = coeffs.double()
+    shape = (-1,) + (1,) * (terms[0].dim() - 1)
+    cj = (lambda j: c[j]) if c.dim() == 1 else (lambda j: c[:, j].reshape(shape))
+    gterms = [cj(j) * g for j in range(len(terms))]
+    prods = [g * t.double() for t in terms]
+    if c.dim() == 1:
+        gc = torch.stack([p.sum() for p in prods])
+        gc_scale = torch.stack([p.abs().sum() for p in prods])
+    else:
+        gc = torch.stack([p.reshape(p.shape[0], -1).sum(1) for p in prods], 1)
+        gc_scale = torch.stack([p.abs().reshape(p.shape[0], -1).sum(1) for p in prods], 1)
+    return gterms, gc, gc_scale
+
+
+def ref_residual_grad(grad, terms, coeffs, target):
+    """g_r = grad[n] r / (len rms[n]) with r = sum_j c_j T_j - y: the gradient of the combination;
+    and a bound on |g_r| that its rounding errors scale with (r may cancel to near 0)."""
+    r = ref_update(terms, coeffs) - target.double()
+    n = r.shape[0]
+    length = r[0].numel()
+    rms = r.pow(2).reshape(n, -1).mean(1).sqrt()
+    f = torch.where(rms > 0, grad.double() / (length * rms), torch.zeros_like(rms))
+    f = f.reshape((-1,) + (1,) * (r.dim() - 1))
+    return f * r, f.abs() * (scale_of(terms, coeffs) + target.double().abs())
+
+
+def assert_all_ops_match_reference(terms, coeffs, target, out=None, rtol=2e-6):
+    """Every op on one input set against float64; sums within rtol of the sum of magnitudes."""
+    o = torch.ops.bespoke_ext
+    expected = ref_update(terms, coeffs)
+    bound = scale_of(terms, coeffs) + expected.abs()
+    out = torch.empty_like(terms[0]) if out is None else out
+    ops.rk_update_out(terms, coeffs, out)
+    assert bool(((out.double() - expected).abs() <= rtol * bound).all()), "rk_update_out"
+    assert bool(((ops.rk_update(terms, coeffs).double() - expected).abs() <= rtol * bound).all()), "rk_update"
+
+    rms = ops.rk_residual(terms, coeffs, target)
+    ref_rms = ref_residual(terms, coeffs, target)
+    # the residual may cancel to near 0: errors scale with the RMS of the magnitudes
+    mag = bound + target.double().abs()
+    rms_bound = 4 * rtol * mag.pow(2).reshape(mag.shape[0], -1).mean(1).sqrt()
+    assert bool(((rms.double() - ref_rms).abs() <= rms_bound).all()), "rk_residual"
+
+    grad = torch.randn(terms[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
+    grad = grad.to(terms[0])
+    gterms, gc = o.rk_update_backward(grad, terms, coeffs, True, True)
+    r_gterms, r_gc, gc_scale = ref_update_backward(grad, terms, coeffs)
+    for j, (a, b) in enumerate(zip(gterms, r_gterms)):
+        assert bool(((a.double() - b).abs() <= rtol * b.abs()).all()), f"rk_update_backward dT_{j}"
+    assert bool(((gc.double() - r_gc).abs() <= 4 * rtol * gc_scale + 1e-30).all()), "rk_update_backward dc"
+
+    w = torch.rand(rms.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(98)).to(rms)
+    gterms, gc, gy = o.rk_residual_backward(w, rms, terms, coeffs, target, True, True, True)
+    g_r, g_mag = ref_residual_grad(w, terms, coeffs, target)
+    r_gterms, r_gc, _ = ref_update_backward(g_r, terms, coeffs)
+    # bounds: the same formulas on magnitudes
+    b_gterms, _, gc_scale = ref_update_backward(g_mag, [t.abs() for t in terms], coeffs.abs())
+    assert bool(((gy.double() + g_r).abs() <= 4 * rtol * g_mag + 1e-30).all()), "rk_residual_backward d target"
+    for j, (a, b, m) in enumerate(zip(gterms, r_gterms, b_gterms)):
+        assert bool(((a.double() - b).abs() <= 4 * rtol * m + 1e-30).all()), f"rk_residual_backward dT_{j}"
+    assert bool(((gc.double() - r_gc).abs() <= 8 * rtol * gc_scale + 1e-30).all()), "rk_residual_backward dc"
+
+
+SHAPES = [
+    pytest.param((8, 16384), id="8x16384"),
+    pytest.param((64, 3072), id="64x3072"),
+    pytest.param((3, 40001), id="3x40001-multichunk"),
+    pytest.param((1 << 20, 2), id="2^20x2"),
+    pytest.param((1 << 20,), id="flat-2^20"),
+    pytest.param((1 << 20, 64), id="2^20x64", marks=pytest.mark.slow),
+    pytest.param((1, 1 << 24), id="1x2^24", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_all_ops_at_work_split_shapes(device, shape, per_sample):
+    gen = torch.Generator().manual_seed(hash(shape) % 1000 + per_sample)
+    k = 2
+    terms = [torch.randn(shape, generator=gen).to(device) for _ in range(k)]
+    target = torch.randn(shape, generator=gen).to(device)
+    coeffs = make_coeffs(k, shape[0], per_sample, torch.float32, device, gen)
+    assert_all_ops_match_reference(terms, coeffs, target)
+
+
+def _misaligned(shape, device, gen, offset=1):
+    """A contiguous view that starts `offset` elements into its buffer (not 16-byte aligned)."""
+    n = math.prod(shape)
+    return torch.randn(n + offset, generator=gen).to(device)[offset:].view(shape)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("shape", [(5, 1003), (40, 8)])
+def test_all_ops_on_misaligned_views(device, shape, per_sample):
+    gen = torch.Generator().manual_seed(21 + per_sample)
+    k = 3
+    terms = [_misaligned(shape, device, gen, offset=1 + j) for j in range(k)]
+    target = _misaligned(shape, device, gen, offset=3)
+    out = _misaligned(shape, device, gen, offset=2)
+    assert any(t.data_ptr() % 16 for t in terms) and out.data_ptr() % 16
+    coeffs = make_coeffs(k, shape[0], per_sample, torch.float32, device, gen)
+    assert_all_ops_match_reference(terms, coeffs, target, out=out)
+
+
+@pytest.mark.parametrize("k", [16, 65, 128])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_many_terms_in_every_op(device, k, per_sample):
+    # a non-stationary solver at NFE 64 combines 65 terms; 128 is the limit
+    gen = torch.Generator().manual_seed(k + per_sample)
+    shape = (6, 3, 37)
+    terms = [torch.randn(shape, generator=gen).double().to(device) for _ in range(k)]
+    target = torch.randn(shape, generator=gen).double().to(device)
+    coeffs = make_coeffs(k, shape[0], per_sample, torch.float64, device, gen)
+    assert_all_ops_match_reference(terms, coeffs, target, rtol=1e-12)
+    f32 = [t.float() for t in terms]
+    # float32 rounding of a k-term sum grows with k
+    assert_all_ops_match_reference(f32, coeffs.float(), target.float(), rtol=1e-6 * k)
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism: the same bits run to run and at every thread count
+
+
+def _all_outputs(terms, coeffs, target):
+    o = torch.ops.bespoke_ext
+    grad = torch.linspace(-1, 1, terms[0].numel()).reshape(terms[0].shape).to(terms[0])
+    rms = o.rk_residual(terms, coeffs, target)
+    gt, gc = o.rk_update_backward(grad, terms, coeffs, True, True)
+    rt, rc, ry = o.rk_residual_backward(torch.ones_like(rms), rms, terms, coeffs, target, True, True, True)
+    return [o.rk_update(terms, coeffs), rms, *gt, gc, *rt, rc, ry]
+
+
+@pytest.mark.parametrize("shape", [(3, 100_003), (20_000, 3), (100_003,), (700, 257)])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_every_op_is_bitwise_equal_across_runs_and_thread_counts(shape, per_sample):
+    gen = torch.Generator().manual_seed(14)
+    terms = make_terms(3, shape, torch.float32, "cpu", gen=gen)
+    target = make_terms(1, shape, torch.float32, "cpu", gen=gen)[0]
+    coeffs = make_coeffs(3, shape[0], per_sample, torch.float32, "cpu", gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            results.append(_all_outputs(terms, coeffs, target))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_ops_are_bitwise_equal_run_to_run():
+    gen = torch.Generator().manual_seed(15)
+    for shape, per_sample in [((3, 100_003), False), ((20_000, 3), True), ((8, 16384), True)]:
+        terms = [t.cuda() for t in make_terms(3, shape, torch.float32, "cpu", gen=gen)]
+        target = torch.randn(shape, generator=gen).cuda()
+        coeffs = make_coeffs(3, shape[0], per_sample, torch.float32, "cuda", gen)
+        first = _all_outputs(terms, coeffs, target)
+        for _ in range(2):
+            for a, b in zip(_all_outputs(terms, coeffs, target), first):
+                assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# out overlapping a term
+
+
+def test_out_partially_overlapping_a_term_is_refused(device):
+    buf = torch.randn(101, device=device)
+    x, shifted = buf[:100].view(10, 10), buf[1:].view(10, 10)
+    u = torch.randn(10, 10, device=device)
+    c = torch.tensor([0.5, 2.0], device=device)
+    with pytest.raises(RuntimeError, match=r"`out` partially overlaps terms\[0\]"):
+        ops.rk_update_out([x, u], c, shifted)
+    with pytest.raises(RuntimeError, match=r"`out` partially overlaps terms\[1\]"):
+        ops.rk_update_out([u, x], c, x.t())  # the same memory in another layout
+
+
+def test_out_may_be_any_term_itself(device):
+    gen = torch.Generator().manual_seed(23)
+    for j in range(3):
+        terms = [t.to(device) for t in make_terms(3, (33, 65), torch.float32, "cpu", gen=gen)]
+        c = torch.tensor([0.5, -1.0, 2.0], device=device)
+        expected = ref_update(terms, c)
+        ops.rk_update_out(terms, c, terms[j])
+        torch.testing.assert_close(terms[j].double(), expected, rtol=2e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: streams, graph capture, 64-bit sizes
+
+
+@pytest.mark.cuda
+def test_cuda_ops_run_on_the_current_stream():
+    gen = torch.Generator().manual_seed(24)
+    terms = [t.cuda() for t in make_terms(3, (64, 3072), torch.float32, "cpu", gen=gen)]
+    target = torch.randn(64, 3072, generator=gen).cuda()
+    coeffs = make_coeffs(3, 64, True, torch.float32, "cuda", gen)
+    expected = _all_outputs(terms, coeffs, target)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the kernels must queue behind this, not run on stream 0
+        got = _all_outputs(terms, coeffs, target)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_cuda_graph_capture_of_every_op(per_sample):
+    gen = torch.Generator().manual_seed(25)
+    shape = (16, 3000)
+    terms = [t.cuda() for t in make_terms(3, shape, torch.float32, "cpu", gen=gen)]
+    target = torch.randn(shape, generator=gen).cuda()
+    coeffs = make_coeffs(3, 16, per_sample, torch.float32, "cuda", gen)
+    out = torch.empty_like(terms[0])
+
+    def step():
+        ops.rk_update_out(terms, coeffs, out)
+        return [out, *_all_outputs(terms, coeffs, target)]
+
+    step()  # warm up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    # new inputs in the same buffers: the replay must see them
+    for t in terms + [target]:
+        t.copy_(torch.randn(t.shape, generator=gen).cuda())
+    coeffs.copy_(make_coeffs(3, 16, per_sample, torch.float32, "cpu", gen).cuda())
+    expected = [x.clone() for x in step()]
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_more_than_2_pow_31_elements_in_fp16():
+    n = (1 << 31) + 4099
+    a = torch.full((n,), 1.0, dtype=torch.float16, device="cuda")
+    b = torch.full((n,), 2.0, dtype=torch.float16, device="cuda")
+    b[-5:] = 3.0
+    c = torch.tensor([0.5, 0.25], device="cuda")
+    out = torch.empty_like(a)
+    ops.rk_update_out([a, b], c, out)
+    assert float(out[0]) == 1.0 and float(out[(1 << 31) + 10]) == 1.0 and float(out[-1]) == 1.25
+    gt, gc = torch.ops.bespoke_ext.rk_update_backward(a, [a, b], c, False, True)
+    assert gc.tolist() == pytest.approx([n, 2.0 * (n - 5) + 15.0], rel=1e-6)
+    two = a.view(1, n)
+    rms = ops.rk_residual([two], torch.ones(1, device="cuda"), torch.zeros_like(two))
+    assert float(rms[0]) == pytest.approx(1.0, rel=1e-6)
+    del gt

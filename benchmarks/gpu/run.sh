@@ -32,7 +32,8 @@ python -m pytest -q -p no:cacheprovider tests -m cuda 2>&1 | tee "$OUT/tests_cud
 log "cuda tests in $((SECONDS - start)) s: $(tail -1 "$OUT/tests_cuda.log")"
 
 start=$SECONDS
-BENCH_DEVICE=cuda BENCH_SIZES="1e4,1e6,1.6e7,6.7e7" python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
+# flat sweep up to 2^28 elements; the other shapes 16x the CPU sample counts (16M-element cases)
+BENCH_DEVICE=cuda BENCH_FLAT_SIZES="1e4,1e6,1.7e7,6.7e7,2.7e8" BENCH_SCALE=16 python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
   --benchmark-only --benchmark-json="$OUT/ops_gpu_raw.json" > "$OUT/bench_ops.log" 2>&1
 python benchmarks/report_ops.py "$OUT/ops_gpu_raw.json" --out "$OUT/ops_gpu" > /dev/null
 log "kernel benchmarks in $((SECONDS - start)) s"

@@ -1,11 +1,11 @@
 // CPU kernels of the scaled Runge-Kutta ops (twins of cuda/rk_kernels.cu).
 //
-// Work is split into items: an item is one chunk (at most kReduceBlock elements) of one
-// sample, so per-sample values (coefficient rows, RMS, incoming residual gradient) are
-// constant inside an item. Items run in parallel (at::parallel_for, OpenMP); each writes its
-// own partial sums, which are then added in a fixed order: results never depend on the
-// number of threads. Inside an item, 256-element tiles are combined in a local float
-// buffer; these loops have no aliasing and vectorise.
+// How work is split does not depend on how elements are grouped into samples:
+//   - elementwise work (the update, gradients of terms) runs over flat ranges of whole tiles;
+//   - reductions run over units fixed by the shape alone, never by the thread count (see
+//     Units), each unit summed by one thread in a fixed order, then the units' partial sums
+//     are added in a fixed order: the same bits at every thread count, every run.
+// The loops over one range are in rk_tiles.h, compiled for two instruction sets.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -21,145 +21,179 @@ namespace bespoke_ext {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 256;
-constexpr int64_t kLanes = 8;                 // independent accumulators (vectorisable)
-constexpr int64_t kGrainElements = 1 << 15;   // elements per parallel task, at least
+constexpr int64_t kTile = 512;       // elements combined in a local buffer (fits L1 with k inputs)
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, at least (as TensorIterator)
 
-template <typename scalar_t>
-struct TermPtrs {
-  const scalar_t* p[kMaxTerms];
-  int k;
+// Pointers and per-sample layout of one call; what an op does not use stays null.
+template <typename scalar_t, typename acc_t>
+struct Args {
+  const scalar_t* term[kMaxTerms] = {};
+  int64_t k = 0;
+  int64_t len = 1;                // elements per sample
+  bool per_sample = false;        // c is [N, k] rather than [k]
+  const acc_t* c = nullptr;       // coefficients in the math type
+  scalar_t* out = nullptr;        // rk_update
+  const scalar_t* y = nullptr;    // residual target
+  const scalar_t* grad = nullptr; // incoming gradient of rk_update
+  const acc_t* scale = nullptr;   // [N] factor of the residual gradient
+  scalar_t* gterm[kMaxTerms] = {};
+  scalar_t* gy = nullptr;         // gradient of the target
 };
 
-template <typename scalar_t>
-TermPtrs<scalar_t> term_ptrs(const std::vector<at::Tensor>& ts) {
-  TermPtrs<scalar_t> t{};
-  t.k = static_cast<int>(ts.size());
-  for (int j = 0; j < t.k; ++j) t.p[j] = ts[j].data_ptr<scalar_t>();
-  return t;
+template <typename scalar_t, typename acc_t>
+Args<scalar_t, acc_t> make_args(const RkProblem& p, const std::vector<at::Tensor>& terms,
+                                const at::Tensor& c) {
+  Args<scalar_t, acc_t> a;
+  a.k = p.k;
+  a.len = std::max<int64_t>(p.len, 1);
+  a.per_sample = p.per_sample;
+  a.c = c.data_ptr<acc_t>();
+  for (int64_t j = 0; j < p.k; ++j) a.term[j] = terms[j].data_ptr<scalar_t>();
+  return a;
 }
 
-struct Items {
-  int64_t n, len, chunk, nb;  // samples, elements per sample, chunk length, chunks per sample
-  int64_t total() const { return n * nb; }
+// Two builds of the same loops: the baseline one and one with AVX2 (8 floats per register),
+// chosen at run time. No FMA in either, so they give the same bits.
+namespace base {
+#include "rk_tiles.h"
+}  // namespace base
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BX_CPU_AVX2 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#endif
+namespace avx2 {
+#include "rk_tiles.h"
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+inline bool cpu_has_avx2() {
+#ifdef BX_CPU_AVX2
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#ifdef BX_CPU_AVX2
+#define BX_CPU_ISA(fn, ...) (cpu_has_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#else
+#define BX_CPU_ISA(fn, ...) base::fn(__VA_ARGS__)
+#endif
+
+// Reduction units, fixed by the shape. Per-sample sums (RMS, per-sample coefficient
+// gradients): a unit is a group of whole samples of about kReduceBlock elements, or, for
+// samples longer than that, one kReduceBlock chunk of one sample. Shared-coefficient
+// gradients: a unit is kReduceBlock flat elements, whatever the samples. A unit owns `slots`
+// sums from `slot(u)` on; a sample's sum is the sum of its nb slots, in order.
+struct Units {
+  int64_t n = 0, len = 1, numel = 0;
+  bool flat = false;
+  int64_t spu = 1;  // whole samples per unit (per-sample units with len <= kReduceBlock)
+  int64_t nb = 1;   // chunks per sample (per-sample units with len > kReduceBlock)
+  int64_t count = 0;
+
+  static Units make(const RkProblem& p, bool flat) {
+    Units u;
+    u.n = p.n;
+    u.len = std::max<int64_t>(p.len, 1);
+    u.numel = p.n * p.len;
+    u.flat = flat;
+    if (u.numel == 0) return u;
+    if (flat) {
+      u.count = (u.numel + kReduceBlock - 1) / kReduceBlock;
+    } else if (u.len <= kReduceBlock) {
+      u.spu = kReduceBlock / u.len;
+      u.count = (u.n + u.spu - 1) / u.spu;
+    } else {
+      u.nb = (u.len + kReduceBlock - 1) / kReduceBlock;
+      u.count = u.n * u.nb;
+    }
+    return u;
+  }
+  int64_t slots_total() const { return flat ? count : n * nb; }
+  int64_t slot(int64_t u) const { return (flat || nb > 1) ? u : u * spu; }
+  int64_t slots(int64_t u) const {
+    return (flat || nb > 1) ? 1 : std::min(spu, n - u * spu);
+  }
+  std::pair<int64_t, int64_t> range(int64_t u) const {
+    if (flat) return {u * kReduceBlock, std::min(numel, (u + 1) * kReduceBlock)};
+    if (nb == 1) return {u * spu * len, std::min(n, (u + 1) * spu) * len};
+    const int64_t s = u / nb, c = u - s * nb;
+    return {s * len + c * kReduceBlock, std::min((s + 1) * len, s * len + (c + 1) * kReduceBlock)};
+  }
 };
 
-Items make_items(const RkProblem& p) {
-  Items it;
-  it.n = p.n;
-  it.len = p.len;
-  it.chunk = std::max<int64_t>(1, std::min(p.len, kReduceBlock));
-  it.nb = (p.len + it.chunk - 1) / it.chunk;
-  return it;
-}
-
-// Calls f(item, sample, lo, hi) for every item, items in parallel.
+// Runs f(lo, hi, sums) for every unit in parallel; `sums` (P values per slot, zeroed here)
+// is the unit's own part of `partial` [slots_total, P].
 template <typename F>
-void parallel_items(const Items& it, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / it.chunk);
-  at::parallel_for(0, it.total(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / it.nb;
-      const int64_t c = item - s * it.nb;
-      const int64_t lo = s * it.len + c * it.chunk;
-      const int64_t hi = std::min(lo + it.chunk, (s + 1) * it.len);
-      f(item, s, lo, hi);
+void parallel_units(const Units& u, int64_t P, double* partial, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / kReduceBlock);
+  at::parallel_for(0, u.count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double* sums = partial == nullptr ? nullptr : partial + u.slot(i) * P;
+      if (sums != nullptr) std::fill(sums, sums + u.slots(i) * P, 0.0);
+      const auto [lo, hi] = u.range(i);
+      f(lo, hi, sums);
     }
   });
 }
 
-// tmp[0:m) = sum_j c[j] * T_j[lo : lo + m)   (c already in the math type acc_t)
-template <typename scalar_t, typename acc_t>
-inline void combine_tile(const TermPtrs<scalar_t>& T, const acc_t* c, int64_t lo, int64_t m,
-                         acc_t* tmp) {
-  const scalar_t* t0 = T.p[0] + lo;
-  const acc_t c0 = c[0];
-  for (int64_t i = 0; i < m; ++i) tmp[i] = c0 * static_cast<acc_t>(t0[i]);
-  for (int j = 1; j < T.k; ++j) {
-    const scalar_t* tj = T.p[j] + lo;
-    const acc_t cj = c[j];
-    for (int64_t i = 0; i < m; ++i) tmp[i] += cj * static_cast<acc_t>(tj[i]);
-  }
-}
-
-// lanes[l] += sum over i = l mod kLanes of a[i] * b[i]: a fixed-order, vectorisable dot.
-template <typename scalar_t, typename acc_t>
-inline void dot_tile(const acc_t* a, const scalar_t* b, int64_t m, acc_t* lanes) {
-  int64_t i = 0;
-  for (; i + kLanes <= m; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * static_cast<acc_t>(b[i + l]);
-  for (int64_t l = 0; i < m; ++i, ++l) lanes[l] += a[i] * static_cast<acc_t>(b[i]);
-}
-
-template <typename acc_t>
-inline double sum_lanes(const acc_t* lanes) {
-  double s = 0;
-  for (int64_t l = 0; l < kLanes; ++l) s += static_cast<double>(lanes[l]);
-  return s;
-}
-
-// Coefficient row of sample s, in the math type: [k] shared or row s of [N, k].
-template <typename acc_t>
-inline const acc_t* coeff_row(const acc_t* c, const RkProblem& p, int64_t s) {
-  return p.per_sample ? c + s * p.k : c;
-}
-
-// Adds per-item partials [items, k] in a fixed order into per-sample [N, k] or shared [k].
-at::Tensor reduce_coeff_partials(const at::Tensor& partials, const Items& it, const RkProblem& p,
-                                 const at::Tensor& coeffs) {
-  const double* part = partials.data_ptr<double>();
+// Coefficient gradients from partials [slots_total, k], added in a fixed order: per sample
+// [N, k] (a sample's nb chunks) or shared [k] (all units).
+at::Tensor finish_coeff_grad(const at::Tensor& partial, const Units& u, const RkProblem& p,
+                             const at::Tensor& coeffs) {
+  const double* part = partial.data_ptr<double>();
   const int64_t k = p.k;
   at::Tensor acc = at::zeros(p.per_sample ? std::vector<int64_t>{p.n, k} : std::vector<int64_t>{k},
                              coeffs.options().dtype(at::kDouble));
   double* out = acc.data_ptr<double>();
+  if (u.count == 0) return acc.to(coeffs.scalar_type());
   if (p.per_sample) {
-    at::parallel_for(0, it.n, 256, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, p.n, kGrain / std::max<int64_t>(1, k * u.nb), [&](int64_t b, int64_t e) {
       for (int64_t s = b; s < e; ++s)
-        for (int64_t c = 0; c < it.nb; ++c)
-          for (int64_t j = 0; j < k; ++j) out[s * k + j] += part[(s * it.nb + c) * k + j];
+        for (int64_t c = 0; c < u.nb; ++c)
+          for (int64_t j = 0; j < k; ++j) out[s * k + j] += part[(s * u.nb + c) * k + j];
     });
   } else {
-    for (int64_t item = 0; item < it.total(); ++item)
-      for (int64_t j = 0; j < k; ++j) out[j] += part[item * k + j];
+    for (int64_t i = 0; i < u.count; ++i)
+      for (int64_t j = 0; j < k; ++j) out[j] += part[i * k + j];
   }
   return acc.to(coeffs.scalar_type());
+}
+
+// The combination into a contiguous destination, in parallel over whole tiles.
+void update_into(const RkProblem& p, const std::vector<at::Tensor>& ts, const at::Tensor& c,
+                 const at::Tensor& dst) {
+  const int64_t numel = dst.numel();
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, acc_t>(p, ts, c);
+    a.out = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles, kGrain / kTile, [&](int64_t b, int64_t e) {
+      BX_CPU_ISA(update_range, a, b * kTile, std::min(numel, e * kTile));
+    });
+  });
 }
 
 }  // namespace
 
 void rk_update_out(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor& out) {
-  const char* op = "rk_update_out";
-  const RkProblem p = check_rk_args(op, terms, coeffs);
-  check_like_terms(op, "out", out, terms[0]);
-  if (out.numel() == 0) return;
-  const auto ts = contiguous_terms(terms);
-  const at::Tensor c = coeffs_for_math(coeffs, p);
-  const bool direct = out.is_contiguous();
-  at::Tensor dst = direct ? out : at::empty(out.sizes(), out.options());
-  const Items it = make_items(p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update_out", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto T = term_ptrs<scalar_t>(ts);
-    const acc_t* cp = c.data_ptr<acc_t>();
-    scalar_t* o = dst.data_ptr<scalar_t>();
-    parallel_items(it, [&](int64_t, int64_t s, int64_t lo, int64_t hi) {
-      const acc_t* cs = coeff_row(cp, p, s);
-      acc_t tmp[kTile];
-      for (int64_t a = lo; a < hi; a += kTile) {
-        const int64_t m = std::min(kTile, hi - a);
-        combine_tile(T, cs, a, m, tmp);
-        for (int64_t i = 0; i < m; ++i) o[a + i] = static_cast<scalar_t>(tmp[i]);
-      }
-    });
-  });
-  if (!direct) out.copy_(dst);
+  update_out(terms, coeffs, out, update_into);
 }
 
 at::Tensor rk_update(at::TensorList terms, const at::Tensor& coeffs) {
-  check_rk_args("rk_update", terms, coeffs);
-  at::Tensor out = at::empty(terms[0].sizes(), terms[0].options());
-  rk_update_out(terms, coeffs, out);
-  return out;
+  return update(terms, coeffs, update_into);
 }
 
 at::Tensor rk_residual(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor& target) {
@@ -169,170 +203,85 @@ at::Tensor rk_residual(at::TensorList terms, const at::Tensor& coeffs, const at:
   const auto ts = contiguous_terms(terms);
   const at::Tensor tg = target.contiguous();
   const at::Tensor c = coeffs_for_math(coeffs, p);
-  const Items it = make_items(p);
-  at::Tensor partial = at::empty({it.total()}, terms[0].options().dtype(at::kDouble));
+  const Units u = Units::make(p, /*flat=*/false);
+  at::Tensor partial = at::empty({u.slots_total()}, terms[0].options().dtype(at::kDouble));
   at::Tensor rms = at::empty({p.n}, terms[0].options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_residual", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto T = term_ptrs<scalar_t>(ts);
-    const acc_t* cp = c.data_ptr<acc_t>();
-    const scalar_t* y = tg.data_ptr<scalar_t>();
+    auto a = make_args<scalar_t, acc_t>(p, ts, c);
+    a.y = tg.data_ptr<scalar_t>();
     double* part = partial.data_ptr<double>();
-    parallel_items(it, [&](int64_t item, int64_t s, int64_t lo, int64_t hi) {
-      const acc_t* cs = coeff_row(cp, p, s);
-      acc_t tmp[kTile];
-      acc_t lanes[kLanes] = {};
-      for (int64_t a = lo; a < hi; a += kTile) {
-        const int64_t m = std::min(kTile, hi - a);
-        combine_tile(T, cs, a, m, tmp);
-        for (int64_t i = 0; i < m; ++i) tmp[i] -= static_cast<acc_t>(y[a + i]);
-        dot_tile(tmp, tmp, m, lanes);
-      }
-      part[item] = sum_lanes(lanes);
+    parallel_units(u, 1, part, [&](int64_t lo, int64_t hi, double* sums) {
+      BX_CPU_ISA(residual_range, a, lo, hi, sums);
     });
+    // rms[n] = sqrt(sum of squares / len); the mean over zero elements is NaN, as in torch's mean()
     scalar_t* r = rms.data_ptr<scalar_t>();
-    for (int64_t s = 0; s < p.n; ++s) {
-      double ss = 0;
-      for (int64_t cidx = 0; cidx < it.nb; ++cidx) ss += part[s * it.nb + cidx];
-      // mean over zero elements is NaN, as in torch's mean()
-      r[s] = static_cast<scalar_t>(std::sqrt(ss / static_cast<double>(p.len)));
-    }
+    at::parallel_for(0, p.n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) {
+        double ss = 0;
+        if (u.count > 0)
+          for (int64_t ch = 0; ch < u.nb; ++ch) ss += part[s * u.nb + ch];
+        r[s] = static_cast<scalar_t>(std::sqrt(ss / static_cast<double>(p.len)));
+      }
+    });
   });
   return rms;
 }
 
-// d/dT_j = c_j g;  d/dc_j = sum_i g_i T_j,i   (per sample or over all elements)
+// Formulas and checks: prepare_update_backward (rk_common.h).
 std::tuple<std::vector<at::Tensor>, at::Tensor> rk_update_backward(
     const at::Tensor& grad, at::TensorList terms, const at::Tensor& coeffs, bool need_terms,
     bool need_coeffs) {
-  const char* op = "rk_update_backward";
-  const RkProblem p = check_rk_args(op, terms, coeffs);
-  check_like_terms(op, "grad", grad, terms[0]);
-  const auto ts = contiguous_terms(terms);
-  const at::Tensor g = grad.contiguous();
-  const at::Tensor c = coeffs_for_math(coeffs, p);
-  const Items it = make_items(p);
-  std::vector<at::Tensor> gterms;
-  if (need_terms)
-    for (int64_t j = 0; j < p.k; ++j) gterms.push_back(at::empty(terms[0].sizes(), terms[0].options()));
-  at::Tensor partial = need_coeffs ? at::zeros({it.total(), p.k}, coeffs.options().dtype(at::kDouble))
+  UpdateBackward b = prepare_update_backward(grad, terms, coeffs, need_terms);
+  const RkProblem& p = b.p;
+  const Units u = Units::make(p, /*flat=*/!p.per_sample);
+  at::Tensor partial = need_coeffs ? at::empty({u.slots_total(), p.k}, coeffs.options().dtype(at::kDouble))
                                    : at::Tensor();
-  if (it.total() > 0 && (need_terms || need_coeffs)) {
+  if (u.count > 0 && (need_terms || need_coeffs)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const auto T = term_ptrs<scalar_t>(ts);
-      const acc_t* cp = c.data_ptr<acc_t>();
-      const scalar_t* gp = g.data_ptr<scalar_t>();
-      scalar_t* go[kMaxTerms] = {};
-      for (size_t j = 0; j < gterms.size(); ++j) go[j] = gterms[j].data_ptr<scalar_t>();
-      double* part = need_coeffs ? partial.data_ptr<double>() : nullptr;
-      parallel_items(it, [&](int64_t item, int64_t s, int64_t lo, int64_t hi) {
-        const acc_t* cs = coeff_row(cp, p, s);
-        acc_t gt[kTile];
-        acc_t lanes[kMaxTerms][kLanes] = {};
-        for (int64_t a = lo; a < hi; a += kTile) {
-          const int64_t m = std::min(kTile, hi - a);
-          for (int64_t i = 0; i < m; ++i) gt[i] = static_cast<acc_t>(gp[a + i]);
-          for (int j = 0; j < T.k; ++j) {
-            if (need_terms) {
-              const acc_t cj = cs[j];
-              scalar_t* dst = go[j] + a;
-              for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<scalar_t>(cj * gt[i]);
-            }
-            if (need_coeffs) dot_tile(gt, T.p[j] + a, m, lanes[j]);
-          }
-        }
-        if (need_coeffs)
-          for (int j = 0; j < T.k; ++j) part[item * p.k + j] = sum_lanes(lanes[j]);
-      });
+      auto a = make_args<scalar_t, acc_t>(p, b.terms, b.coeffs);
+      a.grad = b.grad.data_ptr<scalar_t>();
+      for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
+      parallel_units(u, p.k, need_coeffs ? partial.data_ptr<double>() : nullptr,
+                     [&](int64_t lo, int64_t hi, double* sums) {
+                       BX_CPU_ISA(backward_range, a, /*residual=*/false, lo, hi, sums);
+                     });
     });
   }
-  at::Tensor gcoeffs;
-  if (need_coeffs) {
-    gcoeffs = reduce_coeff_partials(partial, it, p, coeffs);
-  } else {
-    gcoeffs = at::empty({0}, coeffs.options());
-  }
-  return {gterms, gcoeffs};
+  at::Tensor gcoeffs = need_coeffs ? finish_coeff_grad(partial, u, p, coeffs) : at::empty({0}, coeffs.options());
+  return {b.gterms, gcoeffs};
 }
 
-// r = sum_j c_j T_j - y, rms = sqrt(mean r^2):  d rms / d r_i = r_i / (len * rms)
-// so with g_r = grad[n] r / (len rms[n]):  dT_j = c_j g_r, dy = -g_r, dc_j = sum_i g_r T_j.
-// At rms = 0 (a perfect fit) the gradient is taken as 0, the minimum-norm subgradient.
+// Formulas and checks: prepare_residual_backward (rk_common.h).
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> rk_residual_backward(
     const at::Tensor& grad, const at::Tensor& rms, at::TensorList terms, const at::Tensor& coeffs,
     const at::Tensor& target, bool need_terms, bool need_coeffs, bool need_target) {
-  const char* op = "rk_residual_backward";
-  const RkProblem p = check_rk_args(op, terms, coeffs, /*need_leading_dim=*/true);
-  check_like_terms(op, "target", target, terms[0]);
-  check_per_sample(op, "grad", grad, p, terms[0]);
-  check_per_sample(op, "rms", rms, p, terms[0]);
-  const auto ts = contiguous_terms(terms);
-  const at::Tensor tg = target.contiguous();
-  const at::Tensor c = coeffs_for_math(coeffs, p);
-  const at::ScalarType acc = acc_dtype(p.dtype);
-  // per-sample factor grad[n] / (len * rms[n]), in the math type
-  const at::Tensor rms_acc = rms.to(acc);
-  at::Tensor scale = at::where(rms_acc > 0, grad.to(acc) / (rms_acc * static_cast<double>(p.len)),
-                               at::zeros_like(rms_acc))
-                         .contiguous();
-  const Items it = make_items(p);
-  std::vector<at::Tensor> gterms;
-  if (need_terms)
-    for (int64_t j = 0; j < p.k; ++j) gterms.push_back(at::empty(terms[0].sizes(), terms[0].options()));
-  at::Tensor gtarget = need_target ? at::empty(terms[0].sizes(), terms[0].options())
-                                   : at::empty({0}, terms[0].options());
-  at::Tensor partial = need_coeffs ? at::zeros({it.total(), p.k}, coeffs.options().dtype(at::kDouble))
+  ResidualBackward b = prepare_residual_backward(grad, rms, terms, coeffs, target, need_terms, need_target);
+  const RkProblem& p = b.p;
+  const Units u = Units::make(p, /*flat=*/!p.per_sample);
+  at::Tensor partial = need_coeffs ? at::empty({u.slots_total(), p.k}, coeffs.options().dtype(at::kDouble))
                                    : at::Tensor();
-  if (it.total() > 0 && (need_terms || need_coeffs || need_target)) {
+  if (u.count > 0 && (need_terms || need_coeffs || need_target)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_residual_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const auto T = term_ptrs<scalar_t>(ts);
-      const acc_t* cp = c.data_ptr<acc_t>();
-      const acc_t* sc = scale.data_ptr<acc_t>();
-      const scalar_t* y = tg.data_ptr<scalar_t>();
-      scalar_t* go[kMaxTerms] = {};
-      for (size_t j = 0; j < gterms.size(); ++j) go[j] = gterms[j].data_ptr<scalar_t>();
-      scalar_t* gy = need_target ? gtarget.data_ptr<scalar_t>() : nullptr;
-      double* part = need_coeffs ? partial.data_ptr<double>() : nullptr;
-      parallel_items(it, [&](int64_t item, int64_t s, int64_t lo, int64_t hi) {
-        const acc_t* cs = coeff_row(cp, p, s);
-        const acc_t f = sc[s];
-        acc_t gr[kTile];
-        acc_t lanes[kMaxTerms][kLanes] = {};
-        for (int64_t a = lo; a < hi; a += kTile) {
-          const int64_t m = std::min(kTile, hi - a);
-          combine_tile(T, cs, a, m, gr);
-          for (int64_t i = 0; i < m; ++i) gr[i] = f * (gr[i] - static_cast<acc_t>(y[a + i]));
-          if (need_target)
-            for (int64_t i = 0; i < m; ++i) gy[a + i] = static_cast<scalar_t>(-gr[i]);
-          for (int j = 0; j < T.k; ++j) {
-            if (need_terms) {
-              const acc_t cj = cs[j];
-              scalar_t* dst = go[j] + a;
-              for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<scalar_t>(cj * gr[i]);
-            }
-            if (need_coeffs) dot_tile(gr, T.p[j] + a, m, lanes[j]);
-          }
-        }
-        if (need_coeffs)
-          for (int j = 0; j < T.k; ++j) part[item * p.k + j] = sum_lanes(lanes[j]);
-      });
+      auto a = make_args<scalar_t, acc_t>(p, b.terms, b.coeffs);
+      a.y = b.target.data_ptr<scalar_t>();
+      a.scale = b.scale.data_ptr<acc_t>();
+      for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
+      a.gy = need_target ? b.gtarget.data_ptr<scalar_t>() : nullptr;
+      parallel_units(u, p.k, need_coeffs ? partial.data_ptr<double>() : nullptr,
+                     [&](int64_t lo, int64_t hi, double* sums) {
+                       BX_CPU_ISA(backward_range, a, /*residual=*/true, lo, hi, sums);
+                     });
     });
   }
-  at::Tensor gcoeffs = need_coeffs ? reduce_coeff_partials(partial, it, p, coeffs)
-                                   : at::empty({0}, coeffs.options());
-  return {gterms, gcoeffs, gtarget};
+  at::Tensor gcoeffs = need_coeffs ? finish_coeff_grad(partial, u, p, coeffs) : at::empty({0}, coeffs.options());
+  return {b.gterms, gcoeffs, b.gtarget};
 }
 
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(bespoke_ext, CPU, m) {
-  m.impl("rk_update", &cpu::rk_update);
-  m.impl("rk_update_out", &cpu::rk_update_out);
-  m.impl("rk_residual", &cpu::rk_residual);
-  m.impl("rk_update_backward", &cpu::rk_update_backward);
-  m.impl("rk_residual_backward", &cpu::rk_residual_backward);
-}
+BX_REGISTER_RK_OPS(CPU, cpu)
 
 }  // namespace bespoke_ext
