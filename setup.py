@@ -73,7 +73,21 @@ def _extension():
     )
 
 
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+def _write_build_records(cmd) -> None:
+    """Record the torch each library was built against, next to it (bespoke_ext/extension.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bespoke_ext_extension", os.path.join(ROOT, "bespoke_ext", "extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for ext in cmd.extensions:
+        module.write_build_record(cmd.get_ext_fullpath(ext.name))  # in place (editable) or in build_lib (wheel)
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    def run(self):
+        super().run()
+        _write_build_records(self)
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library, which registers the ops)
+from .extension import _C  # noqa: F401  (checks the torch it was built against, then loads the library, which registers the ops)
 
 __all__ = ["rk_update", "rk_update_out", "rk_residual"]
 
