@@ -196,6 +196,7 @@ class NonStationarySolver(nn.Module):
     with nfe even); ``from_solver`` starts from any other member. ``time_scale`` / ``coeff_scale``: the
     raw parameters' units (module docstring). Use with ``bespoke_ext.sample(model, x0, solver=solver)``."""
 
+    supports_bound_loss = False  # trained on its final sample: loss="log_mse" (or "end_to_end")
     KIND = "NonStationarySolver"
 
     def __init__(self, nfe: int, base: str = "euler", *, time_scale: float = 1.0, coeff_scale: float = 1.0):

@@ -209,10 +209,22 @@ def final_errors(model: Callable, program: Program, x0: Tensor, x1: Tensor, *, e
     return per_sample_rms(x_n - x1)
 
 
+def _per_sample(errors: Tensor, objective: str) -> Tensor:
+    """The loss of each sample from its RMS error e = || x_n - x(1) ||: e ("rms"), or log e^2 = log MSE_b
+    ("log_mse", the non-stationary paper's loss; PSNR_b = 10 log10(4 / MSE_b), so minimising it maximises
+    the mean PSNR). The floor 1e-30 keeps an exact sample finite."""
+    if objective == "rms":
+        return errors
+    if objective == "log_mse":
+        return torch.log(errors.pow(2).clamp_min(1e-30))
+    raise ValueError(f"objective must be 'rms' or 'log_mse', got {objective!r}")
+
+
 def end_to_end_loss(model: Callable, solver, x0: Tensor, x1: Tensor, *, normalizer: Optional[int] = None,
                     chunk_size: int = 16384, extras: Optional[dict] = None, backward: bool = False,
-                    conditions: Optional[dict] = None) -> Tensor:
-    """sum over samples of || x_n(theta; x0) - x(1) ||, divided by ``normalizer`` (default B).
+                    conditions: Optional[dict] = None, objective: str = "rms") -> Tensor:
+    """sum over samples of || x_n(theta; x0) - x(1) || (``objective`` "rms") or of its log square
+    ("log_mse"), divided by ``normalizer`` (default B).
 
     ``conditions``: per-sample model inputs {name: Tensor [B, ...]}, sliced with the samples' chunks.
 
@@ -228,16 +240,16 @@ def end_to_end_loss(model: Callable, solver, x0: Tensor, x1: Tensor, *, normaliz
     if not backward:
         total = x0.new_zeros((), dtype=torch.float64)
         for chunk in _chunks(b, chunk_samples):
-            total = total + final_errors(model, program, x0[chunk], x1[chunk], extras=extras,
-                                         conditions=rows_of(conditions, chunk)).sum()
+            total = total + _per_sample(final_errors(model, program, x0[chunk], x1[chunk], extras=extras,
+                                                     conditions=rows_of(conditions, chunk)), objective).sum()
         return total / norm
     leaves = dataclasses.replace(program, times=program.times.detach().requires_grad_(program.times.requires_grad),
                                  coeffs=program.coeffs.detach().requires_grad_(program.coeffs.requires_grad),
                                  views={})
     value = 0.0
     for chunk in _chunks(b, chunk_samples):
-        part = final_errors(model, leaves, x0[chunk], x1[chunk], extras=extras,
-                            conditions=rows_of(conditions, chunk)).sum() / norm
+        part = _per_sample(final_errors(model, leaves, x0[chunk], x1[chunk], extras=extras,
+                                        conditions=rows_of(conditions, chunk)), objective).sum() / norm
         if part.requires_grad:
             part.backward()
         value += float(part.detach())

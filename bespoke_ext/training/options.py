@@ -22,7 +22,7 @@ from ..groundtruth.grid import DEFAULT_GRID_INTERVALS, DEFAULT_GRID_KIND, GRID_K
 
 __all__ = ["TrainOptions", "LOSSES", "GT_MODES", "LR_SCHEDULES"]
 
-LOSSES = ("bound", "end_to_end")
+LOSSES = ("bound", "end_to_end", "log_mse")
 GT_MODES = ("cached", "online")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -36,12 +36,14 @@ class TrainOptions:
         L_tau: Lipschitz stand-in of the model in the bound loss's weights M_i (method.md §5).
         loss: "bound" (the paper's: sum_i M_i d_i over teacher-forced local errors) or "end_to_end"
             (|| x_n(theta) - x(1) || through the whole solver: a fine-tuning stage; start it from a
-            bound-trained solver, with a small lr, cosine decay and clipping).
+            bound-trained solver, with a small lr, cosine decay and clipping) or "log_mse" (the
+            non-stationary paper's: mean over samples of log || x_n(theta) - x(1) ||^2, PSNR's own
+            objective, through the same end-to-end path; the loss for NonStationarySolver).
         lr_schedule: "constant" or "cosine" (decay to lr_final_fraction * lr at the last iteration);
-            None picks constant for "bound" and cosine for "end_to_end".
+            None picks constant for "bound" and cosine for the end-to-end losses.
         lr_final_fraction: where the cosine schedule ends.
         grad_clip: clip the solver's gradient to this 2-norm (None: no clipping); None by default for
-            "bound", 1.0 for "end_to_end" (the end-to-end loss can spike when a time step collapses).
+            "bound", 1.0 for the end-to-end losses (they can spike when a time step collapses).
         keep_best: return the solver of the best validation RMSE seen, not the last one.
         max_nonfinite_steps: a step whose loss or gradient is not finite (NaN/inf) is skipped, counted in
             ``history.skipped`` and warned about (once); this many skipped steps in a row stop training with
@@ -162,13 +164,13 @@ class TrainOptions:
 
     @property
     def schedule(self) -> str:
-        return self.lr_schedule or ("cosine" if self.loss == "end_to_end" else "constant")
+        return self.lr_schedule or ("constant" if self.loss == "bound" else "cosine")
 
     @property
     def clip(self) -> Optional[float]:
         if self.grad_clip is not None:
             return self.grad_clip
-        return 1.0 if self.loss == "end_to_end" else None
+        return None if self.loss == "bound" else 1.0
 
     def to_json(self) -> Dict[str, Any]:
         """JSON-safe summary (for checkpoints and solver metadata); tensors in extras are described, not stored."""

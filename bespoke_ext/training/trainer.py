@@ -98,6 +98,9 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     parameters are those of the best validation RMSE seen.
     """
     opts = TrainOptions.from_kwargs(**options)
+    if opts.loss == "bound" and not getattr(solver, "supports_bound_loss", True):
+        raise ValueError(f"loss='bound' needs a scale-time solver's per-step coefficients; {type(solver).__name__} "
+                         f"is trained on its final sample: pass loss='log_mse' (its paper's loss) or 'end_to_end'")
     model = getattr(model, "velocity", model) if not callable(model) else model
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
@@ -397,7 +400,8 @@ class _Run:
             local = bound_loss(self.model, table, states, conditions=cond, **kw)
         else:
             x0, x1, cond = batches.endpoint_batch()
-            local = end_to_end_loss(self.model, solver, x0, x1, conditions=cond, **kw)
+            objective = "log_mse" if o.loss == "log_mse" else "rms"
+            local = end_to_end_loss(self.model, solver, x0, x1, conditions=cond, objective=objective, **kw)
         loss = float(self.ctx.all_reduce_sum_(local.to(self.device)))
         params = [p for p in solver.parameters() if p.requires_grad]
         self.ctx.sum_gradients_(params)
