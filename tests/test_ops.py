@@ -43,12 +43,14 @@ def make_terms(k, shape, dtype, device, strided=False, gen=None):
     terms = []
     for _ in range(k):
         if strided:
-            # every other element of a wider tensor, transposed: neither contiguous nor dense
+            # every other element along the last dimension of a wider tensor: neither contiguous nor dense
+            # (sliced after the dtype and device change, which would otherwise make it contiguous)
             big = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64)
-            t = big[..., ::2]
+            t = big.to(dtype=dtype, device=device)[..., ::2]
+            assert t.numel() <= 1 or not t.is_contiguous()
         else:
-            t = torch.randn(*shape, generator=gen, dtype=torch.float64)
-        terms.append(t.to(dtype=dtype, device=device))
+            t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        terms.append(t)
     return terms
 
 
