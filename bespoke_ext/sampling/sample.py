@@ -246,7 +246,8 @@ def _method_name(method) -> str:
 def _fixed_program(name: str, grid: Tensor, *, nfe, step_size, intermediates: bool) -> Program:
     # The whole derivation (step grid, record plan, program) is memoised on its hashable inputs: at small
     # batch it was a third of sample()'s overhead over the model's own cost (0.3 ms a call).
-    key = (name, tuple(grid.tolist()), nfe, type(nfe), step_size, type(step_size), intermediates)
+    # the grid's dtype is part of it: step_size grids are laid out in that dtype, as torchdiffeq does
+    key = (name, tuple(grid.tolist()), grid.dtype, nfe, type(nfe), step_size, type(step_size), intermediates)
     try:
         hash(key)
     except TypeError:  # e.g. a tensor step_size: derive without the memo
@@ -256,8 +257,8 @@ def _fixed_program(name: str, grid: Tensor, *, nfe, step_size, intermediates: bo
 
 @functools.lru_cache(maxsize=256)
 def _memo_fixed_program(key) -> Program:
-    name, grid, nfe, _, step_size, _, intermediates = key
-    return _derive_fixed_program(name, torch.tensor(grid, dtype=torch.float64), nfe=nfe, step_size=step_size,
+    name, grid, dtype, nfe, _, step_size, _, intermediates = key
+    return _derive_fixed_program(name, torch.tensor(grid, dtype=dtype), nfe=nfe, step_size=step_size,
                                  intermediates=intermediates)
 
 
