@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from flow_matching.solver import ODESolver
-from flow_matching.utils import ModelWrapper
 from torch import Tensor, nn
 
 import bespoke_ext as bx
@@ -227,21 +226,7 @@ class BxODESolver:
         return bx.compute_likelihood(self.velocity_model, x_1, log_p0, step_size=step_size, **kwargs)
 
 
-class DummyModel(ModelWrapper):  # flow_matching's tests' models
-    def __init__(self):
-        super().__init__(None)
-
-    def forward(self, x, t, **extras):
-        return (x * 0.0 + 1.0) * 3.0 * t ** 2
-
-
-class ConstantVelocityModel(ModelWrapper):
-    def __init__(self):
-        super().__init__(None)
-        self.a = torch.nn.Parameter(torch.tensor(1.0))
-
-    def forward(self, x, t, **extras):
-        return x * 0.0 + self.a
+from test_sampling_dropin import ConstantVelocityModel, DummyModel  # noqa: E402  (flow_matching's test models)
 
 
 def test_fm_compute_likelihood():

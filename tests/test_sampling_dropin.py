@@ -20,21 +20,11 @@ from bespoke_ext.sampling import METHODS, sample
 from bespoke_ext.sampling.adaptive import ADAPTIVE_METHODS, MULTISTEP_METHODS
 from bespoke_ext.solvers import TABLEAUS, BespokeSolver
 
+from test_sampling import Field  # noqa: E402  (the same small nonlinear model as the sampling tests)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXECUTOR = ("euler", "midpoint", "heun2", "heun3", "rk4")  # torchdiffeq's names
-
-
-class Field(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([0.7, -0.4, 1.1]))
-        self.calls = 0
-
-    def forward(self, x, t, scale=1.0, shift=None):
-        self.calls += 1
-        out = scale * (torch.sin(2 * x) * self.w * (1 + t) - x * t * t)
-        return out if shift is None else out + shift
 
 
 @pytest.fixture
