@@ -3,7 +3,9 @@ expression in eager PyTorch, under torch.compile, and the copy floor.
 
     python -m pytest benchmarks/bench_ops.py --benchmark-only \\
         --benchmark-json=benchmarks/results/ops_<machine>_raw.json
-    python benchmarks/report_ops.py benchmarks/results/ops_<machine>_raw.json
+    python -m bespoke_ext.bench.report_ops benchmarks/results/ops_<machine>_raw.json
+
+(`bespoke-ext bench --only kernels` does both, in one process: bespoke_ext/bench/kernels.py.)
 
 A case is (op, shape, k, dtype, shared or per-sample coefficients, threads); its variants:
   fused_out      rk_update_out into a preallocated buffer (the steady state of a sampling loop)

@@ -1,15 +1,18 @@
-"""Smoke tests of the benchmark suite's code paths (bespoke_ext/bench/, `bespoke-ext bench`,
-benchmarks/bench_training.py's bookkeeping, benchmarks/gpu/sampling.py): tiny models and settings, no
-timing assertions. diffusers and flow_matching come with the test extra: a missing one fails here."""
+"""Smoke tests of the benchmark suite's code paths (bespoke_ext/bench/, `bespoke-ext bench`, the kernel
+tables from a stand-in for benchmarks/bench_ops.py's output, benchmarks/bench_training.py's bookkeeping,
+benchmarks/gpu/sampling.py): tiny models and settings, no timing assertions. diffusers and flow_matching
+come with the test extra: a missing one fails here."""
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from bespoke_ext.bench import diffusers as bench_diffusers
+from bespoke_ext.bench import kernels as bench_kernels
 from bespoke_ext.bench import report as bench_report
 from bespoke_ext.bench import suite as bench
 from bespoke_ext.bench import timing as bench_timing
@@ -178,6 +181,108 @@ def test_merging_keeps_other_models_but_drops_entries_for_replaced_weights():
     merged = bench._merge_models(old, new, "now")
     assert set(merged["models"]) == {"oracle-gmm64", "mnist"} and merged["notes"] == ["a", "b"]
     assert merged["models"]["mnist"]["measured_at"] == "now"
+
+
+def _fake_bench_ops_json(path):
+    """A pytest-benchmark file as benchmarks/bench_ops.py writes it, two update cases and one backward case,
+    with medians chosen so that every ratio of the tables is a round number."""
+    cases = [("rk_update", [1000, 2], 2000, {"fused_out": 1e-3, "fused": 2e-3, "eager_inplace": 1.5e-3,
+                                              "eager": 5e-3, "compiled": 1e-3, "copy": 2e-4}),
+             ("rk_update", [1 << 20], 1 << 20, {"fused_out": 1e-2, "eager_inplace": 1.2e-2}),
+             ("rk_update_backward", [1000, 2], 2000, {"fused": 1e-3, "eager": 3e-3})]
+    benchmarks = [{"stats": {"median": median},
+                   "extra_info": {"op": op, "shape": shape, "size": size, "k": 3, "dtype": "fp32", "coeffs": "shared",
+                                  "threads": 1, "variant": variant, "elem_size": 4, "device": "cpu", "load1": 0.5}}
+                  for op, shape, size, medians in cases for variant, median in medians.items()]
+    path.write_text(json.dumps({"machine_info": {"node": "box", "cpu": {"brand_raw": "Test CPU"}, "torch": "9.9"},
+                                "benchmarks": benchmarks}))
+    return path
+
+
+def test_kernel_tables_from_a_benchmark_file(tmp_path):
+    """bespoke_ext.bench.report_ops (once benchmarks/report_ops.py): the tables, the JSON twin and the targets,
+    and REPORT.md includes the table as written."""
+    from bespoke_ext.bench import report_ops
+
+    raw = _fake_bench_ops_json(tmp_path / "ops_box_raw.json")
+    md, js, text = report_ops.write_ops_report(raw)
+    assert (md, js) == (tmp_path / "ops_box.md", tmp_path / "ops_box.json") and md.read_text() == text
+    assert text.startswith("Kernel benchmarks on box (Test CPU, torch 9.9, device cpu). Medians;")
+    assert "median 0.5, max 0.5" in text
+    # in-place 1.5 / 1.0, alloc 5 / 2, compiled 1 / 1; copy: 2 * 2000 * 4 B in 0.2 ms = 0.08 GB/s, so the
+    # floor for k + 1 = 4 arrays is 0.4 ms against fused_out's 1 ms
+    assert "| 1000x2 | 3 | fp32 | shared | 1 | 1.0 | 1.5 | 2.5 | 1.0 | 0.4 | 0.08 |" in text
+    assert "| 1048576 | 3 | fp32 | shared | 1 | 10.0 | 1.2 |  |  |  |  |" in text
+    assert "### rk_update_backward\n\n| shape | k | dtype | coeffs | threads | fused ms | eager / fused" in text
+    assert "| 1000x2 | 3 | fp32 | shared | 1 | 1.0 | 3.0 |  |" in text
+    targets = text.split("### Targets (issue 10)\n\n")[1].splitlines()
+    assert targets == [
+        "- fused_out >= 1.0x the eager in-place chain at every shape: met; worst 1.2 at 1048576 k=3 fp32 shared, "
+        "1 thread(s) (median over cases 1.35)",
+        "- fused_out >= 1.3x the in-place chain at >= 1M elements: MISSED; worst 1.2 at 1048576 k=3 fp32 shared, "
+        "1 thread(s) (median over cases 1.2)",
+        "- fused_out not slower than torch.compile: met; worst 1.0 at 1000x2 k=3 fp32 shared, 1 thread(s) "
+        "(median over cases 1.0)",
+        "- backward >= 2x eager autograd: met; worst 3.0 at 1000x2 k=3 fp32 shared, 1 thread(s) "
+        "(median over cases 3.0)"]
+    data = json.loads(js.read_text())
+    assert data["machine"] == {"node": "box", "cpu": "Test CPU", "torch": "9.9", "device": "cpu"}
+    assert data["targets"] == targets and len(data["rows"]) == 3
+    assert [(r["op"], r["shape"]) for r in data["rows"]] == [("rk_update", [1000, 2]), ("rk_update", [1 << 20]),
+                                                           ("rk_update_backward", [1000, 2])]
+    assert data["rows"][0]["out_of_copy_bw"] == 0.4 and data["rows"][0]["copy_GBps"] == 0.08
+    # the command benchmarks/gpu/run.sh runs, with an explicit output stem: the same tables
+    (tmp_path / "gpu").mkdir()
+    assert report_ops.main([str(raw), "--out", str(tmp_path / "gpu" / "ops_gpu")]) == 0
+    assert (tmp_path / "gpu" / "ops_gpu.md").read_text() == text
+    bench_report.write_report(tmp_path)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert ("## Kernels: ops_box.md (benchmarks/bench_ops.py via bespoke_ext/bench/report_ops.py)\n\n"
+            + text.strip()) in report
+    assert "Other files" not in report  # the raw file and the JSON twin are inputs, not strays
+
+
+def test_kernels_stage_runs_bench_ops_in_process_and_writes_the_tables(tmp_path, monkeypatch):
+    """`bespoke-ext bench --only kernels` without a subprocess: pytest.main on benchmarks/bench_ops.py with its
+    settings in the environment for the run only, then the tables from the JSON it wrote."""
+    seen = {}
+
+    def fake_pytest_main(args):
+        seen.update(args=args, sizes=os.environ.get("BENCH_FLAT_SIZES"),
+                    device=os.environ.get("BENCH_DEVICE"))
+        _fake_bench_ops_json(Path(next(a for a in args if a.startswith("--benchmark-json=")).split("=", 1)[1]))
+        print("pytest output, kept out of the terminal")
+        return 0
+
+    monkeypatch.setattr(pytest, "main", fake_pytest_main)
+    monkeypatch.delenv("BENCH_FLAT_SIZES", raising=False)
+    said = []
+    section = bench_kernels.run_kernels(tmp_path, "box", quick=True, say=said.append)
+    assert str(ROOT / "benchmarks" / "bench_ops.py") in seen["args"] and "--benchmark-only" in seen["args"]
+    assert (seen["sizes"], seen["device"]) == (bench_kernels.QUICK_SIZES, "cpu")
+    assert "BENCH_FLAT_SIZES" not in os.environ  # restored
+    assert (section["table"], section["json"], section["raw"]) == ("ops_box.md", "ops_box.json", "ops_box_raw.json")
+    table = (tmp_path / "ops_box.md").read_text()
+    assert "| 1000x2 | 3 | fp32 | shared | 1 | 1.0 | 1.5 | 2.5 | 1.0 | 0.4 | 0.08 |" in table
+    assert said == [f"kernels: pytest benchmarks/bench_ops.py (flat sizes {bench_kernels.QUICK_SIZES})"]
+
+    def failing(args):
+        print("E   something broke")
+        return 1
+
+    monkeypatch.setattr(pytest, "main", failing)
+    with pytest.raises(RuntimeError, match="(?s)exit 1.*something broke"):
+        bench_kernels.run_kernels(tmp_path / "other", "box", quick=False, say=said.append)
+
+
+def test_bench_help_documents_the_kernels_stage(capsys):
+    from bespoke_ext.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "kernels" in text and "benchmarks/bench_ops.py" in text and "ops_<machine>.md" in text
 
 
 def test_report_reads_every_kind_of_results_file(tmp_path):

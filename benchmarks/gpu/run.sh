@@ -35,7 +35,7 @@ start=$SECONDS
 # flat sweep up to 2^28 elements; the other shapes 16x the CPU sample counts (16M-element cases)
 BENCH_DEVICE=cuda BENCH_FLAT_SIZES="1e4,1e6,1.7e7,6.7e7,2.7e8" BENCH_SCALE=16 python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
   --benchmark-only --benchmark-json="$OUT/ops_gpu_raw.json" > "$OUT/bench_ops.log" 2>&1
-python benchmarks/report_ops.py "$OUT/ops_gpu_raw.json" --out "$OUT/ops_gpu" > /dev/null
+python -m bespoke_ext.bench.report_ops "$OUT/ops_gpu_raw.json" --out "$OUT/ops_gpu" > /dev/null
 log "kernel benchmarks in $((SECONDS - start)) s"
 
 if [[ -f benchmarks/gpu/sampling.py ]]; then

@@ -1,7 +1,7 @@
 """The benchmark report, generated from every results file in a results folder (never typed by hand):
 
     REPORT.md                 machines, targets met and missed, quality versus NFE, wall-clock, training
-                              cost, the kernel tables (report_ops.py's output, included as written),
+                              cost, the kernel tables (report_ops.py's ops_*.md, included as written),
                               bench_sampling.py's overhead table, GPU figures or the plain note that
                               they are missing
     <machine>_quality_<model>.png, <machine>_wallclock.png     the plots
@@ -9,8 +9,9 @@
                               between the README's markers)
 
 Its parts: results.py reads the folder, report_format.py writes numbers and tables, report_targets.py
-checks the targets, report_sections.py renders REPORT.md's sections, report_plots.py draws the plots and
-readme.py renders and inserts the README section. This file puts REPORT.md together and writes it all.
+checks the targets, report_sections.py renders REPORT.md's sections, report_plots.py draws the plots,
+readme.py renders and inserts the README section and report_ops.py writes the kernel tables (ops_*.md) when
+they are measured. This file puts REPORT.md together and writes it all.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def render_report(res: Results, plots: Dict[str, Dict[str, str]]) -> str:
         if k and k.get("skipped"):
             lines += ["", f"## Kernels [{name}]", "", k["skipped"]]
     for path in res.ops_tables:
-        lines += ["", f"## Kernels: {path.name} (benchmarks/bench_ops.py via benchmarks/report_ops.py)", "",
+        lines += ["", f"## Kernels: {path.name} (benchmarks/bench_ops.py via bespoke_ext/bench/report_ops.py)", "",
                   path.read_text().strip()]
     if res.sampling_cpu:
         lines += [""] + sampling_cpu_section(res.sampling_cpu)

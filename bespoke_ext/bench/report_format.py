@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence
 
-__all__ = ["as_number", "fmt_g", "fmt_ms", "fmt_s", "fmt_x", "md_table", "met_status", "machine_line",
-           "quick_mark"]
+__all__ = ["as_number", "fmt_blank", "fmt_g", "fmt_ms", "fmt_s", "fmt_x", "md_table", "met_status", "machine_line",
+           "quick_mark", "shape_label"]
 
 
 def as_number(value) -> Optional[float]:
@@ -45,6 +45,16 @@ def fmt_x(value) -> str:
     """A ratio, as "1.23x"."""
     v = as_number(value)
     return "-" if v is None else f"{v:.2f}x"
+
+
+def fmt_blank(value) -> str:
+    """A value as written, blank when missing (the kernel tables' cells)."""
+    return "" if value is None else str(value)
+
+
+def shape_label(shape: Sequence[int]) -> str:
+    """A tensor shape as "4096x2"."""
+    return "x".join(map(str, shape))
 
 
 def md_table(head: Sequence[str], rows: Sequence[Sequence[str]], align: Optional[str] = None) -> List[str]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import statistics
+from typing import List, Sequence, Tuple
 
-from .report_format import fmt_g, fmt_x, met_status
+from .report_format import fmt_g, fmt_x, met_status, shape_label
 from .results import Results
 
-__all__ = ["targets", "gpu_bandwidth", "GPU_RUN"]
+__all__ = ["targets", "gpu_bandwidth", "kernel_targets", "GPU_RUN"]
 
 GPU_RUN = "benchmarks/gpu/run.sh"  # the script whose results fill in the GPU targets
 
@@ -53,10 +54,39 @@ def gpu_bandwidth(res: Results) -> List[Tuple[str, float]]:
     """Share of copy bandwidth of the fused, preallocated update at the largest size of each GPU run."""
     out = []
     for path, data in res.gpu_ops:
-        rows = [r for r in (data or {}).get("rows", []) if r.get("op") == "rk_update" and "fused_out_of_copy_bw" in r]
+        rows = [r for r in (data or {}).get("rows", []) if r.get("op") == "rk_update" and "out_of_copy_bw" in r]
         if rows:
             top = max(r["size"] for r in rows)
             for r in rows:
                 if r["size"] == top:
-                    out.append((f"{path.parent.name} {r['dtype']} n={top:.1e}", r["fused_out_of_copy_bw"]))
+                    out.append((f"{path.parent.name} {r['dtype']} n={top:.1e}", r["out_of_copy_bw"]))
     return out
+
+
+def kernel_targets(summary: Sequence[dict]) -> List[str]:
+    """Issue 10's CPU kernel targets over the rows of report_ops.summarise, as met / MISSED with the worst case
+    (the last part of each ops_<machine>.md table)."""
+    up = [r for r in summary if r["op"] == "rk_update"]
+    lines = []
+
+    def check(label, cases, field, bound):
+        cases = [r for r in cases if r.get(field) is not None]
+        if not cases:
+            return
+        worst = min(cases, key=lambda r: r[field])
+        ok = worst[field] >= bound
+        name = f"{shape_label(worst['shape'])} k={worst['k']} {worst['dtype']} {worst['coeffs']}"
+        lines.append(f"- {label}: {'met' if ok else 'MISSED'}; worst {worst[field]} at {name}, "
+                     f"{worst['threads']} thread(s) (median over cases {statistics.median(r[field] for r in cases)})")
+
+    check("fused_out >= 1.0x the eager in-place chain at every shape", up, "inplace_over_out", 1.0)
+    check("fused_out >= 1.3x the in-place chain at >= 1M elements", [r for r in up if r["size"] >= 1 << 20],
+          "inplace_over_out", 1.3)
+    check("fused_out >= 0.7 of copy bandwidth at >= 4M elements", [r for r in up if r["size"] >= 4 << 20],
+          "out_of_copy_bw", 0.7)
+    check("fused_out not slower than torch.compile", up, "compiled_over_out", 1.0)
+    check("allocating call >= 2.5x eager on flat 16M",
+          [r for r in up if len(r["shape"]) == 1 and r["size"] >= 16_000_000], "eager_over_fused", 2.5)
+    check("backward >= 2x eager autograd", [r for r in summary if r["op"] == "rk_update_backward"],
+          "eager_over_fused", 2.0)
+    return lines

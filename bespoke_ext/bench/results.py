@@ -1,7 +1,7 @@
 """The results folder that the report is generated from: every file sorted by what wrote it.
 
 Files it reads: ``<machine>.json`` written by ``bespoke-ext bench`` (kind "bespoke_ext.bench"),
-``ops_*.md`` (benchmarks/report_ops.py), ``sampling_cpu.json`` (benchmarks/bench_sampling.py),
+``ops_*.md`` (report_ops.py), ``sampling_cpu.json`` (benchmarks/bench_sampling.py),
 ``training.json`` (benchmarks/bench_training.py) and, in any subfolder, ``sampling_gpu.json``
 (benchmarks/gpu/sampling.py) and ``ops_gpu.md`` / ``ops_gpu.json`` (benchmarks/gpu/run.sh). Anything
 else is kept in ``Results.other``, so that the report lists it and no result goes unmentioned.
@@ -31,7 +31,7 @@ class Results:
 
     folder: Path
     bench: Dict[str, dict] = field(default_factory=dict)        # machine name -> results file content
-    ops_tables: List[Path] = field(default_factory=list)         # report_ops.py markdown tables
+    ops_tables: List[Path] = field(default_factory=list)         # report_ops.py's markdown tables
     sampling_cpu: Optional[dict] = None                          # bench_sampling.py's summary
     training: Optional[dict] = None                              # bench_training.py's summary
     gpu_sampling: List[Tuple[Path, dict]] = field(default_factory=list)

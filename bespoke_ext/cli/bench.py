@@ -24,7 +24,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="a short smoke run (tiny batches, rounds and training: the numbers are not meaningful); "
                              "writes to ./bespoke-bench/quick by default")
     parser.add_argument("--only", nargs="+", choices=STAGES, metavar="STAGE",
-                        help=f"run only these stages ({', '.join(STAGES)}); default: all")
+                        help=f"run only these stages ({', '.join(STAGES)}); default: all. kernels: "
+                             "benchmarks/bench_ops.py (pytest-benchmark; a source checkout only), the fused ops "
+                             "against eager PyTorch, torch.compile and copy bandwidth at 1 and 2 threads, tabled in "
+                             "<out>/ops_<machine>.md")
     parser.add_argument("--out", default=None,
                         help="results folder (default: ./bespoke-bench in the current directory; "
                              "--out benchmarks/results refreshes the results committed in a source checkout)")
