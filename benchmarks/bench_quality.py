@@ -22,7 +22,7 @@ from bespoke_ext.sampling import sample
 
 NFE = 10
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("bespoke-rk2", "bespoke-rk1", "euler", "midpoint", "heun", "dpm++2m", *SCHEDULERS)
+METHODS = ("bespoke-ns", "bespoke-rk2", "bespoke-rk1", "euler", "midpoint", "heun", "dpm++2m", *SCHEDULERS)
 MODELS = {qm.name: qm for qm in quality_models()}
 
 
@@ -43,8 +43,8 @@ def setups():
 
 
 def _runner(qm, cfg, x0, method):
-    if method.startswith("bespoke-rk"):
-        found = find_solver(qm, int(method[-1]), NFE, solver_search_path(qm, RESULTS), cfg)
+    if method.startswith("bespoke-"):
+        found = find_solver(qm, method, NFE, solver_search_path(qm, RESULTS), cfg)
         if found is None:
             pytest.skip(f"no trained {method} solver for {qm.name}: run `bespoke-ext bench --only quality` first")
         return lambda: sample(qm.velocity, x0, solver=found[0])

@@ -31,7 +31,8 @@ from .sampling import sample
 
 __all__ = [
     "Row", "Run", "GroundTruth", "Reference", "compare", "ground_truth", "baseline_run", "solver_run", "dopri5_run",
-    "BASELINES", "baseline_labels", "GT_TOL", "stream_seed", "torch_threads", "markdown_table", "write_results",
+    "solver_label", "BASELINES", "baseline_labels", "GT_TOL", "stream_seed", "torch_threads", "markdown_table",
+    "write_results",
     "json_safe", "nfe_to_match",
 ]
 
@@ -119,9 +120,14 @@ def baseline_run(method: str, nfe: int, label: Optional[str] = None) -> Run:
                lambda model, x0, **extras: (sample(model, x0, method=method, nfe=nfe, **extras), nfe))
 
 
+def solver_label(solver) -> str:
+    """How tables and figures name a trained solver: "Bespoke order 2", "Bespoke non-stationary"."""
+    return "Bespoke non-stationary" if solver.method == "bespoke-ns" else f"Bespoke order {solver.order}"
+
+
 def solver_run(solver, label: Optional[str] = None) -> Run:
-    """A trained solver (``solver.method`` names its rows, e.g. bespoke-rk2)."""
-    return Run(solver.method, label or f"Bespoke order {solver.order}",
+    """A trained solver (``solver.method`` names its rows: bespoke-rk2, bespoke-rk1, bespoke-ns)."""
+    return Run(solver.method, label or solver_label(solver),
                lambda model, x0, **extras: (sample(model, x0, solver=solver, **extras), solver.nfe))
 
 

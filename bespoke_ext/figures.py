@@ -4,6 +4,8 @@
     save_error_curves     RMSE against ground truth versus NFE, a line per baseline method, a marker
                           per Bespoke solver
     save_schedules        Bespoke solvers' learned time t(r) (and t(r) - r) and scale s(r), r in [0, 1]
+    save_nonstationary    non-stationary solvers' learned times t_i against their base's, and one
+                          solver's coefficients a_i, b_ij (and what training changed in them)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["save_sample_grid", "save_error_curves", "save_schedules", "pyplot"]
+__all__ = ["save_sample_grid", "save_error_curves", "save_schedules", "save_nonstationary", "pyplot"]
 
 _DPI = 110
 
@@ -166,3 +168,46 @@ def _schedule_points(solver):
     rm = [(i + 0.5) / n for i in range(n)]
     merged = sorted(zip(r + rm, t + g.tm.tolist(), s + g.sm.tolist()))
     return [m[0] for m in merged], [m[1] for m in merged], [m[2] for m in merged]
+
+
+
+def save_nonstationary(solvers: Dict[str, "torch.nn.Module"], path, *, title: str = "") -> None:
+    """Non-stationary solvers (method.md §9): left, each solver's time grid t_i - i/n against its base's
+    (dashed); middle, the last solver's coefficient matrix [a_i | b_i0 .. b_ii] (row i makes x_{i+1} from
+    x_0 and the velocities U_0..U_i); right, that matrix minus its base's: what training changed."""
+    if not solvers:
+        raise ValueError("solvers must hold at least one (label -> NonStationarySolver)")
+    plt = pyplot()
+    fig, (ax_t, ax_c, ax_d) = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    for label, solver in solvers.items():
+        with torch.no_grad():
+            t, base = solver.times(), solver.base_times.double()
+        r = torch.arange(t.numel(), dtype=torch.float64) / (t.numel() - 1)
+        line = ax_t.plot(r, t - r, "o-", ms=3, lw=1.3, label=label)[0]
+        ax_t.plot(r, base - r, "--", lw=0.9, color=line.get_color(), label=f"{label}: base {solver.base}")
+    ax_t.axhline(0.0, color="black", lw=0.6)
+    ax_t.set(xlabel="i / n", ylabel="t_i - i / n", title="learned times (dashed: the base's)")
+    ax_t.grid(True, alpha=0.3)
+    ax_t.legend(fontsize=7)
+    label, solver = list(solvers.items())[-1]
+    with torch.no_grad():
+        a, b = solver.coefficients()
+    n = a.numel()
+    rows, cols = torch.tril_indices(n, n)
+    a0 = solver.base_a.double()   # the base's tables: what a fresh solver holds
+    b0 = b.new_zeros(n, n).index_put((rows, cols), solver.base_b.double())
+    mask = torch.cat([torch.ones(n, 1, dtype=torch.bool), torch.ones(n, n, dtype=torch.bool).tril()], 1)
+    for ax, m, name in ((ax_c, torch.cat([a[:, None], b], 1), f"{label}: [a_i | b_ij]"),
+                        (ax_d, torch.cat([(a - a0)[:, None], b - b0], 1), "change from the base")):
+        m = m.masked_fill(~mask, float("nan"))
+        lim = float(m[mask].abs().max()) or 1.0
+        im = ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_xticks(range(n + 1), ["x0"] + [f"U{j}" for j in range(n)], fontsize=6, rotation=90)
+        ax.set_yticks(range(n), [f"x{i + 1}" for i in range(n)], fontsize=6)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)

@@ -156,8 +156,9 @@ def test_bench_quick_run_writes_results_and_report(tmp_path, monkeypatch):
     assert {"quality", "wallclock", "training"} <= set(results) and results["quality"]["quick"]
     entry = results["quality"]["models"]["oracle-gmm64"]
     methods = {r["method"] for r in entry["rows"]}
-    assert {"bespoke-rk2", "bespoke-rk1", "euler", "midpoint", "heun", "rk4", "dopri5", "dpm++2m"} <= methods
-    assert sorted(entry["solvers"]["trained_here"]) == ["rk1-nfe10", "rk2-nfe10"]
+    assert {"bespoke-ns", "bespoke-rk2", "bespoke-rk1", "euler", "midpoint", "heun", "rk4", "dopri5",
+            "dpm++2m"} <= methods
+    assert sorted(entry["solvers"]["trained_here"]) == ["ns-nfe10", "rk1-nfe10", "rk2-nfe10"]
     assert set(results["training"]["models"]["moons2d"]["runs"]) == {"cached", "online"}
     report = (tmp_path / "REPORT.md").read_text()
     for heading in ("## Targets", "## Quality versus NFE", "## Wall-clock at equal NFE", "## Training cost", "## GPU"):
@@ -168,7 +169,7 @@ def test_bench_quick_run_writes_results_and_report(tmp_path, monkeypatch):
     # A second quality run reuses the solvers trained by the first.
     bench.run(["quality"], models=["oracle-gmm64"], report=False, **quiet)
     reused = json.loads(path.read_text())["quality"]["models"]["oracle-gmm64"]["solvers"]
-    assert reused["trained_here"] == [] and len(reused["files"]) == 2
+    assert reused["trained_here"] == [] and len(reused["files"]) == 3
 
 
 def test_merging_keeps_other_models_but_drops_entries_for_replaced_weights():

@@ -34,7 +34,7 @@ def test_table_has_every_method_with_finite_numbers(demo):
     _, results = demo
     rows = results["rows"]
     methods = {r["method"] for r in rows}
-    assert methods == {"ground truth", "bespoke-rk2", "bespoke-rk1", "dopri5", *BASELINES}
+    assert methods == {"ground truth", "bespoke-ns", "bespoke-rk2", "bespoke-rk1", "dopri5", *BASELINES}
     metric = METRIC[results["summary"]["model"]]
     assert results["summary"]["distribution_metric"] == metric
     for r in rows:
@@ -49,8 +49,8 @@ def test_table_has_every_method_with_finite_numbers(demo):
 def test_nfe_column(demo):
     _, results = demo
     rows = results["rows"]
-    for order in (1, 2):
-        assert sorted(r["nfe"] for r in rows if r["method"] == f"bespoke-rk{order}") == NFES
+    for method in ("bespoke-rk1", "bespoke-rk2", "bespoke-ns"):
+        assert sorted(r["nfe"] for r in rows if r["method"] == method) == NFES
     for method, (_, per_step) in BASELINES.items():
         nfes = [r["nfe"] for r in rows if r["method"] == method]
         assert nfes and all(n % per_step == 0 for n in nfes), (method, nfes)
@@ -69,6 +69,10 @@ def test_summary_explains_gains_cost_and_stages(demo):
         mine, mid = rows[("bespoke-rk2", c["nfe"])], rows[("midpoint", c["nfe"])]
         assert c["gain_over_midpoint_db"] == pytest.approx(mine["psnr"] - mid["psnr"])
         assert c["gain_over_midpoint_se_db"] > 0 and math.isfinite(c["gain_over_midpoint_se_db"])  # paired spread
+        ns = c["nonstationary"]
+        assert ns["gain_over_midpoint_db"] == pytest.approx(rows[("bespoke-ns", c["nfe"])]["psnr"] - mid["psnr"])
+        assert ns["rmse_over_rk2"] == pytest.approx(rows[("bespoke-ns", c["nfe"])]["rmse"] / mine["rmse"])
+        assert 0 < ns["training_seconds"] and 0 < ns["training_cost_fraction"] < s["training_cost_fraction"]
     assert "targets" not in s  # internal targets belong to the benchmark report, not to what users read
     assert s["training_seconds"] > 0 and 0 < s["training_cost_fraction"]
     assert set(s["stages_seconds"]) == {"load", "ground truth", "train", "evaluate", "report"}
@@ -82,7 +86,8 @@ def test_every_figure_is_a_valid_png(demo):
 
     out, results = demo
     figures = results["summary"]["figures"]
-    assert {p.split("/")[-1] for p in figures} == {"samples.png", "rmse_vs_nfe.png", "bespoke_schedules.png"}
+    assert {p.split("/")[-1] for p in figures} == {"samples.png", "rmse_vs_nfe.png", "bespoke_schedules.png",
+                                                   "nonstationary_schedules.png"}
     for path in figures:
         with open(path, "rb") as f:
             assert f.read(8) == PNG_MAGIC, path
@@ -95,20 +100,20 @@ def test_solver_files_load_and_reproduce_the_table(demo):
     from bespoke_ext.metrics import rmse
     from bespoke_ext.models.embedded import load_embedded
     from bespoke_ext.sampling import sample
-    from bespoke_ext.solvers import BespokeSolver
+    from bespoke_ext.solvers import load_solver
 
     _, results = demo
     batch = load_file(results["summary"]["evaluation_batch"])
     model = results["summary"]["model"]
     files = results["summary"]["solver_files"]
-    assert len(files) == 2 * len(NFES)
+    assert len(files) == 3 * len(NFES)
     em = load_embedded(model)
     rows = {(r["method"], r["nfe"]): r for r in results["rows"]}
     for path in files:
-        solver = BespokeSolver.load(path)
+        solver = load_solver(path)
         assert solver.metadata["model"] == model and solver.nfe in NFES
         assert solver.metadata["model_weights_sha256"] == em.card["weights"]["sha256"]
-        assert f"rk{solver.order}-nfe{solver.nfe}" in path
+        assert path.endswith(f"{solver.method}-nfe{solver.nfe}.safetensors")
         x = sample(em.velocity, batch["x0"], solver=solver)
         assert rmse(x, batch["ground_truth"]) == pytest.approx(rows[(solver.method, solver.nfe)]["rmse"], rel=1e-5)
 

@@ -456,3 +456,21 @@ def test_header_is_readable_json(saved):
     meta = json.loads(data[8:8 + n])["__metadata__"]
     assert meta["format"] == "bespoke_ext.solver" and meta["checksum"].startswith("sha256:")
     assert json.loads(meta["config"]) == {"order": 2, "steps": 5}
+
+
+def test_load_solver_reads_the_class_from_the_file(tmp_path):
+    from bespoke_ext.solvers import BespokeSolver, NonStationarySolver, SolverFileError, load_solver
+
+    scale_time, ns = BespokeSolver(3, order=2), NonStationarySolver(6, "midpoint")
+    with torch.no_grad():
+        ns.b_delta.add_(0.01)
+    scale_time.save(tmp_path / "st.safetensors")
+    ns.save(tmp_path / "ns.safetensors")
+    loaded = load_solver(tmp_path / "ns.safetensors")
+    assert type(loaded) is NonStationarySolver and torch.equal(loaded.coefficients()[1], ns.coefficients()[1])
+    assert type(load_solver(tmp_path / "st.safetensors")) is BespokeSolver
+    damaged = bytearray((tmp_path / "ns.safetensors").read_bytes())
+    damaged[-1] ^= 1
+    (tmp_path / "bad.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(SolverFileError, match="checksum"):
+        load_solver(tmp_path / "bad.safetensors")

@@ -153,7 +153,9 @@ def _one_model(qm: QualityModel, *, quick, seed, results_dir: Path, solver_dirs,
         "distribution_metric": reference.metric,
         "ground_truth": {"method": "dopri5", "tol": truth.tol, "nfe": truth.nfe},
         "training": {"loss": cfg.loss, "iterations": cfg.iterations, "batch_size": cfg.train_batch, "lr": cfg.lr,
-                     "gt": "cached", "cache_samples": cfg.cache_samples},
+                     "gt": "cached", "cache_samples": cfg.cache_samples,
+                     "nonstationary": {"loss": "log_mse", "iterations": cfg.ns_iterations, "base": cfg.ns_base,
+                                       "batch_size": cfg.ns_train_batch, "lr": cfg.ns_lr}},
         "solvers": asdict(provenance),
         "rows": [asdict(r) for r in rows],
         "targets": quality_targets(rows),
@@ -182,26 +184,28 @@ def _extra_runs(qm: QualityModel, nfes: Sequence[int]) -> List[Run]:
     return runs + [dopri5_run(tol) for tol in DOPRI5_TOLS]
 
 
-def _solver_key(order: int, nfe: int) -> str:
-    return f"rk{order}-nfe{nfe}"
+def _solver_key(method: str, nfe: int) -> str:
+    return f"{method.replace('bespoke-', '')}-nfe{nfe}"
 
 
-def _reusable(path: Path, qm: QualityModel, cfg):
-    """The solver in ``path`` if it was trained for this model's weights with the settings' loss and at least
-    their iterations (a quick run's solvers never stand in for a full run's), else None."""
-    from ..solvers import BespokeSolver, SolverFileError
+def _reusable(path: Path, qm: QualityModel, method: str, cfg):
+    """The solver in ``path`` if it is a ``method`` solver trained for this model's weights with the settings'
+    loss and at least their iterations (a quick run's solvers never stand in for a full run's), else None."""
+    from ..solvers import SolverFileError, load_solver
 
     if not path.is_file():
         return None
     try:
-        solver = BespokeSolver.load(path)
+        solver = load_solver(path)
     except SolverFileError:
         return None
     meta = solver.metadata
     training = meta.get("training") or {}
-    if meta.get("model") != qm.name or meta.get("model_weights_sha256") != qm.card["weights"]["sha256"]:
+    if solver.method != method or meta.get("model") != qm.name \
+            or meta.get("model_weights_sha256") != qm.card["weights"]["sha256"]:
         return None
-    if (training.get("options") or {}).get("loss") != cfg.loss or training.get("iterations", 0) < cfg.iterations:
+    loss, iterations = ("log_mse", cfg.ns_iterations) if method == "bespoke-ns" else (cfg.loss, cfg.iterations)
+    if (training.get("options") or {}).get("loss") != loss or training.get("iterations", 0) < iterations:
         return None
     return solver
 
@@ -212,20 +216,21 @@ def solver_search_path(qm: QualityModel, results_dir: Path, solver_dirs: Sequenc
     return [Path(results_dir) / qm.name, *map(Path, solver_dirs), Path("bespoke-demo")]
 
 
-def find_solver(qm: QualityModel, order: int, nfe: int, search: Sequence[Path], cfg):
-    """(solver, path) of the first solver file in ``search`` trained for this model with the settings ``cfg``
-    (settings()), else None."""
+def find_solver(qm: QualityModel, method: str, nfe: int, search: Sequence[Path], cfg):
+    """(solver, path) of the first ``method`` solver file (bespoke-rk2, bespoke-rk1, bespoke-ns) in ``search``
+    trained for this model with the settings ``cfg`` (settings()), else None."""
     for d in search:
-        path = Path(d) / "solvers" / f"bespoke-rk{order}-nfe{nfe}.safetensors"
-        solver = _reusable(path, qm, cfg)
+        path = Path(d) / "solvers" / f"{method}-nfe{nfe}.safetensors"
+        solver = _reusable(path, qm, method, cfg)
         if solver is not None:
             return solver, path
     return None
 
 
 def _solvers(qm: QualityModel, nfes, cfg, seed, results_dir: Path, solver_dirs, progress, say):
-    """Bespoke order 1 and 2 at each NFE: reused where a file is found (solver_search_path), else trained
-    here (demo.train_solvers, saved to ``<results>/<model>/solvers`` for the next run)."""
+    """Bespoke order 2 and 1 and the non-stationary solver at each NFE: each reused where a file is found
+    (solver_search_path), else trained here (demo.train_solvers, one shared ground-truth cache, saved to
+    ``<results>/<model>/solvers`` for the next run)."""
     search = solver_search_path(qm, results_dir, solver_dirs)
     own = search[0]
     found, provenance, missing = {}, _Provenance(), []
@@ -237,26 +242,30 @@ def _solvers(qm: QualityModel, nfes, cfg, seed, results_dir: Path, solver_dirs, 
             return str(path)
 
     for n in nfes:
-        pair = {order: find_solver(qm, order, n, search, cfg) for order in (2, 1)}
-        if all(pair.values()):
-            for order, (solver, path) in pair.items():
-                found[(order, n)] = solver
-                provenance.files[_solver_key(order, n)] = where(path)
-        else:
-            missing.append(n)
+        for method in demo.FAMILIES:
+            hit = find_solver(qm, method, n, search, cfg)
+            if hit is None:
+                missing.append((method, n))
+            else:
+                found[(method, n)] = hit[0]
+                provenance.files[_solver_key(method, n)] = where(hit[1])
     if missing:
-        say(f"quality: {qm.name}: training Bespoke solvers for NFE {missing} "
-            f"({cfg.iterations} iterations each, cached ground truth)")
+        say(f"quality: {qm.name}: training {', '.join(f'{m} NFE {n}' for m, n in missing)} "
+            f"(cached ground truth, shared)")
         own.mkdir(parents=True, exist_ok=True)
+        wall = 0.0
         with tempfile.TemporaryDirectory(prefix="bespoke-bench-gt-") as cache_dir:
-            trained, wall, _ = demo.train_solvers(qm, missing, cfg, seed, cache_dir, own, progress)
+            for n in sorted({n for _, n in missing}):
+                families = [m for m in demo.FAMILIES if (m, n) in missing]
+                trained, seconds, _ = demo.train_solvers(qm, [n], cfg, seed, cache_dir, own, progress, families)
+                wall += seconds
+                for s in trained:
+                    found[(s.method, s.nfe)] = s
+                    key = _solver_key(s.method, s.nfe)
+                    provenance.trained_here.append(key)
+                    provenance.files[key] = where(own / "solvers" / demo.solver_file_name(s))
         provenance.train_seconds = round(wall, 1)
-        for s in trained:
-            found[(s.order, s.nfe)] = s
-            key = _solver_key(s.order, s.nfe)
-            provenance.trained_here.append(key)
-            provenance.files[key] = where(own / "solvers" / demo.solver_file_name(s))
-    return [found[(order, n)] for n in nfes for order in (2, 1)], provenance
+    return [found[(method, n)] for n in nfes for method in demo.FAMILIES], provenance
 
 
 def quality_targets(rows: Sequence[Row], nfe: int = 10, reach_nfe: int = 20) -> List[dict]:

@@ -38,11 +38,13 @@ def render_readme_section(res: Results) -> str:
     if q:
         lines += ["**Quality at NFE 10**: RMSE against the ground truth from the same noise (lower is better)"
                   f"{quick_mark(q)}.", ""]
-        cols = [m for m in FIXED_ORDER if m != "rk4"]  # RK4 cannot make exactly 10 evaluations
+        measured = {model: rows_by_method_nfe(entry) for model, entry in q.get("models", {}).items()}
+        # RK4 cannot make exactly 10 evaluations; a method no model has a row for gets no column
+        cols = [c for c in FIXED_ORDER if c != "rk4" and any((c, 10) in rows for rows in measured.values())]
         labels: Dict[str, str] = {}
         body = []
         for model, entry in q.get("models", {}).items():
-            rows = rows_by_method_nfe(entry)
+            rows = measured[model]
             labels.update(method_labels(entry))
             body.append([model, *(fmt_g(rows[(c, 10)]["rmse"]) if (c, 10) in rows else "-" for c in cols)])
         lines += md_table(["model", *(labels.get(c, c) for c in cols)], body)

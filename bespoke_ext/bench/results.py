@@ -22,7 +22,7 @@ __all__ = ["Results", "load_results", "read_json", "GENERATED", "FIXED_ORDER", "
            "method_labels"]
 
 GENERATED = ("REPORT.md", "readme_performance.md")  # the report's own files: never read back as input
-FIXED_ORDER = ("bespoke-rk2", *FIXED_METHODS)  # the quality table's rows, in this order
+FIXED_ORDER = ("bespoke-ns", "bespoke-rk2", *FIXED_METHODS)  # the quality table's rows, in this order
 
 
 @dataclass

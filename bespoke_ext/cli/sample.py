@@ -46,7 +46,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def run_sample(args: argparse.Namespace) -> int:
     """Run the ``sample`` subcommand; returns the exit status."""
     from ..sampling import sample
-    from ..solvers import BespokeSolver
+    from ..solvers import load_solver
 
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
@@ -64,7 +64,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.solver:
         if args.nfe is not None:
             raise ValueError("--nfe applies to --method; a solver file fixes its own NFE")
-        solver = BespokeSolver.load(args.solver).to(device)
+        solver = load_solver(args.solver).to(device)
         kwargs["solver"] = solver
         label = f"{solver.method} from {args.solver}"
         if solver.metadata.get("model"):

@@ -5,7 +5,7 @@
 """
 
 from .presets import DEMO_PRESETS, Preset, check_nfes, settings
-from .run import LOOSE_TOL, baseline_runs, row_order, run, solver_file_name, train_solvers
+from .run import FAMILIES, LOOSE_TOL, baseline_runs, row_order, run, solver_file_name, train_solvers
 
 __all__ = ["run", "DEMO_PRESETS", "Preset", "settings", "check_nfes", "train_solvers", "baseline_runs",
-           "solver_file_name", "row_order", "LOOSE_TOL"]
+           "solver_file_name", "row_order", "LOOSE_TOL", "FAMILIES"]

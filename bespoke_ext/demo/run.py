@@ -3,18 +3,19 @@
 Stages (each timed; tqdm bars on the slow ones):
     1. load       the embedded model, its digit classifier (image models) and held-out real data
     2. truth      ground truth x(1) for a fixed evaluation batch: dopri5 at rtol = atol = 1e-5
-    3. train      Bespoke solvers for each requested NFE, order 2 (midpoint base) and order 1 (Euler
-                  base), on cached ground truth of separate noise (built once, shared by all four)
+    3. train      for each requested NFE: Bespoke solvers of order 2 (midpoint base) and order 1 (Euler
+                  base), and a non-stationary solver (method.md §9, Euler base, log-MSE loss), on cached
+                  ground truth of separate noise (built once, shared by all of them)
     4. evaluate   every solver on the evaluation batch: Euler, midpoint, Heun, RK4, DPM-Solver++(2M)
                   over a sweep of NFEs, dopri5 at a loose tolerance, the Bespoke solvers; RMSE and
                   PSNR against ground truth, FCD (image models) or sliced Wasserstein (2-D) against
                   real data, wall-clock per batch
     5. report     results.md / results.json, the trained solver files, the evaluation batch (x0 and
                   its ground truth, evaluation_batch.safetensors), figures (samples.png,
-                  rmse_vs_nfe.png, bespoke_schedules.png), and a summary that says what the numbers
-                  mean: the gain over the usual solvers at equal NFE, the NFE midpoint needs to match
-                  each order-2 Bespoke solver, and training cost (ground truth included) as a fraction
-                  of the model's pretraining wall-clock.
+                  rmse_vs_nfe.png, bespoke_schedules.png, nonstationary_schedules.png), and a summary
+                  that says what the numbers mean: the gain over the usual solvers at equal NFE, the NFE
+                  midpoint needs to match each order-2 and non-stationary solver, and training cost
+                  (ground truth included) as a fraction of the model's pretraining wall-clock.
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ from tqdm.auto import tqdm
 
 from .. import metrics
 from ..compare import (BASELINES, Reference, Row, baseline_labels, baseline_run, compare, dopri5_run,
-                       ground_truth, markdown_table, nfe_to_match, solver_run, stream_seed, torch_threads,
+                       ground_truth, markdown_table, nfe_to_match, solver_label, solver_run, stream_seed, torch_threads,
                        write_results)
-from ..figures import save_error_curves, save_sample_grid, save_schedules
+from ..figures import save_error_curves, save_nonstationary, save_sample_grid, save_schedules
 from ..models.embedded import DEFAULT_MODEL, list_embedded, load_embedded
-from ..solvers import BespokeSolver
+from ..solvers import BespokeSolver, NonStationarySolver
 from ..training import train
 from .conditional import DemoModel, demo_model
 from .presets import Preset, check_nfes, settings
 
-__all__ = ["run", "train_solvers", "baseline_runs", "solver_file_name", "row_order", "LOOSE_TOL"]
+__all__ = ["run", "train_solvers", "baseline_runs", "solver_file_name", "row_order", "LOOSE_TOL", "FAMILIES"]
 
 LOOSE_TOL = 1e-3  # the dopri5 row: what an adaptive solver costs at an error comparable to the others
 
@@ -124,7 +125,7 @@ def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, guidan
         rows = rows[:1] + sorted(rows[1:], key=row_order)
 
     with clock.stage("report"):
-        summary = _summarise(em, rows, samples, truth.x, nfes, train_seconds, gt_seconds, reference, labels, quick)
+        summary = _summarise(em, rows, samples, truth.x, nfes, solvers, train_seconds, gt_seconds, reference, labels, quick)
         figures = _figures(out, em, x0, samples, rows, solvers, nfes, summary, labels, progress)
         if em.conditional:
             figures.append(_label_grid(out, em, samples, extras[em.cond_key], max(nfes)))
@@ -156,16 +157,30 @@ def _steps(total: int, desc: str, progress: bool):
 # -- stages -------------------------------------------------------------------------------------------
 
 def solver_file_name(solver) -> str:
-    """``bespoke-rk<order>-nfe<NFE>.safetensors``: how the demo (and the bench, which reuses them) names solvers."""
-    return f"bespoke-rk{solver.order}-nfe{solver.nfe}.safetensors"
+    """``<method>-nfe<NFE>.safetensors`` (bespoke-rk2, bespoke-rk1, bespoke-ns): how the demo (and the bench,
+    which reuses them) names solvers."""
+    return f"{solver.method}-nfe{solver.nfe}.safetensors"
 
 
-def train_solvers(em, nfes: Sequence[int], cfg: Preset, seed: int, cache_dir, out: Path, progress: bool):
-    """Order 2 and order 1 for each NFE, sharing one ground-truth cache; saved to <out>/solvers/.
+FAMILIES = ("bespoke-rk2", "bespoke-rk1", "bespoke-ns")
+
+
+def _fresh_solver(family: str, nfe: int, cfg: Preset):
+    if family == "bespoke-ns":
+        return NonStationarySolver(nfe, cfg.ns_base)
+    order = int(family[-1])
+    return BespokeSolver(nfe // order, order)
+
+
+def train_solvers(em, nfes: Sequence[int], cfg: Preset, seed: int, cache_dir, out: Path, progress: bool,
+                  families: Sequence[str] = FAMILIES):
+    """Each family's solver (Bespoke order 2 and 1, non-stationary) for each NFE, sharing one ground-truth
+    cache (built by the first training); saved to <out>/solvers/.
 
     ``em``: a DemoModel (or any object with ``name``, ``velocity``, ``shape`` and ``card``; with
     ``conditions``, the solvers are trained for that pool of per-sample model inputs).
-    Returns (solvers, training wall-clock, of which ground truth), in seconds.
+    Returns (solvers, training wall-clock, of which ground truth), in seconds; each solver's own cost is in
+    its ``history`` (wall_seconds, gt_seconds).
     """
     conditions = getattr(em, "conditions", None)
     guidance = getattr(em, "guidance", None)
@@ -173,13 +188,17 @@ def train_solvers(em, nfes: Sequence[int], cfg: Preset, seed: int, cache_dir, ou
     folder.mkdir(exist_ok=True)
     solvers, wall, gt = [], 0.0, 0.0
     for n in nfes:
-        for order in (2, 1):
-            solver = BespokeSolver(n // order, order)
-            train(em.velocity, solver, shape=em.shape, iterations=cfg.iterations, batch_size=cfg.train_batch,
-                  seed=seed, loss=cfg.loss, lr=cfg.lr, gt="cached", cache_dir=cache_dir,
-                  cache_samples=cfg.cache_samples, cache_grid=cfg.cache_grid, cache_shard_size=cfg.cache_samples,
-                  gt_group_size=cfg.cache_samples, val_size=cfg.val_size, val_every=cfg.iterations, keep_best=False,
-                  progress=progress, **({"conditions": conditions} if conditions else {}))
+        for family in families:
+            solver = _fresh_solver(family, n, cfg)
+            ns = family == "bespoke-ns"
+            train(em.velocity, solver, shape=em.shape, seed=seed,
+                  iterations=cfg.ns_iterations if ns else cfg.iterations,
+                  batch_size=cfg.ns_train_batch if ns else cfg.train_batch,
+                  loss="log_mse" if ns else cfg.loss, lr=cfg.ns_lr if ns else cfg.lr, gt="cached",
+                  cache_dir=cache_dir, cache_samples=cfg.cache_samples, cache_grid=cfg.cache_grid,
+                  cache_shard_size=cfg.cache_samples, gt_group_size=cfg.cache_samples, val_size=cfg.val_size,
+                  val_every=cfg.ns_iterations if ns else cfg.iterations, keep_best=False, progress=progress,
+                  **({"conditions": conditions} if conditions else {}))
             wall += solver.history.wall_seconds
             gt += solver.history.gt_seconds
             solver.save(folder / solver_file_name(solver), metadata={
@@ -200,8 +219,9 @@ def baseline_runs(nfes: Sequence[int], cfg: Preset, labels: Dict[str, str]) -> I
 
 
 def row_order(r: Row):
-    """Sort key of the table's rows: Bespoke order 2 and 1, the baselines, dopri5; by NFE within each."""
-    order = ["bespoke-rk2", "bespoke-rk1", *BASELINES, "dopri5"]
+    """Sort key of the table's rows: non-stationary, Bespoke order 2 and 1, the baselines, dopri5; by NFE
+    within each."""
+    order = ["bespoke-ns", "bespoke-rk2", "bespoke-rk1", *BASELINES, "dopri5"]
     return (order.index(r.method), r.nfe)
 
 
@@ -218,22 +238,39 @@ def _gain_error(samples, truth, ours, theirs) -> float:
     return float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else math.nan
 
 
-def _summarise(em, rows, samples, truth, nfes, train_seconds, gt_seconds, reference, labels, quick) -> dict:
+def _summarise(em, rows, samples, truth, nfes, solvers, train_seconds, gt_seconds, reference, labels, quick) -> dict:
     midpoint_curve = [(r.nfe, r.rmse) for r in rows if r.method == "midpoint"]
+    pretrain = em.card.get("training", {}).get("wall_clock_seconds")
     comparisons = []
     for n in nfes:
         b = _find(rows, "bespoke-rk2", n)
         mid, dpm = _find(rows, "midpoint", n), _find(rows, "dpm++2m", n)
         match, how = nfe_to_match(midpoint_curve, b.rmse)
-        comparisons.append({
+        c = {
             "nfe": n, "bespoke_rk2_psnr": b.psnr, "bespoke_rk2_rmse": b.rmse,
             "midpoint_psnr": mid.psnr, "dpm_psnr": dpm.psnr,
             "gain_over_midpoint_db": b.psnr - mid.psnr, "gain_over_dpm_db": b.psnr - dpm.psnr,
             "gain_over_midpoint_se_db": _gain_error(samples, truth, ("bespoke-rk2", n), ("midpoint", n)),
             "gain_over_dpm_se_db": _gain_error(samples, truth, ("bespoke-rk2", n), ("dpm++2m", n)),
             "midpoint_nfe_to_match": match, "midpoint_nfe_to_match_how": how,
-        })
-    pretrain = em.card.get("training", {}).get("wall_clock_seconds")
+        }
+        ns = _find(rows, "bespoke-ns", n)
+        if ns is not None:
+            solver = next(s for s in solvers if s.method == "bespoke-ns" and s.nfe == n)
+            twice = _find(rows, "midpoint", 2 * n)
+            match, how = nfe_to_match(midpoint_curve, ns.rmse)
+            # its own cost as if trained alone: its iterations plus the shared cache's ground truth
+            cost = solver.history.wall_seconds - solver.history.gt_seconds + gt_seconds
+            c["nonstationary"] = {
+                "psnr": ns.psnr, "rmse": ns.rmse, "gain_over_midpoint_db": ns.psnr - mid.psnr,
+                "gain_over_midpoint_se_db": _gain_error(samples, truth, ("bespoke-ns", n), ("midpoint", n)),
+                "gain_over_rk2_db": ns.psnr - b.psnr, "rmse_over_rk2": ns.rmse / b.rmse,
+                "rmse_over_midpoint_twice_nfe": ns.rmse / twice.rmse if twice else None,
+                "midpoint_nfe_to_match": match, "midpoint_nfe_to_match_how": how,
+                "training_seconds": round(cost, 1),
+                "training_cost_fraction": cost / pretrain if pretrain else None,
+            }
+        comparisons.append(c)
     return {
         "model": em.name,
         "dpm_label": labels["dpm++2m"],
@@ -248,30 +285,41 @@ def _summarise(em, rows, samples, truth, nfes, train_seconds, gt_seconds, refere
     }
 
 
+def _match_words(match, how, nfe: int) -> str:
+    if match is not None and how in ("interpolated", "measured"):
+        return f"midpoint needs about {match:.1f} evaluations for the same RMSE, {match / nfe:.1f}x as many"
+    if match is not None:
+        return f"midpoint would need about {match:.1f} evaluations for the same RMSE ({how})"
+    return f"midpoint does not reach its RMSE ({how})"
+
+
 def _summary_lines(s: dict) -> List[str]:
     """What the table says, in words a user can act on."""
     lines = ["RMSE and PSNR compare each solver's samples with the ground truth from the same noise: "
              "lower RMSE / higher PSNR means closer to what the model's exact ODE solution would give."]
     for c in s["comparisons"]:
-        match = c["midpoint_nfe_to_match"]
-        if match is not None and c["midpoint_nfe_to_match_how"] in ("interpolated", "measured"):
-            speed = (f"midpoint needs about {match:.1f} evaluations for the same RMSE, "
-                     f"{match / c['nfe']:.1f}x as many")
-        elif match is not None:
-            speed = f"midpoint would need about {match:.1f} evaluations for the same RMSE ({c['midpoint_nfe_to_match_how']})"
-        else:
-            speed = f"midpoint does not reach its RMSE ({c['midpoint_nfe_to_match_how']})"
+        speed = _match_words(c["midpoint_nfe_to_match"], c["midpoint_nfe_to_match_how"], c["nfe"])
         lines.append(f"NFE {c['nfe']}: the Bespoke solver (order 2) reaches PSNR {c['bespoke_rk2_psnr']:.2f} dB, "
                      f"{c['gain_over_midpoint_db']:+.2f} +- {c['gain_over_midpoint_se_db']:.2f} dB over midpoint and "
                      f"{c['gain_over_dpm_db']:+.2f} +- {c['gain_over_dpm_se_db']:.2f} dB over {s['dpm_label']} "
                      f"at the same NFE (+- one standard error over the batch); {speed}")
+        ns = c.get("nonstationary")
+        if ns:
+            twice = (f", {ns['rmse_over_midpoint_twice_nfe']:.2f}x the RMSE of midpoint at NFE {2 * c['nfe']}"
+                     if ns["rmse_over_midpoint_twice_nfe"] is not None else "")
+            cost = (f"; trained in {ns['training_seconds']:.0f} s with its ground truth, "
+                    f"{100 * ns['training_cost_fraction']:.1f}% of pretraining" if ns["training_cost_fraction"] else "")
+            lines.append(f"NFE {c['nfe']}: the non-stationary solver reaches PSNR {ns['psnr']:.2f} dB, "
+                         f"{ns['gain_over_midpoint_db']:+.2f} +- {ns['gain_over_midpoint_se_db']:.2f} dB over midpoint, "
+                         f"{ns['rmse_over_rk2']:.2f}x the RMSE of Bespoke order 2{twice}; "
+                         f"{_match_words(ns['midpoint_nfe_to_match'], ns['midpoint_nfe_to_match_how'], c['nfe'])}{cost}")
     if s["distribution_floor"] is not None:
         n = s["settings"]["batch"]
         lines.append(f"{s['distribution_metric']} compares samples with real data (lower is better); {n} real "
                      f"samples score {s['distribution_floor']:.3f} against the same reference, the best a batch of "
                      f"this size can read (small batches bias it upward)")
     if s["training_cost_fraction"] is not None:
-        lines.append(f"training all {len(s['comparisons']) * 2} solvers took {s['training_seconds']:.0f} s, ground "
+        lines.append(f"training all {len(s['solver_files'])} solvers took {s['training_seconds']:.0f} s, ground "
                      f"truth included ({s['training_gt_seconds']:.0f} s): {100 * s['training_cost_fraction']:.1f}% of "
                      f"the model's pretraining ({s['pretraining_seconds']:.0f} s, from its card)")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in s["stages_seconds"].items())
@@ -284,9 +332,10 @@ def _summary_lines(s: dict) -> List[str]:
 def _figures(out: Path, em, x0, samples, rows, solvers, nfes, summary, labels, progress: bool) -> List[Path]:
     top = max(nfes)
     truth_key = next(k for k in samples if k[0] == "ground truth")
-    panels = [(f"ground truth\n(NFE {truth_key[1]})", samples[truth_key]),
-              (f"Bespoke o2\nNFE {top}", samples[("bespoke-rk2", top)]),
-              (f"Bespoke o1\nNFE {top}", samples[("bespoke-rk1", top)])]
+    panels = [(f"ground truth\n(NFE {truth_key[1]})", samples[truth_key])]
+    for method, name in (("bespoke-ns", "Bespoke NS"), ("bespoke-rk2", "Bespoke o2"), ("bespoke-rk1", "Bespoke o1")):
+        if (method, top) in samples:
+            panels.append((f"{name}\nNFE {top}", samples[(method, top)]))
     for method in BASELINES:
         if (method, top) in samples:
             panels.append((f"{labels[method].split(',')[0]}\nNFE {top}", samples[(method, top)]))
@@ -296,22 +345,28 @@ def _figures(out: Path, em, x0, samples, rows, solvers, nfes, summary, labels, p
     for r in rows:
         if r.method in BASELINES:
             curves.setdefault(labels[r.method], []).append((r.nfe, r.rmse))
-    points = {f"Bespoke order {s.order}, NFE {s.nfe}": (s.nfe, _find(rows, s.method, s.nfe).rmse) for s in solvers}
+    points = {f"{solver_label(s)}, NFE {s.nfe}": (s.nfe, _find(rows, s.method, s.nfe).rmse) for s in solvers}
     top_cmp = next(c for c in summary["comparisons"] if c["nfe"] == top)
     match = None
     if top_cmp["midpoint_nfe_to_match"] is not None:
         match = (f"midpoint matches Bespoke NFE {top} at NFE ~{top_cmp['midpoint_nfe_to_match']:.1f}",
                  top_cmp["midpoint_nfe_to_match"], top_cmp["bespoke_rk2_rmse"])
 
+    scale_time = {f"order {s.order}, NFE {s.nfe}": s for s in solvers if isinstance(s, BespokeSolver)}
+    nonstationary = {f"NFE {s.nfe}": s for s in solvers if isinstance(s, NonStationarySolver)}
     paths = [out / "samples.png", out / "rmse_vs_nfe.png", out / "bespoke_schedules.png"]
-    with _steps(3, "drawing figures", progress) as bar:
+    if nonstationary:
+        paths.append(out / "nonstationary_schedules.png")
+    with _steps(len(paths), "drawing figures", progress) as bar:
         save_sample_grid(panels, paths[0], title=f"{em.name}: the same noise through each solver")
         bar.update(1)
         save_error_curves(curves, points, paths[1], match=match, title=f"{em.name}: RMSE against ground truth")
         bar.update(1)
-        save_schedules({f"order {s.order}, NFE {s.nfe}": s for s in solvers}, paths[2],
-                       title=f"{em.name}: learned Bespoke time and scale")
+        save_schedules(scale_time, paths[2], title=f"{em.name}: learned Bespoke time and scale")
         bar.update(1)
+        if nonstationary:
+            save_nonstationary(nonstationary, paths[3], title=f"{em.name}: learned non-stationary solvers")
+            bar.update(1)
     return paths
 
 
