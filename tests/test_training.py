@@ -376,6 +376,33 @@ def test_cli_train_with_module_factory_writes_solver_and_curve(tmp_path, monkeyp
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+
+def test_cli_train_nonstationary_from_a_trained_file(tmp_path, monkeypatch):
+    """--solver nonstationary --init FILE converts the file's solver exactly (its validation RMSE is the base's)
+    and trains it with the log-MSE loss; a BespokeSolver cannot start from a non-stationary file."""
+    import argparse
+
+    from bespoke_ext.cli.train import add_train_arguments, run_train
+    from bespoke_ext.solvers import NonStationarySolver
+
+    (tmp_path / "my_flow_models.py").write_text(
+        "from bespoke_ext.models.oracle import GaussianMixtureFlow\n"
+        "def make():\n    return GaussianMixtureFlow.random(dim=3, components=4, std=0.2, seed=0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parser = add_train_arguments(argparse.ArgumentParser())
+    common = ["my_flow_models:make", "--shape", "3", "--iterations", "4", "--batch-size", "8", "--val-size", "8",
+              "--val-every", "2", "--cache-samples", "16", "--cache-dir", str(tmp_path / "gt"), "--no-progress"]
+    first, second = tmp_path / "rk2.safetensors", tmp_path / "ns.safetensors"
+    assert run_train(parser.parse_args(common + ["--steps", "2", "-o", str(first)])) == 0
+    start = BespokeSolver.load(first)
+    assert run_train(parser.parse_args(common + ["--solver", "nonstationary", "--init", str(first), "-o", str(second)])) == 0
+    ns = NonStationarySolver.load(second)
+    assert ns.nfe == start.nfe == 4 and ns.metadata["training"]["options"]["loss"] == "log_mse"
+    assert ns.metadata["training"]["base_val_rmse"] == pytest.approx(start.metadata["training"]["best_val_rmse"],
+                                                                      rel=1e-5)
+    with pytest.raises(ValueError, match="--solver nonstationary"):
+        run_train(parser.parse_args(common + ["--init", str(second), "-o", str(tmp_path / "x.safetensors")]))
+
 def test_cli_model_specs_resolve():
     from pathlib import Path
 

@@ -1,6 +1,8 @@
 """``bespoke-ext train``: train a Bespoke solver for a model from the command line.
 
     bespoke-ext train moons2d --steps 5 --order 2 --iterations 300
+    bespoke-ext train moons2d --solver nonstationary --nfe 10 --batch-size 64 --iterations 600
+    bespoke-ext train moons2d --solver nonstationary --init bespoke-moons2d-rk2-nfe10.safetensors
     bespoke-ext train mypackage.models:make_model --shape 1,28,28 -o solver.safetensors
     bespoke-ext train path/to/model.safetensors          (an embedded-style model: weights + JSON card)
 
@@ -20,6 +22,8 @@ from .model_spec import DTYPES, parse_extras, parse_shape, resolve_model
 
 __all__ = ["add_train_arguments", "run_train"]
 
+SOLVERS = ("bespoke", "nonstationary")
+
 _DEFAULTS = TrainOptions()
 
 
@@ -28,18 +32,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("model", help="module:attribute (a model or a zero-argument factory), a model checkpoint "
                                       "file (.safetensors with its .json card), or an embedded model name")
     parser.add_argument("--shape", default=None, help="per-sample shape, e.g. 2 or 1,28,28 (default: the model's .shape)")
-    parser.add_argument("--steps", type=int, default=5, help="solver steps n (default 5)")
-    parser.add_argument("--order", type=int, default=2, choices=(1, 2), help="1: Euler base (NFE n); 2: midpoint base (NFE 2n)")
+    parser.add_argument("--solver", choices=SOLVERS, default="bespoke",
+                        help="bespoke: the scale-time BespokeSolver (--steps, --order); nonstationary: the non-stationary "
+                             "family (method.md §9; --nfe, --base), trained with the log-MSE loss unless --loss says")
+    parser.add_argument("--steps", type=int, default=5, help="bespoke: solver steps n (default 5)")
+    parser.add_argument("--order", type=int, default=2, choices=(1, 2), help="bespoke: 1: Euler base (NFE n); 2: midpoint base (NFE 2n)")
+    parser.add_argument("--nfe", type=int, default=10, help="nonstationary: model evaluations (default 10)")
+    parser.add_argument("--base", choices=("euler", "midpoint"), default="euler",
+                        help="nonstationary: the method a fresh solver equals (default euler)")
+    parser.add_argument("--init", default=None, metavar="FILE",
+                        help="start from this solver file (a BespokeSolver is converted exactly for --solver nonstationary)")
     parser.add_argument("--iterations", type=int, default=300, help="optimizer steps (default 300)")
     parser.add_argument("--batch-size", type=int, default=256, help="noise samples per iteration (default 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", default=None,
-                        help="solver file (default bespoke-<model>-rk<order>-nfe<NFE>.safetensors)")
+                        help="solver file (default bespoke-<model>-<rk<order> | ns>-nfe<NFE>.safetensors)")
     parser.add_argument("--plot", default=None, help="learning-curve PNG (default: the solver file with .png)")
     g = parser.add_argument_group("training options (see bespoke_ext.training.TrainOptions)")
     g.add_argument("--lr", type=float, default=_DEFAULTS.lr)
     g.add_argument("--L-tau", dest="L_tau", type=float, default=_DEFAULTS.L_tau)
-    g.add_argument("--loss", choices=LOSSES, default=_DEFAULTS.loss)
+    g.add_argument("--loss", choices=LOSSES, default=None,
+                   help=f"default {_DEFAULTS.loss} for bespoke, log_mse for nonstationary")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None)
     g.add_argument("--grad-clip", type=float, default=None)
     g.add_argument("--gt", choices=GT_MODES, default=_DEFAULTS.gt, help="ground truth: cached trajectories or online solves")
@@ -61,7 +74,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_train(args: argparse.Namespace) -> int:
     """Run the ``train`` subcommand; returns the exit status."""
-    from ..solvers import BespokeSolver
     from ..training import plot_history, train
     from ..training.distributed import launched_by_torchrun
 
@@ -71,11 +83,14 @@ def run_train(args: argparse.Namespace) -> int:
         shape = parse_shape(args.shape)
     if shape is None:
         raise ValueError(f"model {args.model!r} does not say its per-sample shape: pass --shape (e.g. --shape 2)")
-    solver = BespokeSolver(args.steps, order=args.order)
-    output = Path(args.output or f"bespoke-{name}-rk{args.order}-nfe{solver.nfe}.safetensors")
+    solver = _initial_solver(args)
+    ns = args.solver == "nonstationary"
+    kind = "ns" if ns else f"rk{solver.order}"
+    output = Path(args.output or f"bespoke-{name}-{kind}-nfe{solver.nfe}.safetensors")
     plot = Path(args.plot) if args.plot else output.with_suffix(".png")
+    loss = args.loss or ("log_mse" if ns else _DEFAULTS.loss)
     solver = train(model, solver, shape=shape, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
-                   lr=args.lr, L_tau=args.L_tau, loss=args.loss, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
+                   lr=args.lr, L_tau=args.L_tau, loss=loss, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
                    gt=args.gt, gt_rtol=args.gt_tol, gt_atol=args.gt_tol, cache_dir=args.cache_dir,
                    cache_samples=args.cache_samples, val_size=args.val_size, val_every=args.val_every,
                    device=args.device, dtype=dtype, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
@@ -86,14 +101,33 @@ def run_train(args: argparse.Namespace) -> int:
     h = solver.history
     output.parent.mkdir(parents=True, exist_ok=True)
     solver.save(output, metadata={"model": args.model})
-    base = "midpoint" if args.order == 2 else "Euler"
+    base = solver.metadata.get("initialised_from") or getattr(solver, "base", None) or \
+        ("midpoint" if solver.order == 2 else "Euler")
     print(f"validation RMSE vs ground truth at NFE {solver.nfe}: {base} {h.base_rmse:.5g}, "
           f"bespoke {h.best_rmse:.5g} ({h.best_rmse / h.base_rmse:.3f}x; iteration {h.best_iteration})"
           if h.base_rmse else f"validation RMSE: bespoke {h.best_rmse:.5g}")
     print(f"wrote {output}")
     try:
-        plot_history(h, plot, title=f"{name}: bespoke order {args.order}, {args.steps} steps (NFE {solver.nfe})")
+        what = "non-stationary" if ns else f"bespoke order {solver.order}, {solver.steps} steps"
+        plot_history(h, plot, title=f"{name}: {what} (NFE {solver.nfe})")
         print(f"wrote {plot}")
     except ImportError:
         print("matplotlib is not installed: no learning-curve PNG (pip install matplotlib)")
     return 0
+
+
+def _initial_solver(args: argparse.Namespace):
+    """The solver training starts from: fresh (identity: Euler / midpoint), or --init's file (converted to
+    the non-stationary family for --solver nonstationary: it then samples as the file's solver does)."""
+    from ..solvers import BespokeSolver, NonStationarySolver, load_solver
+
+    ns = args.solver == "nonstationary"
+    if args.init is None:
+        return NonStationarySolver(args.nfe, args.base) if ns else BespokeSolver(args.steps, order=args.order)
+    start = load_solver(args.init)
+    if ns:
+        return start if isinstance(start, NonStationarySolver) else NonStationarySolver.from_solver(start)
+    if not isinstance(start, BespokeSolver):
+        raise ValueError(f"--init {args.init} holds a {type(start).__name__}; a BespokeSolver cannot start from it "
+                         f"(pass --solver nonstationary)")
+    return start

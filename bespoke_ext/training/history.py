@@ -80,7 +80,8 @@ class TrainHistory:
 
 
 def plot_history(history: TrainHistory, path, title: str = "") -> None:
-    """Learning curve PNG: training loss per iteration and validation RMSE (log scales)."""
+    """Learning curve PNG: training loss per iteration (log scale; linear for a loss that is already a log,
+    such as log_mse, which is negative once the mean squared error is below 1) and validation RMSE (log scale)."""
     from ..figures import pyplot
 
     plt = pyplot()
@@ -89,7 +90,8 @@ def plot_history(history: TrainHistory, path, title: str = "") -> None:
         ax1.plot(range(1, len(history.loss) + 1), history.loss, color="tab:blue", lw=1, alpha=0.8, label="training loss")
     ax1.set_xlabel("iteration")
     ax1.set_ylabel("training loss", color="tab:blue")
-    ax1.set_yscale("log")
+    if history.loss and min(history.loss) > 0:
+        ax1.set_yscale("log")
     ax2 = ax1.twinx()
     if history.val_rmse:
         ax2.plot(history.val_iteration, history.val_rmse, "o-", color="tab:red", ms=3, label="validation RMSE")
