@@ -240,6 +240,45 @@ def test_end_to_end_chunking_does_not_change_the_gradient(mixture):
     assert values[0] == pytest.approx(values[1], rel=1e-13)
 
 
+
+def test_gradient_checkpointing_keeps_the_gradient_and_drops_the_activations():
+    """Recomputed evaluations: the same log-MSE gradient of a non-stationary solver (bitwise on the CPU),
+    with only the rollout's inputs saved for backward instead of every evaluation's activations."""
+    from bespoke_ext.models.nets import MLPVelocity
+    from bespoke_ext.training.loss import Recomputed
+
+    torch.manual_seed(0)
+    net = MLPVelocity(dim=4, hidden=64).double().requires_grad_(False)
+    x0 = torch.randn(6, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    x1 = torch.randn(6, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    grads, saved = [], []
+    for model in (net, Recomputed(net)):
+        solver = bx.NonStationarySolver(5, "euler")
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = end_to_end_loss(model, solver, x0, x1, objective="log_mse")
+        loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in solver.parameters()]))
+        saved.append(count[0])
+    assert float(grads[0].abs().max()) > 1e-3
+    assert torch.equal(grads[0], grads[1])
+    assert saved[1] < saved[0] / 3, saved
+    with torch.no_grad():
+        assert Recomputed(net)(x0, torch.tensor(0.5, dtype=F64)).equal(net(x0, torch.tensor(0.5, dtype=F64)))
+    trained = [train(net, bx.NonStationarySolver(4), shape=(4,), iterations=3, batch_size=4, loss="log_mse",
+                     gt="online", val_size=4, val_every=3, keep_best=False, progress=False,
+                     gradient_checkpointing=flag)
+               for flag in (False, True)]
+    assert torch.equal(trained[0].b_delta, trained[1].b_delta) and float(trained[0].b_delta.detach().abs().max()) > 0
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        train(net, BespokeSolver(2, 2), shape=(4,), iterations=1, batch_size=2, gradient_checkpointing=True)
+
+
 # ------------------------------------------------------------------------------ training
 
 MIX8 = dict(dim=8, components=6, std=0.05, seed=3)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .. import ops
@@ -46,7 +47,7 @@ from ..program import Program
 from ..sampling.executor import execute
 
 __all__ = ["lipschitz_weights", "SolverTable", "solver_table", "bound_loss", "end_to_end_loss",
-           "local_errors", "final_errors", "solver_program"]
+           "local_errors", "final_errors", "solver_program", "Recomputed"]
 
 
 def lipschitz_weights(L: Tensor) -> Tensor:
@@ -195,6 +196,20 @@ def solver_program(solver, *, differentiable: bool = True) -> Program:
                         f"through the executor, as sampling does (a SolverTable serves the bound loss only)")
     with torch.set_grad_enabled(differentiable):
         return solver.program()
+
+
+class Recomputed:
+    """``model`` with its activations recomputed in the backward pass instead of stored (gradient
+    checkpointing of each evaluation): under autograd a call keeps only its inputs, so a rollout's graph
+    holds n states, not n evaluations' activations. Outside autograd it is the model itself."""
+
+    def __init__(self, model: Callable):
+        self.model = model
+
+    def __call__(self, x: Tensor, t: Tensor, **extras) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self.model(x, t, **extras)
+        return torch.utils.checkpoint.checkpoint(self.model, x, t, use_reentrant=False, **extras)
 
 
 def final_errors(model: Callable, program: Program, x0: Tensor, x1: Tensor, *, extras: Optional[dict] = None,

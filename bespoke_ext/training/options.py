@@ -82,6 +82,10 @@ class TrainOptions:
             fingerprints also cover inputs_tag(model_extras, conditions).
         chunk_size: most samples per model call in the loss (bounds memory: the n*B teacher-forced
             evaluations are split into chunks whose graphs are freed one by one).
+        gradient_checkpointing: end-to-end losses only: keep no model activations through the rollout and
+            recompute each evaluation's in the backward pass (torch.utils.checkpoint). The graph then holds
+            the n states and velocities instead of n evaluations' activations (measured in the README,
+            Memory), for about one more forward pass per evaluation. For large models (transformers).
         progress: tqdm progress bars (rank 0 only).
         checkpoint: file for periodic, atomic training checkpoints; rerunning with the same path resumes.
         checkpoint_every: iterations between checkpoints (and at the end, and on KeyboardInterrupt).
@@ -112,6 +116,7 @@ class TrainOptions:
     model_extras: Dict[str, Any] = field(default_factory=dict)
     model_tag: Optional[str] = None
     chunk_size: int = 16384
+    gradient_checkpointing: bool = False
     progress: bool = True
     checkpoint: Optional[str] = None
     checkpoint_every: int = 50
@@ -159,6 +164,11 @@ class TrainOptions:
             raise ValueError(f"cache_grid_kind must be one of {GRID_KINDS}, got {self.cache_grid_kind!r}")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64 (or None: the model's), got {self.dtype!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        if self.gradient_checkpointing and self.loss == "bound":
+            raise ValueError("gradient_checkpointing applies to the end-to-end losses (a rollout through the solver); "
+                             "the bound loss makes independent evaluations, which chunk_size bounds")
         if not isinstance(self.model_extras, dict):
             raise ValueError(f"model_extras must be a dict of keyword arguments, got {type(self.model_extras).__name__}")
 

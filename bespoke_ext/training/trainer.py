@@ -60,7 +60,7 @@ from .batches import CachedBatches, OnlineBatches, derive_seed
 from .checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, distributed_context, resolve_device
 from .history import TrainHistory
-from .loss import bound_loss, end_to_end_loss, solver_table
+from .loss import Recomputed, bound_loss, end_to_end_loss, solver_table
 from .options import TrainOptions
 from .probe import probe_model
 from .validation import ValidationSet
@@ -401,7 +401,8 @@ class _Run:
         else:
             x0, x1, cond = batches.endpoint_batch()
             objective = "log_mse" if o.loss == "log_mse" else "rms"
-            local = end_to_end_loss(self.model, solver, x0, x1, conditions=cond, objective=objective, **kw)
+            model = Recomputed(self.model) if o.gradient_checkpointing else self.model
+            local = end_to_end_loss(model, solver, x0, x1, conditions=cond, objective=objective, **kw)
         loss = float(self.ctx.all_reduce_sum_(local.to(self.device)))
         params = [p for p in solver.parameters() if p.requires_grad]
         self.ctx.sum_gradients_(params)
