@@ -139,3 +139,20 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, mixture):
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
         train(m, BespokeSolver(2, 1), **kw)
+
+
+def test_checkpoint_never_resumes_into_another_starting_solver(tmp_path, mixture):
+    """Same class and NFE, other start: a non-stationary solver on another base (other refs and tables), or
+    converted from a trained solver, is refused; the same start resumes."""
+    from bespoke_ext.solvers import NonStationarySolver
+
+    m = mixture(3, components=4, std=0.15, seed=1)
+    ckpt = tmp_path / "ns.ckpt"
+    kw = dict(shape=(3,), iterations=2, batch_size=4, gt="online", val_size=4, progress=False, checkpoint=str(ckpt),
+              loss="log_mse")
+    train(m, NonStationarySolver(4, "euler"), **kw)
+    for other in (NonStationarySolver(4, "midpoint"), NonStationarySolver.from_solver(BespokeSolver(2, 2))):
+        with pytest.raises(ValueError, match="solver_start"):
+            train(m, other, **kw)
+    resumed = train(m, NonStationarySolver(4, "euler"), **{**kw, "iterations": 3})
+    assert resumed.history.iterations == 3

@@ -213,7 +213,8 @@ class _Run:
                 "gt_group_size": o.gt_group_size, "cache_samples": o.cache_samples, "cache_grid": o.cache_grid,
                 "cache_grid_kind": o.cache_grid_kind, "cache_shard_size": o.cache_shard_size, "val_size": o.val_size,
                 "val_every": o.val_every, "model_extras": o.to_json()["model_extras"], "inputs_tag": self.inputs,
-                "conditions": _pool_json(self.pool)}
+                "conditions": _pool_json(self.pool), "solver_start": _solver_start(self.solver),
+                "gradient_checkpointing": o.gradient_checkpointing}
 
     def lr_at(self, it: int) -> float:
         o = self.opts
@@ -416,6 +417,18 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(params, o.clip)
         optimizer.step()
         return loss, True
+
+
+def _solver_start(solver) -> str:
+    """Digest of the solver training starts from: every parameter and buffer (a non-stationary solver's base
+    tables, a converted or pre-trained start) and its settings (refs, base, scales), so that a checkpoint
+    never resumes into a solver it was not trained from."""
+    h = hashlib.sha256(repr({k: getattr(solver, k, None) for k in ("refs", "base", "time_scale", "coeff_scale")})
+                       .encode())
+    for name, t in sorted(solver.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _pool_json(pool: Optional[dict]) -> dict:
