@@ -432,3 +432,32 @@ def test_log_mse_objective_is_the_mean_log_square_error():
     expected = torch.log((xn - x1).pow(2).mean(1)).mean()
     got = end_to_end_loss(model, solver, x0, x1, objective="log_mse", chunk_size=4)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ preconditioning
+
+def test_preconditioned_start_is_euler_on_the_warped_grid(mixture):
+    """sigma0-preconditioned Euler (method.md §9) equals Euler on t(r) = r / (r + sigma0 (1 - r)): the
+    scale-time change of the path, undone at the end; sigma0 = 1 is plain Euler."""
+    from bespoke_ext.solvers import preconditioned, preconditioned_grid
+
+    m = mixture(dim=3, std=0.2, seed=4).double()
+    x0 = torch.randn(7, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    r = torch.arange(9, dtype=F64) / 8
+    for sigma0 in (0.5, 2.0, 5.0):
+        grid = preconditioned_grid(8, sigma0)
+        torch.testing.assert_close(grid, r / (r + sigma0 * (1 - r)), rtol=0, atol=1e-15)
+        # x̄ = s x with s = r + sigma0 (1 - r): Euler steps in r, mapped back, are Euler steps on the grid
+        s = r + sigma0 * (1 - r)
+        x_bar, x = sigma0 * x0, x0
+        for i in range(8):
+            u_bar = (1 - sigma0) * x + s[i] * (sigma0 / s[i] ** 2) * m(x, grid[i])
+            x_bar = x_bar + u_bar / 8
+            x = x_bar / s[i + 1]
+        solver = preconditioned(8, sigma0)
+        torch.testing.assert_close(bx.sample(m, x0, solver=solver), x, rtol=1e-12, atol=1e-12)
+        assert solver.num_parameters == 8 * 13 // 2 - 1 and "sigma0" in solver.metadata["initialised_from"]
+    assert torch.equal(bx.sample(m, x0, solver=preconditioned(8, 1.0)), bx.sample(m, x0, method="euler", nfe=8))
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="sigma0"):
+            preconditioned_grid(8, bad)
