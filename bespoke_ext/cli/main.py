@@ -3,6 +3,7 @@
     bespoke-ext demo       the main job on an embedded model: ground truth, trained Bespoke
                            solvers, and a table and figures against the usual solvers
     bespoke-ext train      learn a Bespoke solver for a model
+    bespoke-ext train-pipeline   learn one for a diffusers pipeline, saved as its scheduler
     bespoke-ext sample     sample with a solver file or a baseline method
     bespoke-ext bench      the benchmark suite and its report
     bespoke-ext pretrain   (re)train an embedded model from its packaged data
@@ -20,9 +21,11 @@ import importlib
 import sys
 
 # subcommand -> help; bespoke_ext.cli.<subcommand> defines add_<subcommand>_arguments and run_<subcommand>
+# (a "-" in a subcommand is "_" in those names)
 _SUBCOMMANDS = {
     "demo": "run the main job on an embedded model",
     "train": "train a Bespoke solver for a model",
+    "train-pipeline": "train a solver for a diffusers pipeline (saved as a BespokeScheduler)",
     "sample": "sample with a solver file or a method",
     "bench": "run the benchmark suite and write its report",
     "pretrain": "retrain an embedded model or an FCD classifier",
@@ -31,7 +34,7 @@ _SUBCOMMANDS = {
 
 
 def _module(name: str):
-    return importlib.import_module(f"{__package__}.{name}")
+    return importlib.import_module(f"{__package__}.{name.replace('-', '_')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in _SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         try:
-            getattr(_module(name), f"add_{name}_arguments")(p)
+            getattr(_module(name), f"add_{name.replace('-', '_')}_arguments")(p)
         except ImportError as e:
             p.set_defaults(_import_error=f"`bespoke-ext {name}` is unavailable: {e}")
     return parser
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(args._import_error, file=sys.stderr)
         return 2
     try:
-        return int(getattr(_module(args.command), f"run_{args.command}")(args) or 0)
+        return int(getattr(_module(args.command), f"run_{args.command.replace('-', '_')}")(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
