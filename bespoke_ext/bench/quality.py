@@ -154,7 +154,7 @@ def _one_model(qm: QualityModel, *, quick, seed, results_dir: Path, solver_dirs,
         "ground_truth": {"method": "dopri5", "tol": truth.tol, "nfe": truth.nfe},
         "training": {"loss": cfg.loss, "iterations": cfg.iterations, "batch_size": cfg.train_batch, "lr": cfg.lr,
                      "gt": "cached", "cache_samples": cfg.cache_samples,
-                     "nonstationary": {"loss": "log_mse", "iterations": cfg.ns_iterations, "base": cfg.ns_base,
+                     "nonstationary": {"loss": cfg.ns_loss, "iterations": cfg.ns_iterations, "base": cfg.ns_base,
                                        "batch_size": cfg.ns_train_batch, "lr": cfg.ns_lr}},
         "solvers": asdict(provenance),
         "rows": [asdict(r) for r in rows],
@@ -204,7 +204,7 @@ def _reusable(path: Path, qm: QualityModel, method: str, cfg):
     if solver.method != method or meta.get("model") != qm.name \
             or meta.get("model_weights_sha256") != qm.card["weights"]["sha256"]:
         return None
-    loss, iterations = ("log_mse", cfg.ns_iterations) if method == "bespoke-ns" else (cfg.loss, cfg.iterations)
+    loss, iterations = (cfg.ns_loss, cfg.ns_iterations) if method == "bespoke-ns" else (cfg.loss, cfg.iterations)
     if (training.get("options") or {}).get("loss") != loss or training.get("iterations", 0) < iterations:
         return None
     return solver
