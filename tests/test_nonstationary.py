@@ -322,7 +322,7 @@ def test_gradient_through_chained_combinations_above_the_op_limit():
 def test_bound_loss_hooks_say_what_to_use():
     solver = NonStationarySolver(4)
     for call in (solver.step_coefficients, solver.lipschitz):
-        with pytest.raises(NotImplementedError, match="end_to_end"):
+        with pytest.raises(TypeError, match="loss='log_mse'"):
             call()
     assert solver.steps == 4 and solver.order == 1 and solver.history is None and solver.metadata == {}
 

@@ -317,12 +317,12 @@ class NonStationarySolver(nn.Module):
         return self.time_grid()[:-1].detach()
 
     def step_coefficients(self):
-        raise NotImplementedError("a NonStationarySolver has no scale-time steps: the bound loss (method.md §5) is for "
-                                  "BespokeSolver; train it with the end-to-end loss (loss='end_to_end')")
+        raise TypeError("a NonStationarySolver has no scale-time steps: the bound loss (method.md §5) is for "
+                        "BespokeSolver; train it with loss='log_mse' (its paper's) or loss='end_to_end'")
 
     def lipschitz(self, L_tau: float = 1.0):
-        raise NotImplementedError("a NonStationarySolver has no per-step Lipschitz bound: train it with the "
-                                  "end-to-end loss (loss='end_to_end')")
+        raise TypeError("a NonStationarySolver has no per-step Lipschitz bound: train it with loss='log_mse' "
+                        "(its paper's) or loss='end_to_end'")
 
     # -- sampling ----------------------------------------------------------------------------------
     def program(self, intermediates: bool = False, max_terms: Optional[int] = None) -> Program:
