@@ -47,7 +47,8 @@ def render_readme_section(res: Results) -> str:
             rows = measured[model]
             labels.update(method_labels(entry))
             body.append([model, *(fmt_g(rows[(c, 10)]["rmse"]) if (c, 10) in rows else "-" for c in cols)])
-        lines += md_table(["model", *(labels.get(c, c) for c in cols)], body)
+        # the method's name only: what a label adds for one model ("..., OT form on a VP model") is in REPORT.md
+        lines += md_table(["model", *(labels.get(c, c).split(",")[0] for c in cols)], body)
         lines.append("")
     w = m.get("wallclock")
     if w:
