@@ -12,7 +12,8 @@ __all__ = ["add_demo_arguments", "run_demo"]
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``bespoke-ext demo``."""
     parser.add_argument("--model", default=None,
-                        help="embedded model (default: the shipped MNIST model); see `bespoke-ext info`")
+                        help="embedded model (default: the shipped MNIST model; flux_mnist: the diffusers FluxPipeline "
+                             "demo); see `bespoke-ext info`")
     parser.add_argument("--nfe", type=int, nargs="+", default=[8, 10], metavar="N",
                         help="NFEs to train Bespoke solvers for, each even (order 2 takes 2 per step); default 8 10")
     parser.add_argument("--out", default="bespoke-demo", help="output folder (default ./bespoke-demo)")
@@ -26,13 +27,25 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="torch CPU threads (default: half the cores, at least 1)")
     parser.add_argument("--guidance", type=float, default=None, metavar="G",
                         help="classifier-free guidance scale g of a class-conditional model (default 2; "
-                             "g = 1 is the conditional model itself)")
+                             "g = 1 is the conditional model itself); for a diffusers-format model, FluxPipeline's "
+                             "true_cfg_scale against the null prompt (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo from parsed arguments; prints the table and summary. Returns 0."""
+    """Run the demo from parsed arguments; prints the table and summary. Returns 0. A diffusers-format
+    embedded model (flux_mnist) runs the pipeline demo (demo/pipeline_demo.py): its FluxPipeline with the
+    Bespoke scheduler next to FlowMatchEuler and midpoint."""
+    from ..demo.pipeline_demo import is_pipeline_model
+
+    if is_pipeline_model(args.model):
+        from ..demo.pipeline_demo import run as run_pipeline
+
+        run_pipeline(model=args.model, nfe=args.nfe, out=args.out, batch=args.batch, iterations=args.iterations,
+                     loss=args.loss, seed=args.seed, quick=args.quick, progress=not args.no_progress,
+                     threads=args.threads, guidance=args.guidance)
+        return 0
     from ..demo import run
 
     run(model=args.model, nfe=args.nfe, out=args.out, batch=args.batch, iterations=args.iterations, loss=args.loss,

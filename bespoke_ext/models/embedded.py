@@ -90,7 +90,7 @@ def load_embedded(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     """Load an embedded model as a ready velocity field u(x, t).
 
     Args:
-        name: one of ``list_embedded()`` ("moons2d", "mnist", "digits_vp").
+        name: one of ``list_embedded()`` ("moons2d", "mnist", "digits_vp", "mnist_cond", "flux_mnist").
         dtype: float32 or float64 (weights are cast after loading).
         device: where to put the weights.
         weights_dir: folder with the cards and weights (default: the package's).
@@ -123,5 +123,7 @@ def load_embedded(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     except RuntimeError as exc:
         raise ValueError(f"embedded model {name!r}: weights file {wpath} does not fit {arch['class']} ({exc})") from exc
     net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    velocity = VelocityAdapter(net, prediction=card["prediction"], schedule=card["schedule"], t_eps=t_eps).eval()
+    flux = arch["class"] == "FluxMNIST"  # the diffusers-format model (flux_mnist.py) is its own velocity
+    velocity = net if flux else VelocityAdapter(net, prediction=card["prediction"], schedule=card["schedule"],
+                                                t_eps=t_eps).eval()
     return EmbeddedModel(name=card.get("name", name), velocity=velocity, shape=tuple(card["shape"]), card=card, net=net)

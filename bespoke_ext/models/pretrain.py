@@ -19,6 +19,9 @@ Presets (``PRESETS``):
                from the mnist preset's shipped weights with a zero label embedding (so at step 0
                it is exactly the unconditional model) and learns the labels on top; its card's
                wall-clock counts both trainings.
+    flux_mnist a tiny diffusers FluxTransformer2DModel with learned class embeddings as prompts, real MNIST
+               digits with labels, diffusers' rectified-flow objective (models/flux_mnist.py), 10% label
+               dropout; runs in diffusers' FluxPipeline
 
 ``pretrain(name, out_dir)`` writes ``<name>.safetensors`` and the model card ``<name>.json``.
 """
@@ -38,7 +41,7 @@ from typing import Optional
 import torch
 
 from . import data as data_mod
-from .nets import build_net
+from .nets import NETS, build_net
 from .schedules import get_schedule
 
 __all__ = ["PRESETS", "pretrain", "flow_matching_loss", "sha256_file", "CARD_FORMAT_VERSION"]
@@ -69,6 +72,18 @@ PRESETS = {
         prediction="velocity", schedule={"name": "ot"}, label_dropout=0.1, init_from="mnist",
         iterations=1500, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.998, grad_clip=1.0,
     ),
+    "flux_mnist": dict(
+        description=("tiny diffusers FluxTransformer2DModel for 28x28 MNIST digits (rectified flow, diffusers' "
+                     "convention), 4500 training digits; labels 0-9 as learned prompt embeddings, 10 = null prompt"),
+        data="mnist", data_kwargs=dict(split="train"), shape=(1, 28, 28), trainer="flux_mnist",
+        net="FluxMNIST", prediction="noise - data (diffusers flow output; velocity = -output)",
+        net_kwargs=dict(transformer=dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=False),
+                        prompt_tokens=4, num_classes=10),
+        schedule={"name": "ot"}, label_dropout=0.1,
+        iterations=2800, batch_size=128, lr=1e-3, warmup=200, ema_decay=0.999, grad_clip=1.0,
+    ),
     "digits_vp": dict(
         description="U-Net noise predictor for sklearn 8x8 digits under the VP schedule",
         data="digits8", data_kwargs=dict(split="train"), shape=(1, 8, 8),
@@ -77,6 +92,16 @@ PRESETS = {
         iterations=8000, batch_size=128, lr=2e-3, warmup=300, ema_decay=0.9995, grad_clip=1.0,
     ),
 }
+
+
+def _flux_mnist(**kwargs):
+    """The flux_mnist preset's network (models/flux_mnist.py; it imports diffusers, hence lazily)."""
+    from .flux_mnist import FluxMNIST
+
+    return FluxMNIST(**kwargs)
+
+
+NETS.setdefault("FluxMNIST", _flux_mnist)  # so build_net and the model cards know it
 
 
 def sha256_file(path) -> str:
@@ -195,6 +220,10 @@ def pretrain(name: str, out_dir=None, iterations: Optional[int] = None, seed: in
         raise ValueError(f"iterations and batch_size must be >= 1, got {iters}, {bs}")
     out = Path(out_dir) if out_dir is not None else Path(__file__).parent / "weights"
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("trainer") == "flux_mnist":  # a diffusers transformer: its own loop (models/flux_mnist.py)
+        from .flux_mnist import pretrain_flux
+
+        return pretrain_flux(name, cfg, out, iters, bs, seed=seed, progress=progress, weights_dtype=weights_dtype)
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
