@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from .. import metrics
 from ..compare import (GT_TOL, GroundTruth, Reference, Run, compare, ground_truth, markdown_table, nfe_to_match, stream_seed,
-                       torch_threads, write_results)
+                       torch_threads)
 from ..figures import save_error_curves, save_sample_grid, save_schedules
 from ..models import flux_mnist as fm
 from ..models.embedded import load_embedded, read_card
@@ -47,6 +47,7 @@ from ..sampling import sample
 from ..solvers import BespokeSolver
 from ..training import train
 from .presets import LOSSES, check_nfes
+from .run import closing_lines, publish
 
 __all__ = ["run", "is_pipeline_model", "PipelineSettings", "pipeline_settings", "METHODS", "TARGET_NFE",
            "TARGET_GAIN_DB"]
@@ -261,12 +262,7 @@ def _run(name, nfes, out, cfg, seed, quick, progress, guidance, stream, weights_
                   "gt_tol": truth.tol, "threads": torch.get_num_threads(), "guidance": guidance,
                   "height": fm.HEIGHT, "width": fm.WIDTH, "scheduler_config": fm.SCHEDULER_CONFIG})
     lines = _summary_lines(summary)
-    write_results(out, rows, summary, table + "\n\n" + "\n".join(f"- {line}" for line in lines))
-    say()
-    say(table)
-    say()
-    for line in lines:
-        say(line)
+    publish(out, rows, summary, table, lines, say)
     say(f"wrote {out / 'results.md'}, {out / 'results.json'}, {len(figures)} figures, solver files and "
         f"scheduler folders to {out}/")
     return summary
@@ -373,11 +369,7 @@ def _summary_lines(s: dict) -> List[str]:
         lines.append(f"training the {len(s['comparisons'])} solver(s) took {s['training_seconds']:.0f} s, ground truth "
                      f"included ({s['training_gt_seconds']:.0f} s): {100 * s['training_cost_fraction']:.1f}% of the "
                      f"model's pretraining ({s['pretraining_seconds']:.0f} s wall-clock, from its card){cpu}")
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in s["stages_seconds"].items())
-    lines.append(f"wall-clock: {stages}; total {s['total_seconds']:.0f} s on {s['settings']['threads']} threads")
-    if s["quick"]:
-        lines.append("quick run: tiny batch and training, the numbers above only show that everything runs")
-    return lines
+    return lines + closing_lines(s)
 
 
 def _figures(out: Path, name: str, x0, samples, rows, solvers, nfes, truth) -> List[Path]:

@@ -44,7 +44,8 @@ from ..training import train
 from .conditional import DemoModel, demo_model
 from .presets import Preset, check_nfes, settings
 
-__all__ = ["run", "train_solvers", "baseline_runs", "solver_file_name", "row_order", "LOOSE_TOL", "FAMILIES"]
+__all__ = ["run", "train_solvers", "baseline_runs", "solver_file_name", "row_order", "LOOSE_TOL", "FAMILIES",
+           "closing_lines", "publish"]
 
 LOOSE_TOL = 1e-3  # the dopri5 row: what an adaptive solver costs at an error comparable to the others
 
@@ -138,12 +139,7 @@ def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, guidan
     summary["settings"] = {**cfg.__dict__, "model": em.name, "nfe": nfes, "seed": seed, "quick": quick,
                            "gt_tol": truth.tol, "threads": torch.get_num_threads(), "guidance": em.guidance}
     lines = _summary_lines(summary)
-    write_results(out, rows, summary, table + "\n\n" + "\n".join(f"- {line}" for line in lines))
-    say()
-    say(table)
-    say()
-    for line in lines:
-        say(line)
+    publish(out, rows, summary, table, lines, say)
     say(f"wrote {out / 'results.md'}, {out / 'results.json'}, {len(figures)} figures and "
         f"{len(solvers)} solver files to {out}/")
     return summary
@@ -322,8 +318,23 @@ def _summary_lines(s: dict) -> List[str]:
         lines.append(f"training all {len(s['solver_files'])} solvers took {s['training_seconds']:.0f} s, ground "
                      f"truth included ({s['training_gt_seconds']:.0f} s): {100 * s['training_cost_fraction']:.1f}% of "
                      f"the model's pretraining ({s['pretraining_seconds']:.0f} s, from its card)")
+    return lines + closing_lines(s)
+
+
+def publish(out: Path, rows, summary: dict, table: str, lines: List[str], say) -> None:
+    """results.md / results.json (the table and the summary lines), and the same printed."""
+    write_results(out, rows, summary, table + "\n\n" + "\n".join(f"- {line}" for line in lines))
+    say()
+    say(table)
+    say()
+    for line in lines:
+        say(line)
+
+
+def closing_lines(s: dict) -> List[str]:
+    """The summary's last lines (this demo's and the pipeline demo's): wall-clock per stage, quick-run caveat."""
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in s["stages_seconds"].items())
-    lines.append(f"wall-clock: {stages}; total {s['total_seconds']:.0f} s on {s['settings']['threads']} threads")
+    lines = [f"wall-clock: {stages}; total {s['total_seconds']:.0f} s on {s['settings']['threads']} threads"]
     if s["quick"]:
         lines.append("quick run: tiny batch and training, the numbers above only show that everything runs")
     return lines

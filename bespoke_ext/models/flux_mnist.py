@@ -199,7 +199,7 @@ def pretrain_flux(name: str, cfg: dict, out: Path, iters: int, bs: int, seed: in
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .pretrain import CARD_FORMAT_VERSION, _lr_factor, _machine, sha256_file
+    from .pretrain import CARD_FORMAT_VERSION, _lr_factor, _machine, sha256_file, training_step
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -221,19 +221,7 @@ def pretrain_flux(name: str, cfg: dict, out: Path, iters: int, bs: int, seed: in
         drop = torch.rand(bs, generator=gen) < cfg["label_dropout"]  # the null label: the unconditional model
         y = torch.where(drop, torch.full_like(labels[idx], null), labels[idx])
         loss = _loss(model, x1, noise, sigma, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
-        sched.step()
-        d = min(cfg["ema_decay"], (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1.0 - d)
-        running.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == iters:
-            curve.append([step + 1, sum(running[-100:]) / len(running[-100:])])
-            bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
+        training_step(loss, model, ema, opt, sched, step, cfg, running, curve, bar, iters)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tail = running[-max(1, iters // 20):]
     ema.eval()

@@ -130,6 +130,28 @@ def flow_matching_loss(net, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
     return (net(xt, t, **extras) - target).pow(2).mean()
 
 
+def training_step(loss: torch.Tensor, net, ema, opt, sched, step: int, cfg: dict, running: list, curve: list, bar,
+                  iters: int) -> None:
+    """One optimiser step of a pretraining loop (every preset's): backward, gradient clipping, Adam, the lr
+    schedule, the EMA, and the loss curve (a point per 100 iterations, shown on the progress bar)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
+    opt.step()
+    sched.step()
+    # EMA with a short warm-up so early weights do not linger in the average
+    d = min(cfg["ema_decay"], (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.lerp_(p, 1.0 - d)
+        for be, b in zip(ema.buffers(), net.buffers()):
+            be.copy_(b)
+    running.append(loss.item())
+    if (step + 1) % 100 == 0 or step + 1 == iters:
+        curve.append([step + 1, sum(running[-100:]) / len(running[-100:])])
+        bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
+
+
 def _init_from(net, name: str) -> dict:
     """Load the shipped weights of preset ``name`` into ``net`` (whose extra parameters, a label
     embedding, start at zero: the loaded model's field exactly); returns what was loaded."""
@@ -253,22 +275,7 @@ def pretrain(name: str, out_dir=None, iterations: Optional[int] = None, seed: in
             drop = torch.rand(bs, generator=gen) < cfg["label_dropout"]
             extras["y"] = torch.where(drop, torch.full_like(labels[idx], null_label), labels[idx])
         loss = flow_matching_loss(net, x1, x0, t, cfg["prediction"], sch, **extras)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["grad_clip"])
-        opt.step()
-        sched.step()
-        # EMA with a short warm-up so early weights do not linger in the average
-        d = min(cfg["ema_decay"], (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1.0 - d)
-            for be, b in zip(ema.buffers(), net.buffers()):
-                be.copy_(b)
-        running.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == iters:
-            curve.append([step + 1, sum(running[-100:]) / len(running[-100:])])
-            bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
+        training_step(loss, net, ema, opt, sched, step, cfg, running, curve, bar, iters)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tail = running[-max(1, iters // 20):]
     final_loss = sum(tail) / len(tail)
