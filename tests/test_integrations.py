@@ -14,12 +14,11 @@ import torch
 
 import bespoke_ext as bx
 
-diffusers = pytest.importorskip("diffusers")
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tiny_pipelines import make_flux_pipe
 
-from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
-
-from bespoke_ext.integrations.diffusers import BespokeScheduler, pipeline_velocity  # noqa: E402
-from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas  # noqa: E402
+from bespoke_ext.integrations.diffusers import BespokeScheduler, pipeline_velocity
+from bespoke_ext.integrations.kdiffusion import sample_bespoke, solver_sigmas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,22 +189,10 @@ def _embeds(pooled, seed):
 
 
 def _flux_pipe():
-    pytest.importorskip("transformers")  # without it FluxPipeline is a dummy object
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=None,
-                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                        transformer=transformer.eval())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, _embeds(pooled=32, seed=2)
+    return make_flux_pipe(), _embeds(pooled=32, seed=2)
 
 
 def _sd3_pipe():
-    pytest.importorskip("transformers")
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from bespoke_ext.models import flux_mnist as fm
 from bespoke_ext.models.embedded import WEIGHTS_DIR, list_embedded, load_embedded
 from bespoke_ext.models.pretrain import PRESETS, sha256_file
 
-pytest.importorskip("transformers")  # the test extra has it; without it FluxPipeline is a dummy object
+import transformers  # noqa: F401,E402  (without it diffusers' FluxPipeline is a dummy object)
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 
 from bespoke_ext.integrations.diffusers import BespokeScheduler, pipeline_velocity  # noqa: E402

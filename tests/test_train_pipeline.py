@@ -1,54 +1,25 @@
-"""`bespoke-ext train-pipeline`: a tiny FluxPipeline built from config in a module file (no downloads),
+"""`bespoke-ext train-pipeline`: a tiny FluxPipeline built from config in a module (tiny_pipelines.py, no downloads),
 trained for a few iterations from an embeddings file; the saved scheduler samples what bx.sample does."""
-
-import textwrap
 
 import pytest
 import torch
 
 import bespoke_ext as bx
 
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")  # without it FluxPipeline is a dummy object
+from safetensors.torch import save_file
+from tiny_pipelines import make_flux_pipe
 
-from safetensors.torch import save_file  # noqa: E402
-
-from bespoke_ext.cli import main  # noqa: E402
-from bespoke_ext.cli.train_pipeline import PipelineTrainingError, load_embeddings  # noqa: E402
-from bespoke_ext.integrations.diffusers import BespokeScheduler, pipeline_velocity  # noqa: E402
-from bespoke_ext.solvers import load_solver  # noqa: E402
+from bespoke_ext.cli import main
+from bespoke_ext.cli.train_pipeline import PipelineTrainingError, load_embeddings
+from bespoke_ext.integrations.diffusers import BespokeScheduler, pipeline_velocity
+from bespoke_ext.solvers import load_solver
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 H = W = 32  # pixels; no VAE: vae_scale_factor 8, packed latents [4, 16]
 
-FACTORY = textwrap.dedent('''
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-
-    def make_pipe():
-        torch.manual_seed(0)
-        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                             pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=None,
-                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                            transformer=transformer.eval())
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-
-    class NotFlux:
-        transformer = torch.nn.Linear(2, 2)
-        vae_scale_factor = 8
-''')
-
-
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    (tmp_path / "tinyflux_factory.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def tiny(tmp_path):
     g = torch.Generator().manual_seed(2)
     embeds = {"prompt_embeds": torch.randn(3, 7, 32, generator=g), "pooled_prompt_embeds": torch.randn(3, 32, generator=g)}
     path = tmp_path / "embeds.safetensors"
@@ -57,7 +28,7 @@ def tiny(tmp_path, monkeypatch):
 
 
 def _args(tmp_path, embeddings, *extra, out="sched"):
-    return ["train-pipeline", "tinyflux_factory:make_pipe", "--embeddings", str(embeddings), "--height", str(H),
+    return ["train-pipeline", "tiny_pipelines:make_flux_pipe", "--embeddings", str(embeddings), "--height", str(H),
             "--width", str(W), "--guidance", "2.5", "--cache-dir", str(tmp_path / "gt"), "--cache-samples", "8",
             "--val-size", "4", "--val-every", "2", "--batch-size", "2", "--keep-last", "--no-progress", "-o", str(tmp_path / out),
             *extra]
@@ -77,9 +48,7 @@ def test_train_pipeline_saves_a_scheduler_the_pipeline_samples_with(tiny, capsys
     assert scheduler.config.guidance_scale == 2.5 and scheduler.nfe == solver.nfe
     assert any(not torch.equal(a, b) for a, b in zip(solver.parameters(), type(solver)(*_ctor(solver)).parameters()))
 
-    import tinyflux_factory
-
-    pipe = tinyflux_factory.make_pipe()
+    pipe = make_flux_pipe()
     pipe.scheduler = scheduler
     velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=2.5)
     assert scheduler.config.trained_mu == pytest.approx(velocity.mu)
@@ -97,9 +66,7 @@ def _ctor(solver):
 
 def test_bad_embeddings_files_are_clear_errors(tiny, capsys):
     tmp_path, _, embeds = tiny
-    import tinyflux_factory
-
-    velocity = pipeline_velocity(tinyflux_factory.make_pipe(), height=H, width=W)
+    velocity = pipeline_velocity(make_flux_pipe(), height=H, width=W)
 
     def write(name, tensors):
         path = tmp_path / name
@@ -121,7 +88,7 @@ def test_bad_embeddings_files_are_clear_errors(tiny, capsys):
     assert main(_args(tmp_path, tmp_path / "bad0.safetensors")) == 2
     assert "same leading dimension" in capsys.readouterr().err
     args = _args(tmp_path, tmp_path / "ok.safetensors")
-    args[1] = "tinyflux_factory:NotFlux"
+    args[1] = "tiny_pipelines:NotFlux"
     assert main(args) == 2
     assert "supports Flux and SD3" in capsys.readouterr().err
     assert main(_args(tmp_path, tmp_path / "missing.safetensors")) == 2

@@ -207,8 +207,9 @@ def _reusable(path: Path, qm: QualityModel, method: str, cfg):
     if solver.method != method or meta.get("model") != qm.name \
             or meta.get("model_weights_sha256") != qm.card["weights"]["sha256"]:
         return None
-    loss, iterations = (cfg.ns_loss, cfg.ns_iterations) if method == "bespoke-ns" else (cfg.loss, cfg.iterations)
-    if (training.get("options") or {}).get("loss") != loss or training.get("iterations", 0) < iterations:
+    budget = cfg.budget(method)
+    loss = (training.get("options") or {}).get("loss")
+    if loss != budget["loss"] or training.get("iterations", 0) < budget["iterations"]:
         return None
     return solver
 

@@ -11,14 +11,17 @@ A model is one of
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["resolve_model", "parse_shape", "parse_extras", "DTYPES"]
+__all__ = ["resolve_model", "import_target", "parse_shape", "parse_extras", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
 
@@ -39,6 +42,34 @@ def _factory_or_model(obj):
     return obj
 
 
+def import_target(spec: str, what: str = "model"):
+    """The object ``module:attribute`` (or ``path/to/file.py:attribute``) names; ValueError naming ``what``
+    and the spec when the module cannot be imported or has no such attribute. A module next to the caller
+    (the current folder) is found as ``python -m`` would find it."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {spec!r}: expected module:attribute or path/to/file.py:attribute")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"{what} {spec!r}: no file {path}")
+        mod_spec = importlib.util.spec_from_file_location(f"_bespoke_{what}_{path.stem}", path)
+        obj = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(obj)
+    else:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {spec!r}: {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
 def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[Tuple[int, ...]], str]:
     """(velocity model, per-sample shape or None, a name for file names) from a command-line spec."""
     kw = {}
@@ -55,16 +86,8 @@ def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[
         m = load_embedded(path.stem, weights_dir=path.parent, **kw)
         return m.velocity, tuple(m.shape), path.stem
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            obj = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"model {spec!r}: cannot import module {module_name!r} ({exc})") from exc
-        for part in attr.split("."):
-            if not hasattr(obj, part):
-                raise ValueError(f"model {spec!r}: {module_name} has no attribute {attr!r}")
-            obj = getattr(obj, part)
-        obj = _factory_or_model(obj)
+        attr = spec.rpartition(":")[2]
+        obj = _factory_or_model(import_target(spec, "model"))
         shape = getattr(obj, "shape", None)
         model = getattr(obj, "velocity", obj)
         if not callable(model):

@@ -23,16 +23,14 @@ Memory (README, Memory): --gradient-checkpointing (end-to-end losses: chosen by 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import inspect
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from ..training.options import LOSSES, TrainOptions
+from .model_spec import import_target
 
 __all__ = ["add_train_pipeline_arguments", "run_train_pipeline", "load_pipeline", "load_embeddings",
            "PipelineTrainingError"]
@@ -90,35 +88,12 @@ def add_train_pipeline_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     return parser
 
 
-def _import_target(spec: str):
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise PipelineTrainingError(f"pipeline {spec!r}: expected module:factory or path/to/file.py:factory")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise PipelineTrainingError(f"pipeline {spec!r}: no file {path}")
-        mod_spec = importlib.util.spec_from_file_location(f"_bespoke_pipeline_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # as `python -m` would: modules next to the caller
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise PipelineTrainingError(f"pipeline {spec!r}: cannot import {module_name!r} ({exc})") from exc
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise PipelineTrainingError(f"pipeline {spec!r}: {module_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
 def load_pipeline(spec: str):
     """The pipeline ``spec`` names (a pipeline object, or a zero-argument factory called once)."""
-    obj = _import_target(spec)
+    try:
+        obj = import_target(spec, "pipeline")
+    except ValueError as exc:
+        raise PipelineTrainingError(str(exc)) from exc
     if not hasattr(obj, "transformer") and callable(obj):
         obj = obj()
     if getattr(obj, "transformer", None) is None:

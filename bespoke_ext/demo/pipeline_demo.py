@@ -26,7 +26,6 @@ Stages, each timed:
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
@@ -37,7 +36,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from safetensors.torch import save_file
 
-from .. import metrics
 from ..compare import (GT_TOL, GroundTruth, Reference, Run, compare, ground_truth, markdown_table, nfe_to_match, stream_seed,
                        torch_threads)
 from ..figures import save_error_curves, save_sample_grid, save_schedules
@@ -47,7 +45,7 @@ from ..sampling import sample
 from ..solvers import BespokeSolver
 from ..training import train
 from .presets import LOSSES, check_nfes
-from .run import closing_lines, publish
+from .run import _Clock, _find, _gain_error, closing_lines, publish, solver_file_name
 
 __all__ = ["run", "is_pipeline_model", "PipelineSettings", "pipeline_settings", "METHODS", "TARGET_NFE",
            "TARGET_GAIN_DB"]
@@ -202,17 +200,13 @@ def run(model: str = fm.NAME, nfe: Sequence[int] = (8, 10), out="bespoke-demo", 
 def _run(name, nfes, out, cfg, seed, quick, progress, guidance, stream, weights_dir) -> dict:
     say = lambda text="": print(text, file=stream, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    stages: Dict[str, float] = {}
+    clock = _Clock()
     started = time.perf_counter()
 
-    def stage(key, t0):
-        stages[key] = stages.get(key, 0.0) + time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    em = load_embedded(name, weights_dir=weights_dir)
-    pl = _Pipeline(em.net, guidance)
-    reference = Reference.for_model(em, cfg.batch, seed)
-    stage("load", t0)
+    with clock.stage("load"):
+        em = load_embedded(name, weights_dir=weights_dir)
+        pl = _Pipeline(em.net, guidance)
+        reference = Reference.for_model(em, cfg.batch, seed)
     say(f"model {em.name}: {em.card.get('description', '')}")
     say(f"diffusers FluxPipeline, latents {tuple(fm.LATENT_SHAPE)} at height = width = {fm.HEIGHT}; evaluation batch "
         f"{cfg.batch} (labels 0-9 cycling), Bespoke NFEs {nfes}, {cfg.iterations} training iterations per solver"
@@ -223,40 +217,36 @@ def _run(name, nfes, out, cfg, seed, quick, progress, guidance, stream, weights_
     labels = torch.arange(cfg.batch) % em.net.num_classes
     prompts = pl.prompts(labels)
     latents = fm.images_to_latents(x0)
-    t0 = time.perf_counter()
-    truth_latents = ground_truth(pl.velocity, latents, tol=cfg.gt_tol, progress=progress, extras=prompts)
+    with clock.stage("ground truth"):
+        truth_latents = ground_truth(pl.velocity, latents, tol=cfg.gt_tol, progress=progress, extras=prompts)
     truth = GroundTruth(fm.latents_to_images(truth_latents.x), truth_latents.nfe, truth_latents.seconds,
                         truth_latents.tol)
-    stage("ground truth", t0)
     save_file({"latents": latents.contiguous(), "ground_truth_latents": truth_latents.x.contiguous(), "labels": labels,
                **{k: v.contiguous() for k, v in prompts.items()}}, str(out / "evaluation_batch.safetensors"))
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    with tempfile.TemporaryDirectory(prefix="bespoke-pipeline-gt-") as cache_dir:
+    cpu0 = time.process_time()
+    with clock.stage("train"), tempfile.TemporaryDirectory(prefix="bespoke-pipeline-gt-") as cache_dir:
         solvers = _train(pl, em, nfes, cfg, seed, cache_dir, out, progress)
     train_cpu = time.process_time() - cpu0
-    stage("train", t0)
 
-    t0 = time.perf_counter()
-    rows, samples = compare(pl.pipe, x0, truth, _runs(pl, solvers, cfg, nfes, prompts, prompts), reference=reference,
-                            progress=progress, desc="evaluating schedulers in FluxPipeline")
-    rows = rows[:1] + sorted(rows[1:], key=lambda r: (METHODS.index(r.method), r.nfe))
-    parity = {}
-    for s in solvers:  # the same solver through bx.sample on the same latents
-        via_sample = fm.latents_to_images(sample(pl.velocity, latents, solver=s, **prompts))
-        parity[str(s.nfe)] = float((via_sample - samples[("bespoke", s.nfe)]).abs().max())
-    stage("evaluate", t0)
+    with clock.stage("evaluate"):
+        rows, samples = compare(pl.pipe, x0, truth, _runs(pl, solvers, cfg, nfes, prompts, prompts),
+                                reference=reference, progress=progress, desc="evaluating schedulers in FluxPipeline")
+        rows = rows[:1] + sorted(rows[1:], key=lambda r: (METHODS.index(r.method), r.nfe))
+        parity = {}
+        for s in solvers:  # the same solver through bx.sample on the same latents
+            via_sample = fm.latents_to_images(sample(pl.velocity, latents, solver=s, **prompts))
+            parity[str(s.nfe)] = float((via_sample - samples[("bespoke", s.nfe)]).abs().max())
 
-    t0 = time.perf_counter()
-    summary = _summarise(em, rows, samples, truth.x, nfes, solvers, train_cpu, reference, quick)
-    summary["pipeline_vs_bx_sample_max_abs"] = parity
-    figures = _figures(out, em.name, x0, samples, rows, solvers, nfes, truth)
-    table = markdown_table(rows, reference.metric)
-    stage("report", t0)
+    with clock.stage("report"):
+        summary = _summarise(em, rows, samples, truth.x, nfes, solvers, train_cpu, reference, quick)
+        summary["pipeline_vs_bx_sample_max_abs"] = parity
+        figures = _figures(out, em.name, x0, samples, rows, solvers, nfes, truth)
+        table = markdown_table(rows, reference.metric)
     summary.update(
-        stages_seconds={k: round(v, 1) for k, v in stages.items()}, total_seconds=round(time.perf_counter() - started, 1),
+        stages_seconds={k: round(v, 1) for k, v in clock.stages.items()}, total_seconds=round(time.perf_counter() - started, 1),
         figures=[str(p) for p in figures], evaluation_batch=str(out / "evaluation_batch.safetensors"),
-        solver_files=[str(out / "solvers" / f"bespoke-rk2-nfe{s.nfe}.safetensors") for s in solvers],
+        solver_files=[str(out / "solvers" / solver_file_name(s)) for s in solvers],
         scheduler_dirs=[str(out / "schedulers" / f"bespoke-nfe{s.nfe}") for s in solvers],
         settings={**asdict(cfg), "model": em.name, "nfe": list(nfes), "seed": seed, "quick": quick,
                   "gt_tol": truth.tol, "threads": torch.get_num_threads(), "guidance": guidance,
@@ -285,7 +275,7 @@ def _train(pl: _Pipeline, em, nfes, cfg: PipelineSettings, seed: int, cache_dir,
               progress=progress, conditions=pool, model_extras=constant)
         meta = {"model": em.name, "model_weights_sha256": em.card["weights"]["sha256"], "demo_seed": seed,
                 "pipeline": "FluxPipeline", "height": fm.HEIGHT, "width": fm.WIDTH}
-        solver.save(out / "solvers" / f"bespoke-rk2-nfe{n}.safetensors", metadata=meta)
+        solver.save(out / "solvers" / solver_file_name(solver), metadata=meta)
         BespokeScheduler.from_solver(solver, trained_mu=pl.velocity.mu, trained_seq_len=fm.LATENT_SHAPE[0],
                                      model_tag=em.card["weights"]["sha256"]).save_pretrained(
             out / "schedulers" / f"bespoke-nfe{n}")
@@ -295,17 +285,12 @@ def _train(pl: _Pipeline, em, nfes, cfg: PipelineSettings, seed: int, cache_dir,
 
 # -- report ------------------------------------------------------------------------------------------------
 
-def _find(rows, method, nfe):
-    return next((r for r in rows if r.method == method and r.nfe == nfe), None)
-
-
 def _gain(samples, truth, rows, nfe: int, other: str) -> Optional[dict]:
     b, o = _find(rows, "bespoke", nfe), _find(rows, other, nfe)
     if b is None or o is None:
         return None
-    diff = metrics.per_sample_psnr(samples[("bespoke", nfe)], truth) - metrics.per_sample_psnr(samples[(other, nfe)], truth)
-    se = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else math.nan
-    return {"psnr": o.psnr, "rmse": o.rmse, "gain_db": b.psnr - o.psnr, "gain_se_db": se}
+    return {"psnr": o.psnr, "rmse": o.rmse, "gain_db": b.psnr - o.psnr,
+            "gain_se_db": _gain_error(samples, truth, ("bespoke", nfe), (other, nfe))}
 
 
 def _summarise(em, rows, samples, truth, nfes, solvers, train_cpu, reference, quick) -> dict:

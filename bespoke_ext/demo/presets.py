@@ -53,6 +53,13 @@ class Preset:
     loss: str = "end_to_end"
     val_size: int = 1
 
+    def budget(self, family: str) -> Dict[str, object]:
+        """Training options of one solver family (bespoke-rk2 / bespoke-rk1, or bespoke-ns): iterations,
+        batch_size, loss and lr."""
+        if family == "bespoke-ns":
+            return dict(iterations=self.ns_iterations, batch_size=self.ns_train_batch, loss=self.ns_loss, lr=self.ns_lr)
+        return dict(iterations=self.iterations, batch_size=self.train_batch, loss=self.loss, lr=self.lr)
+
 
 _SWEEP = dict(sweep=(4, 6, 8, 10, 12, 16, 20), sparse_sweep=(4, 8, 12, 16))
 DEMO_PRESETS: Dict[str, Preset] = {

@@ -186,14 +186,11 @@ def train_solvers(em, nfes: Sequence[int], cfg: Preset, seed: int, cache_dir, ou
     for n in nfes:
         for family in families:
             solver = _fresh_solver(family, n, cfg)
-            ns = family == "bespoke-ns"
-            train(em.velocity, solver, shape=em.shape, seed=seed,
-                  iterations=cfg.ns_iterations if ns else cfg.iterations,
-                  batch_size=cfg.ns_train_batch if ns else cfg.train_batch,
-                  loss=cfg.ns_loss if ns else cfg.loss, lr=cfg.ns_lr if ns else cfg.lr, gt="cached",
+            budget = cfg.budget(family)
+            train(em.velocity, solver, shape=em.shape, seed=seed, **budget, gt="cached",
                   cache_dir=cache_dir, cache_samples=cfg.cache_samples, cache_grid=cfg.cache_grid,
                   cache_shard_size=cfg.cache_samples, gt_group_size=cfg.cache_samples, val_size=cfg.val_size,
-                  val_every=cfg.ns_iterations if ns else cfg.iterations, keep_best=False, progress=progress,
+                  val_every=budget["iterations"], keep_best=False, progress=progress,
                   **({"conditions": conditions} if conditions else {}))
             wall += solver.history.wall_seconds
             gt += solver.history.gt_seconds

@@ -199,15 +199,13 @@ def pretrain_flux(name: str, cfg: dict, out: Path, iters: int, bs: int, seed: in
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .pretrain import CARD_FORMAT_VERSION, _lr_factor, _machine, sha256_file, training_step
+    from .pretrain import CARD_FORMAT_VERSION, _machine, sha256_file, training_state, training_step
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     dataset, labels = data_mod.load_dataset(cfg["data"], **cfg["data_kwargs"], return_labels=True)
     model = build_net(cfg["net"], cfg["net_kwargs"])
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, iters, min(cfg["warmup"], iters)))
+    ema, opt, sched = training_state(model, cfg, iters)  # Adam: AdamW without weight decay, as trained
     null = model.null_label
 
     start, cpu_start = time.perf_counter(), time.process_time()

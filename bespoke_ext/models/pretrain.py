@@ -130,6 +130,14 @@ def flow_matching_loss(net, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
     return (net(xt, t, **extras) - target).pow(2).mean()
 
 
+def training_state(net, cfg: dict, iters: int):
+    """(EMA copy, Adam, lr schedule: warm-up then cosine) of a pretraining run (every preset's)."""
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, iters, min(cfg["warmup"], iters)))
+    return ema, opt, sched
+
+
 def training_step(loss: torch.Tensor, net, ema, opt, sched, step: int, cfg: dict, running: list, curve: list, bar,
                   iters: int) -> None:
     """One optimiser step of a pretraining loop (every preset's): backward, gradient clipping, Adam, the lr
@@ -258,9 +266,7 @@ def pretrain(name: str, out_dir=None, iterations: Optional[int] = None, seed: in
         dataset = data_mod.load_dataset(cfg["data"], **({**cfg["data_kwargs"], "seed": seed} if cfg["data"] == "moons" else cfg["data_kwargs"]))
     net = build_net(cfg["net"], cfg["net_kwargs"])
     base = _init_from(net, cfg["init_from"]) if "init_from" in cfg else None
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, iters, min(cfg["warmup"], iters)))
+    ema, opt, sched = training_state(net, cfg, iters)
 
     start, cpu_start = time.perf_counter(), time.process_time()
     curve, running = [], []

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .nonstationary import NonStationarySolver
+from .nonstationary import NonStationarySolver, _check_nfe
 from .tableaus import TABLEAUS, fixed_step_program
 
 __all__ = ["preconditioned_grid", "preconditioned"]
@@ -32,8 +32,7 @@ __all__ = ["preconditioned_grid", "preconditioned"]
 def preconditioned_grid(nfe: int, sigma0: float) -> Tensor:
     """t(r_i) for r_i = i / nfe (float64, t_0 = 0, t_n = 1 exactly): the grid of Euler on the path whose
     source noise is scaled by ``sigma0`` (sigma0 = 1: the uniform grid)."""
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    nfe = _check_nfe(nfe)
     if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or not math.isfinite(sigma0) or sigma0 <= 0:
         raise ValueError(f"sigma0 (the source-noise scale) must be a finite number > 0, got {sigma0!r}")
     r = torch.arange(nfe + 1, dtype=torch.float64) / nfe
