@@ -18,7 +18,7 @@ shift || true
 stamp_inputs() {
   # anything that changes what gets built or installed, and the torch installed now (a torch upgrade by
   # another package needs a rebuild of the extension: bespoke_ext refuses to import the old one)
-  { cat pyproject.toml setup.py scripts/quickstart.sh csrc/*.h csrc/*.cpp csrc/cpu/*.cpp 2>/dev/null
+  { cat pyproject.toml setup.py scripts/quickstart.sh csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp 2>/dev/null
     "$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 

@@ -436,6 +436,10 @@ SHAPES = [
     pytest.param((3, 40001), id="3x40001-multichunk"),
     pytest.param((1 << 20, 2), id="2^20x2"),
     pytest.param((1 << 20,), id="flat-2^20"),
+    # samples shorter than the kernels' short-run length, crossing tile boundaries mid-sample
+    pytest.param((4001, 7), id="4001x7-short"),
+    pytest.param((2049, 3, 5), id="2049x3x5-short"),
+    pytest.param((1500, 16), id="1500x16"),
     pytest.param((1 << 20, 64), id="2^20x64", marks=pytest.mark.slow),
     pytest.param((1, 1 << 24), id="1x2^24", marks=pytest.mark.slow),
 ]
@@ -499,7 +503,7 @@ def _all_outputs(terms, coeffs, target):
     return [o.rk_update(terms, coeffs), rms, *gt, gc, *rt, rc, ry]
 
 
-@pytest.mark.parametrize("shape", [(3, 100_003), (20_000, 3), (100_003,), (700, 257)])
+@pytest.mark.parametrize("shape", [(3, 100_003), (20_000, 3), (100_003,), (700, 257), (30_001, 11)])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
 def test_every_op_is_bitwise_equal_across_runs_and_thread_counts(shape, per_sample):
     gen = torch.Generator().manual_seed(14)

@@ -13,6 +13,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include "../rk_common.h"
 #include "../rk_ops.h"
@@ -52,22 +58,24 @@ Args<scalar_t, acc_t> make_args(const RkProblem& p, const std::vector<at::Tensor
   return a;
 }
 
-// Two builds of the same loops: the baseline one and one with AVX2 (8 floats per register),
-// chosen at run time. No FMA in either, so they give the same bits.
+// Two builds of the same loops: the baseline one and one with AVX2 (8 floats per register) and
+// F16C (float16 conversions), chosen at run time. No FMA in either, so they give the same bits.
 namespace base {
 #include "rk_tiles.h"
 }  // namespace base
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define BX_CPU_AVX2 1
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,f16c"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 #endif
+#define BX_TILES_F16C 1
 namespace avx2 {
 #include "rk_tiles.h"
 }  // namespace avx2
+#undef BX_TILES_F16C
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -77,7 +85,7 @@ namespace avx2 {
 
 inline bool cpu_has_avx2() {
 #ifdef BX_CPU_AVX2
-  static const bool yes = __builtin_cpu_supports("avx2");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return yes;
 #else
   return false;

@@ -25,6 +25,59 @@ inline void for_runs(int64_t len, int64_t a, int64_t m, const F& f) {
   }
 }
 
+// Conversions between the storage type and the math type, over arrays. float / double: plain
+// casts. bfloat16: c10's round to nearest even (NaN to 0x7FC0) as branch-free bit arithmetic, so
+// that it vectorises. float16: the F16C instructions in the AVX2 build (the same round to nearest
+// even as c10's software conversion, used by the baseline build; only NaN payloads may differ).
+template <typename acc_t, typename scalar_t>
+inline void to_math(acc_t* dst, const scalar_t* src, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<acc_t>(src[i]);
+}
+inline void to_math(float* dst, const c10::BFloat16* src, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i].x) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+template <typename acc_t, typename scalar_t>
+inline void store(scalar_t* dst, const acc_t* x, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<scalar_t>(x[i]);
+}
+inline void store(c10::BFloat16* dst, const float* x, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof(u));
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    dst[i].x = (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : rounded;
+  }
+}
+#ifdef BX_TILES_F16C
+inline void to_math(float* dst, const c10::Half* src, int64_t m) {
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < m; ++i) dst[i] = _cvtsh_ss(src[i].x);
+}
+inline void store(c10::Half* dst, const float* x, int64_t m) {
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < m; ++i) dst[i].x = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+// A tile of src in the math type: src itself when it is stored in that type, else converted into buf.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* math_tile(const scalar_t* src, int64_t m, acc_t* buf) {
+  if constexpr (std::is_same<acc_t, scalar_t>::value) {
+    return src;
+  } else {
+    to_math(buf, src, m);
+    return buf;
+  }
+}
+
 // x[0:r) = sum_{j < K} c[j] t_j[off : off + r)   (FIRST)   or   x[0:r) += the same:
 // up to four terms per pass over the local buffer, summed left to right.
 template <int K, bool FIRST, typename acc_t, typename scalar_t>
@@ -46,6 +99,21 @@ inline void combine_group(acc_t* x, const acc_t* c, const scalar_t* const* t, in
 template <typename acc_t, typename scalar_t>
 inline void combine_row(acc_t* x, const acc_t* c, const scalar_t* const* t, int64_t k, int64_t off,
                         int64_t r) {
+  if constexpr (!std::is_same<acc_t, scalar_t>::value) {
+    // one term at a time through a converted tile: x = c_0 T_0, x += c_j T_j, the roundings of
+    // combine_group in the same order
+    acc_t tb[kTile];
+    for (int64_t j = 0; j < k; ++j) {
+      const acc_t* tj = math_tile(t[j] + off, r, tb);
+      const acc_t cj = c[j];
+      if (j == 0) {
+        for (int64_t i = 0; i < r; ++i) x[i] = cj * tj[i];
+      } else {
+        for (int64_t i = 0; i < r; ++i) x[i] += cj * tj[i];
+      }
+    }
+    return;
+  }
   for (int64_t j = 0; j < k; j += 4) {
     const bool first = j == 0;
     switch (std::min<int64_t>(4, k - j)) {
@@ -57,28 +125,75 @@ inline void combine_row(acc_t* x, const acc_t* c, const scalar_t* const* t, int6
   }
 }
 
+// Short samples (len < kShortLen): a run of one sample would be a few elements, too short for a
+// loop of its own, so per-sample values are expanded over the tile instead, walking the samples
+// with a running position (no division per element), and the loops over the tile stay flat.
+constexpr int64_t kShortLen = 16;
+
+// dst[i] = v[s(a + i) * stride] for i < m, where s(e) = e / len is the sample of element e
+template <typename acc_t>
+inline void expand(acc_t* dst, const acc_t* v, int64_t stride, int64_t len, int64_t a, int64_t m) {
+  int64_t s = a / len, pos = a - s * len;
+  const acc_t* row = v + s * stride;
+  if (len == 1) {
+    for (int64_t i = 0; i < m; ++i) dst[i] = row[i * stride];
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    dst[i] = *row;
+    if (++pos == len) {
+      pos = 0;
+      row += stride;
+    }
+  }
+}
+
+// sums[(s - s0) * stride] += sum of v over each run of one sample s in the tile [a, a + m), in
+// element order from zero in the math type: the same bits as dot() on runs shorter than 32.
+template <typename acc_t>
+inline void sum_runs(const acc_t* v, int64_t len, int64_t a, int64_t m, int64_t s0, double* sums,
+                     int64_t stride) {
+  int64_t s = a / len, pos = a - s * len;
+  double* dst = sums + (s - s0) * stride;
+  if (len == 1) {
+    for (int64_t i = 0; i < m; ++i) dst[i * stride] += static_cast<double>(v[i]);
+    return;
+  }
+  acc_t acc = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    acc += v[i];
+    if (++pos == len) {
+      *dst += static_cast<double>(acc);
+      acc = 0;
+      pos = 0;
+      dst += stride;
+    }
+  }
+  if (pos != 0) *dst += static_cast<double>(acc);  // the tile ends inside a sample
+}
+
 // x[0:m) = sum_j c[s(i), j] T_j[a + i]: the combination every op starts from.
 template <typename scalar_t, typename acc_t>
 inline void combine(const Args<scalar_t, acc_t>& p, int64_t a, int64_t m, acc_t* x) {
   if (!p.per_sample) {
     combine_row(x, p.c, p.term, p.k, a, m);
-  } else if (p.len == 1) {
-    // one element per sample: coefficient j of element i is c[(a + i) k + j], a strided load
-    const acc_t* c = p.c + a * p.k;
-    const int64_t k = p.k;
-    for (int64_t i = 0; i < m; ++i) x[i] = c[i * k] * static_cast<acc_t>(p.term[0][a + i]);
-    for (int64_t j = 1; j < k; ++j)
-      for (int64_t i = 0; i < m; ++i) x[i] += c[i * k + j] * static_cast<acc_t>(p.term[j][a + i]);
+  } else if (p.len < kShortLen) {
+    // x = c_0 T_0, then x += c_j T_j: the same roundings, in the same order, as combine_row
+    acc_t cb[kTile], tb[kTile];
+    for (int64_t j = 0; j < p.k; ++j) {
+      expand(cb, p.c + j, p.k, p.len, a, m);
+      const acc_t* t = math_tile(p.term[j] + a, m, tb);
+      if (j == 0) {
+        for (int64_t i = 0; i < m; ++i) x[i] = cb[i] * t[i];
+      } else {
+        for (int64_t i = 0; i < m; ++i) x[i] += cb[i] * t[i];
+      }
+    }
   } else {
     for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
       combine_row(x + o, p.c + s * p.k, p.term, p.k, a + o, r);
     });
   }
-}
-
-template <typename acc_t, typename scalar_t>
-inline void store(scalar_t* dst, const acc_t* x, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<scalar_t>(x[i]);
 }
 
 // sum_i x[i] y[i] in a fixed order that depends only on r: 8 interleaved lanes (a vector
@@ -115,13 +230,19 @@ void update_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi) {
 // sums[s - lo / len] += sum over the range's elements of sample s of (sum_j c_j T_j - y)^2
 template <typename scalar_t, typename acc_t>
 void residual_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi, double* sums) {
-  acc_t x[kTile];
+  acc_t x[kTile], yb[kTile];
   const int64_t s0 = lo / p.len;
   for (int64_t a = lo; a < hi; a += kTile) {
     const int64_t m = std::min(kTile, hi - a);
     combine(p, a, m, x);
-    for (int64_t i = 0; i < m; ++i) x[i] -= static_cast<acc_t>(p.y[a + i]);
-    for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) { sums[s - s0] += dot(x + o, x + o, r); });
+    const acc_t* y = math_tile(p.y + a, m, yb);
+    for (int64_t i = 0; i < m; ++i) x[i] -= y[i];
+    if (p.len < kShortLen) {
+      for (int64_t i = 0; i < m; ++i) x[i] *= x[i];
+      sum_runs(x, p.len, a, m, s0, sums, 1);
+    } else {
+      for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) { sums[s - s0] += dot(x + o, x + o, r); });
+    }
   }
 }
 
@@ -134,41 +255,59 @@ template <typename scalar_t, typename acc_t>
 void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, int64_t hi,
                     double* sums) {
   acc_t g[kTile];
+  acc_t w[kTile];   // a coefficient, product or gradient per element
+  acc_t tb[kTile];  // an input converted to the math type
   const int64_t s0 = lo / p.len;
   const int64_t k = p.k;
+  const bool short_runs = p.per_sample && p.len < kShortLen;
   for (int64_t a = lo; a < hi; a += kTile) {
     const int64_t m = std::min(kTile, hi - a);
     if (residual) {
       combine(p, a, m, g);
-      for (int64_t i = 0; i < m; ++i) g[i] -= static_cast<acc_t>(p.y[a + i]);
-      for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
-        const acc_t f = p.scale[s];
-        for (int64_t i = o; i < o + r; ++i) g[i] *= f;
-      });
-      if (p.gy != nullptr)
-        for (int64_t i = 0; i < m; ++i) p.gy[a + i] = static_cast<scalar_t>(-g[i]);
+      const acc_t* y = math_tile(p.y + a, m, tb);
+      for (int64_t i = 0; i < m; ++i) g[i] -= y[i];
+      if (p.len < kShortLen) {
+        expand(w, p.scale, 1, p.len, a, m);
+        for (int64_t i = 0; i < m; ++i) g[i] *= w[i];
+      } else {
+        for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
+          const acc_t f = p.scale[s];
+          for (int64_t i = o; i < o + r; ++i) g[i] *= f;
+        });
+      }
+      if (p.gy != nullptr) {
+        for (int64_t i = 0; i < m; ++i) w[i] = -g[i];
+        store(p.gy + a, w, m);
+      }
     } else {
-      for (int64_t i = 0; i < m; ++i) g[i] = static_cast<acc_t>(p.grad[a + i]);
+      to_math(g, p.grad + a, m);
     }
     if (p.gterm[0] != nullptr) {
       for (int64_t j = 0; j < k; ++j) {
         scalar_t* dst = p.gterm[j] + a;
         if (!p.per_sample) {
           const acc_t cj = p.c[j];
-          for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<scalar_t>(cj * g[i]);
+          for (int64_t i = 0; i < m; ++i) w[i] = cj * g[i];
+        } else if (short_runs) {
+          expand(w, p.c + j, k, p.len, a, m);
+          for (int64_t i = 0; i < m; ++i) w[i] *= g[i];
         } else {
           for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
             const acc_t cj = p.c[s * k + j];
-            for (int64_t i = o; i < o + r; ++i) dst[i] = static_cast<scalar_t>(cj * g[i]);
+            for (int64_t i = o; i < o + r; ++i) w[i] = cj * g[i];
           });
         }
+        store(dst, w, m);
       }
     }
     if (sums != nullptr) {
       for (int64_t j = 0; j < k; ++j) {
-        const scalar_t* tj = p.term[j] + a;
+        const acc_t* tj = math_tile(p.term[j] + a, m, tb);
         if (!p.per_sample) {
           sums[j] += dot(g, tj, m);
+        } else if (short_runs) {
+          for (int64_t i = 0; i < m; ++i) w[i] = g[i] * tj[i];
+          sum_runs(w, p.len, a, m, s0, sums + j, k);
         } else {
           for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
             sums[(s - s0) * k + j] += dot(g + o, tj + o, r);
