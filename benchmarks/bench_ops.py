@@ -13,8 +13,10 @@ A case is (op, shape, k, dtype, shared or per-sample coefficients, threads); its
   eager_inplace  the in-place eager chain torch.mul(out=), addcmul_, ... into the same buffer
   eager          the allocating eager expression sum_j c_j * T_j
   compiled       that expression under torch.compile (inductor), allocating
-  copy           out.copy_(terms[0]): the copy bandwidth, from which the report derives the
-                 floor (k + 1) * numel * elem_size bytes / bandwidth
+  copy           a plain copy moving as many bytes as the update, (k + 1) * numel elements (half
+                 read, half written): the copy bandwidth at the update's own footprint (the same
+                 cache level), from which the report derives the floor (k + 1) * numel * elem_size
+                 bytes / bandwidth
 Backward cases compare the fused backward op with eager autograd of the same expression;
 residual cases the fused RMS with its eager expression.
 
@@ -148,13 +150,16 @@ def test_update(benchmark, variant, case, threads):
     terms, c, cols = _inputs(*case)
     numel = _info(benchmark, "rk_update", case, variant, threads, terms[0].element_size())
     out = torch.empty_like(terms[0])
+    copy_numel = (case[1] + 1) * numel // 2 if variant == "copy" else 0
+    src, dst = (torch.empty(copy_numel, dtype=terms[0].dtype, device=DEVICE).fill_(1.0) for _ in range(2))
+    benchmark.extra_info["copy_numel"] = copy_numel
     fns = {
         "fused_out": lambda: ops.rk_update_out(terms, c, out),
         "fused": lambda: ops.rk_update(terms, c),
         "eager_inplace": lambda: _eager_inplace(terms, cols, out),
         "eager": lambda: _eager(terms, cols),
         "compiled": lambda: _compiled(terms, cols),
-        "copy": lambda: out.copy_(terms[0]),
+        "copy": lambda: dst.copy_(src),
     }
     with torch.inference_mode():
         _run(benchmark, fns[variant], numel, threads)

@@ -9,8 +9,9 @@ write_ops_report on the file it has just measured (kernels.py); benchmarks/gpu/r
 Ratios compare medians measured in the same run (higher is better for the fused op):
   in-place   eager in-place chain / fused_out      alloc   eager allocating / fused
   compiled   torch.compile (allocating) / fused_out
-  copy BW    share of the copy bandwidth (same run, same size) that fused_out reaches, moving
-             (k + 1) * numel * elem_size bytes (each input read once, the output written once)
+  copy BW    share of the copy bandwidth that fused_out reaches, moving (k + 1) * numel * elem_size
+             bytes (each input read once, the output written once); the copy ran in the same run
+             and moved as many bytes (the same cache level)
 The targets of issue 10 are checked at the end (report_targets.kernel_targets).
 """
 
@@ -65,7 +66,9 @@ def summarise(rows) -> List[dict]:
             r["eager_over_fused"] = _ratio(v, "eager", "fused")
             r["compiled_over_out"] = _ratio(v, "compiled", "fused_out")
             if "copy" in v and "fused_out" in v:
-                bw = 2 * r["size"] * some["elem_size"] / v["copy"]["median"]  # bytes/s of a plain copy
+                # bytes/s of a plain copy; moving as many bytes as the update (older files: numel elements)
+                copied = v["copy"].get("copy_numel") or r["size"]
+                bw = 2 * copied * some["elem_size"] / v["copy"]["median"]
                 r["copy_GBps"] = round(bw / 1e9, 2)
                 floor = (r["k"] + 1) * r["size"] * some["elem_size"] / bw
                 r["out_of_copy_bw"] = round(floor / v["fused_out"]["median"], 2)

@@ -29,6 +29,7 @@ namespace {
 
 constexpr int64_t kTile = 512;       // elements combined in a local buffer (fits L1 with k inputs)
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task, at least (as TensorIterator)
+constexpr int64_t kShortLen = 8;     // samples shorter than this are tiled whole (rk_tiles.h)
 
 // Pointers and per-sample layout of one call; what an op does not use stays null.
 template <typename scalar_t, typename acc_t>
@@ -44,7 +45,12 @@ struct Args {
   const acc_t* scale = nullptr;   // [N] factor of the residual gradient
   scalar_t* gterm[kMaxTerms] = {};
   scalar_t* gy = nullptr;         // gradient of the target
+  int64_t tile = kTile;           // elements per tile: whole samples when they are short
+  int32_t pattern[kTile] = {};    // short samples: sample of each element of a tile, i / len
 };
+
+// Elements per tile: kTile, or whole samples of a short length.
+inline int64_t tile_for(int64_t len) { return len < kShortLen ? (kTile / len) * len : kTile; }
 
 template <typename scalar_t, typename acc_t>
 Args<scalar_t, acc_t> make_args(const RkProblem& p, const std::vector<at::Tensor>& terms,
@@ -55,6 +61,9 @@ Args<scalar_t, acc_t> make_args(const RkProblem& p, const std::vector<at::Tensor
   a.per_sample = p.per_sample;
   a.c = c.data_ptr<acc_t>();
   for (int64_t j = 0; j < p.k; ++j) a.term[j] = terms[j].data_ptr<scalar_t>();
+  a.tile = tile_for(a.len);
+  if (a.len < kShortLen)
+    for (int64_t i = 0; i < a.tile; ++i) a.pattern[i] = static_cast<int32_t>(i / a.len);
   return a;
 }
 
@@ -101,13 +110,14 @@ inline bool cpu_has_avx2() {
 // Reduction units, fixed by the shape. Per-sample sums (RMS, per-sample coefficient
 // gradients): a unit is a group of whole samples of about kReduceBlock elements, or, for
 // samples longer than that, one kReduceBlock chunk of one sample. Shared-coefficient
-// gradients: a unit is kReduceBlock flat elements, whatever the samples. A unit owns `slots`
+// gradients: a unit is about kReduceBlock flat elements (whole tiles), whatever the samples. A unit owns `slots`
 // sums from `slot(u)` on; a sample's sum is the sum of its nb slots, in order.
 struct Units {
   int64_t n = 0, len = 1, numel = 0;
   bool flat = false;
   int64_t spu = 1;  // whole samples per unit (per-sample units with len <= kReduceBlock)
   int64_t nb = 1;   // chunks per sample (per-sample units with len > kReduceBlock)
+  int64_t block = kReduceBlock;  // elements per flat unit
   int64_t count = 0;
 
   static Units make(const RkProblem& p, bool flat) {
@@ -118,7 +128,8 @@ struct Units {
     u.flat = flat;
     if (u.numel == 0) return u;
     if (flat) {
-      u.count = (u.numel + kReduceBlock - 1) / kReduceBlock;
+      u.block = (kReduceBlock / kTile) * tile_for(u.len);  // whole tiles (of whole short samples)
+      u.count = (u.numel + u.block - 1) / u.block;
     } else if (u.len <= kReduceBlock) {
       u.spu = kReduceBlock / u.len;
       u.count = (u.n + u.spu - 1) / u.spu;
@@ -134,7 +145,7 @@ struct Units {
     return (flat || nb > 1) ? 1 : std::min(spu, n - u * spu);
   }
   std::pair<int64_t, int64_t> range(int64_t u) const {
-    if (flat) return {u * kReduceBlock, std::min(numel, (u + 1) * kReduceBlock)};
+    if (flat) return {u * block, std::min(numel, (u + 1) * block)};
     if (nb == 1) return {u * spu * len, std::min(n, (u + 1) * spu) * len};
     const int64_t s = u / nb, c = u - s * nb;
     return {s * len + c * kReduceBlock, std::min((s + 1) * len, s * len + (c + 1) * kReduceBlock)};
@@ -183,13 +194,14 @@ at::Tensor finish_coeff_grad(const at::Tensor& partial, const Units& u, const Rk
 void update_into(const RkProblem& p, const std::vector<at::Tensor>& ts, const at::Tensor& c,
                  const at::Tensor& dst) {
   const int64_t numel = dst.numel();
-  const int64_t tiles = (numel + kTile - 1) / kTile;
+  const int64_t tile = tile_for(std::max<int64_t>(p.len, 1));
+  const int64_t tiles = (numel + tile - 1) / tile;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = make_args<scalar_t, acc_t>(p, ts, c);
     a.out = dst.data_ptr<scalar_t>();
     at::parallel_for(0, tiles, kGrain / kTile, [&](int64_t b, int64_t e) {
-      BX_CPU_ISA(update_range, a, b * kTile, std::min(numel, e * kTile));
+      BX_CPU_ISA(update_range, a, b * tile, std::min(numel, e * tile));
     });
   });
 }

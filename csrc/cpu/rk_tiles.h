@@ -9,7 +9,8 @@
 // Every loop runs over a tile of at most kTile elements combined in a local math-type
 // buffer: loops that touch one input and a local buffer have no aliasing, so the compiler
 // vectorises them. A range may cross sample boundaries; per-sample values (coefficient row,
-// residual factor, per-sample sums) are looked up per run of one sample inside the tile.
+// residual factor, per-sample sums) are looked up per run of one sample inside the tile, or,
+// for short samples, spread over a tile of whole samples (see expand).
 //
 // No include guard and no includes: this file is a body, included once per instruction set.
 
@@ -125,51 +126,30 @@ inline void combine_row(acc_t* x, const acc_t* c, const scalar_t* const* t, int6
   }
 }
 
-// Short samples (len < kShortLen): a run of one sample would be a few elements, too short for a
-// loop of its own, so per-sample values are expanded over the tile instead, walking the samples
-// with a running position (no division per element), and the loops over the tile stay flat.
-constexpr int64_t kShortLen = 16;
+// Short samples (len < kShortLen, rk_kernels.cpp; measured: below 8 the per-run loops lose): a loop per sample would run a few elements, so tiles hold whole
+// samples (p.tile elements, a multiple of len; ranges start at sample boundaries) and per-sample
+// values are spread over a tile by one pattern shared by every tile, p.pattern[i] = i / len.
 
 // dst[i] = v[s(a + i) * stride] for i < m, where s(e) = e / len is the sample of element e
-template <typename acc_t>
-inline void expand(acc_t* dst, const acc_t* v, int64_t stride, int64_t len, int64_t a, int64_t m) {
-  int64_t s = a / len, pos = a - s * len;
-  const acc_t* row = v + s * stride;
-  if (len == 1) {
-    for (int64_t i = 0; i < m; ++i) dst[i] = row[i * stride];
-    return;
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    dst[i] = *row;
-    if (++pos == len) {
-      pos = 0;
-      row += stride;
-    }
-  }
+template <typename scalar_t, typename acc_t>
+inline void expand(const Args<scalar_t, acc_t>& p, acc_t* dst, const acc_t* v, int64_t stride, int64_t a,
+                   int64_t m) {
+  const acc_t* base = v + (a / p.len) * stride;
+  const int32_t* pat = p.pattern;
+  const int32_t st = static_cast<int32_t>(stride);  // stride <= kMaxTerms, pattern < kTile
+  for (int64_t i = 0; i < m; ++i) dst[i] = base[pat[i] * st];
 }
 
-// sums[(s - s0) * stride] += sum of v over each run of one sample s in the tile [a, a + m), in
-// element order from zero in the math type: the same bits as dot() on runs shorter than 32.
+// sums[s * stride] += sum_r v[s len + r] for each of the tile's m / len whole samples s: r in order,
+// from zero, in the math type (the bits of dot() on runs shorter than 32), all samples at once.
 template <typename acc_t>
-inline void sum_runs(const acc_t* v, int64_t len, int64_t a, int64_t m, int64_t s0, double* sums,
-                     int64_t stride) {
-  int64_t s = a / len, pos = a - s * len;
-  double* dst = sums + (s - s0) * stride;
-  if (len == 1) {
-    for (int64_t i = 0; i < m; ++i) dst[i * stride] += static_cast<double>(v[i]);
-    return;
-  }
-  acc_t acc = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    acc += v[i];
-    if (++pos == len) {
-      *dst += static_cast<double>(acc);
-      acc = 0;
-      pos = 0;
-      dst += stride;
-    }
-  }
-  if (pos != 0) *dst += static_cast<double>(acc);  // the tile ends inside a sample
+inline void sum_samples(const acc_t* v, int64_t len, int64_t m, double* sums, int64_t stride) {
+  const int64_t count = m / len;
+  acc_t acc[kTile];
+  for (int64_t s = 0; s < count; ++s) acc[s] = 0;
+  for (int64_t r = 0; r < len; ++r)
+    for (int64_t s = 0; s < count; ++s) acc[s] += v[s * len + r];
+  for (int64_t s = 0; s < count; ++s) sums[s * stride] += static_cast<double>(acc[s]);
 }
 
 // x[0:m) = sum_j c[s(i), j] T_j[a + i]: the combination every op starts from.
@@ -181,7 +161,7 @@ inline void combine(const Args<scalar_t, acc_t>& p, int64_t a, int64_t m, acc_t*
     // x = c_0 T_0, then x += c_j T_j: the same roundings, in the same order, as combine_row
     acc_t cb[kTile], tb[kTile];
     for (int64_t j = 0; j < p.k; ++j) {
-      expand(cb, p.c + j, p.k, p.len, a, m);
+      expand(p, cb, p.c + j, p.k, a, m);
       const acc_t* t = math_tile(p.term[j] + a, m, tb);
       if (j == 0) {
         for (int64_t i = 0; i < m; ++i) x[i] = cb[i] * t[i];
@@ -220,8 +200,8 @@ inline double dot(const acc_t* x, const scalar_t* y, int64_t r) {
 template <typename scalar_t, typename acc_t>
 void update_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi) {
   acc_t x[kTile];
-  for (int64_t a = lo; a < hi; a += kTile) {
-    const int64_t m = std::min(kTile, hi - a);
+  for (int64_t a = lo; a < hi; a += p.tile) {
+    const int64_t m = std::min(p.tile, hi - a);
     combine(p, a, m, x);
     store(p.out + a, x, m);
   }
@@ -232,14 +212,14 @@ template <typename scalar_t, typename acc_t>
 void residual_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi, double* sums) {
   acc_t x[kTile], yb[kTile];
   const int64_t s0 = lo / p.len;
-  for (int64_t a = lo; a < hi; a += kTile) {
-    const int64_t m = std::min(kTile, hi - a);
+  for (int64_t a = lo; a < hi; a += p.tile) {
+    const int64_t m = std::min(p.tile, hi - a);
     combine(p, a, m, x);
     const acc_t* y = math_tile(p.y + a, m, yb);
     for (int64_t i = 0; i < m; ++i) x[i] -= y[i];
     if (p.len < kShortLen) {
       for (int64_t i = 0; i < m; ++i) x[i] *= x[i];
-      sum_runs(x, p.len, a, m, s0, sums, 1);
+      sum_samples(x, p.len, m, sums + (a / p.len - s0), 1);
     } else {
       for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) { sums[s - s0] += dot(x + o, x + o, r); });
     }
@@ -260,14 +240,14 @@ void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, i
   const int64_t s0 = lo / p.len;
   const int64_t k = p.k;
   const bool short_runs = p.per_sample && p.len < kShortLen;
-  for (int64_t a = lo; a < hi; a += kTile) {
-    const int64_t m = std::min(kTile, hi - a);
+  for (int64_t a = lo; a < hi; a += p.tile) {
+    const int64_t m = std::min(p.tile, hi - a);
     if (residual) {
       combine(p, a, m, g);
       const acc_t* y = math_tile(p.y + a, m, tb);
       for (int64_t i = 0; i < m; ++i) g[i] -= y[i];
       if (p.len < kShortLen) {
-        expand(w, p.scale, 1, p.len, a, m);
+        expand(p, w, p.scale, 1, a, m);
         for (int64_t i = 0; i < m; ++i) g[i] *= w[i];
       } else {
         for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
@@ -289,7 +269,7 @@ void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, i
           const acc_t cj = p.c[j];
           for (int64_t i = 0; i < m; ++i) w[i] = cj * g[i];
         } else if (short_runs) {
-          expand(w, p.c + j, k, p.len, a, m);
+          expand(p, w, p.c + j, k, a, m);
           for (int64_t i = 0; i < m; ++i) w[i] *= g[i];
         } else {
           for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
@@ -307,7 +287,7 @@ void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, i
           sums[j] += dot(g, tj, m);
         } else if (short_runs) {
           for (int64_t i = 0; i < m; ++i) w[i] = g[i] * tj[i];
-          sum_runs(w, p.len, a, m, s0, sums + j, k);
+          sum_samples(w, p.len, m, sums + (a / p.len - s0) * k + j, k);
         } else {
           for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
             sums[(s - s0) * k + j] += dot(g + o, tj + o, r);
