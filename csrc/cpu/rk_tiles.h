@@ -79,6 +79,21 @@ inline const acc_t* math_tile(const scalar_t* src, int64_t m, acc_t* buf) {
   }
 }
 
+// Where a tile of results for dst is computed: dst itself when it is stored in the math type (and
+// does not alias an input), else buf, then written with finish_tile.
+template <typename acc_t, typename scalar_t>
+inline acc_t* result_tile(scalar_t* dst, acc_t* buf) {
+  if constexpr (std::is_same<acc_t, scalar_t>::value) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+template <typename acc_t, typename scalar_t>
+inline void finish_tile(scalar_t* dst, const acc_t* x, int64_t m) {
+  if constexpr (!std::is_same<acc_t, scalar_t>::value) store(dst, x, m);
+}
+
 // x[0:r) = sum_{j < K} c[j] t_j[off : off + r)   (FIRST)   or   x[0:r) += the same:
 // up to four terms per pass over the local buffer, summed left to right.
 template <int K, bool FIRST, typename acc_t, typename scalar_t>
@@ -234,7 +249,7 @@ void residual_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi, doub
 template <typename scalar_t, typename acc_t>
 void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, int64_t hi,
                     double* sums) {
-  acc_t g[kTile];
+  acc_t gb[kTile];  // the gradient g, when it is computed or converted
   acc_t w[kTile];   // a coefficient, product or gradient per element
   acc_t tb[kTile];  // an input converted to the math type
   const int64_t s0 = lo / p.len;
@@ -242,42 +257,45 @@ void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, i
   const bool short_runs = p.per_sample && p.len < kShortLen;
   for (int64_t a = lo; a < hi; a += p.tile) {
     const int64_t m = std::min(p.tile, hi - a);
+    const acc_t* g = gb;  // the update's incoming gradient is read in place when stored in the math type
     if (residual) {
-      combine(p, a, m, g);
+      combine(p, a, m, gb);
       const acc_t* y = math_tile(p.y + a, m, tb);
-      for (int64_t i = 0; i < m; ++i) g[i] -= y[i];
+      for (int64_t i = 0; i < m; ++i) gb[i] -= y[i];
       if (p.len < kShortLen) {
         expand(p, w, p.scale, 1, a, m);
-        for (int64_t i = 0; i < m; ++i) g[i] *= w[i];
+        for (int64_t i = 0; i < m; ++i) gb[i] *= w[i];
       } else {
         for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
           const acc_t f = p.scale[s];
-          for (int64_t i = o; i < o + r; ++i) g[i] *= f;
+          for (int64_t i = o; i < o + r; ++i) gb[i] *= f;
         });
       }
       if (p.gy != nullptr) {
-        for (int64_t i = 0; i < m; ++i) w[i] = -g[i];
-        store(p.gy + a, w, m);
+        acc_t* gy = result_tile(p.gy + a, w);
+        for (int64_t i = 0; i < m; ++i) gy[i] = -gb[i];
+        finish_tile(p.gy + a, gy, m);
       }
     } else {
-      to_math(g, p.grad + a, m);
+      g = math_tile(p.grad + a, m, gb);
     }
     if (p.gterm[0] != nullptr) {
       for (int64_t j = 0; j < k; ++j) {
-        scalar_t* dst = p.gterm[j] + a;
+        scalar_t* dst = p.gterm[j] + a;  // a fresh output: aliases nothing
+        acc_t* d = result_tile(dst, w);
         if (!p.per_sample) {
           const acc_t cj = p.c[j];
-          for (int64_t i = 0; i < m; ++i) w[i] = cj * g[i];
+          for (int64_t i = 0; i < m; ++i) d[i] = cj * g[i];
         } else if (short_runs) {
-          expand(p, w, p.c + j, k, a, m);
-          for (int64_t i = 0; i < m; ++i) w[i] *= g[i];
+          expand(p, d, p.c + j, k, a, m);
+          for (int64_t i = 0; i < m; ++i) d[i] *= g[i];
         } else {
           for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
             const acc_t cj = p.c[s * k + j];
-            for (int64_t i = o; i < o + r; ++i) w[i] = cj * g[i];
+            for (int64_t i = o; i < o + r; ++i) d[i] = cj * g[i];
           });
         }
-        store(dst, w, m);
+        finish_tile(dst, d, m);
       }
     }
     if (sums != nullptr) {
