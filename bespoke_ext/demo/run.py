@@ -235,6 +235,13 @@ def _summarise(em, rows, samples, truth, nfes, solvers, train_seconds, gt_second
     midpoint_curve = [(r.nfe, r.rmse) for r in rows if r.method == "midpoint"]
     pretrain = em.card.get("training", {}).get("wall_clock_seconds")
     comparisons = []
+
+    def own_cost(method, n):
+        """A solver's cost as if trained alone: its iterations plus the shared cache's ground truth."""
+        solver = next(s for s in solvers if s.method == method and s.nfe == n)
+        cost = solver.history.wall_seconds - solver.history.gt_seconds + gt_seconds
+        return {"training_seconds": round(cost, 1), "training_cost_fraction": cost / pretrain if pretrain else None}
+
     for n in nfes:
         b = _find(rows, "bespoke-rk2", n)
         mid, dpm = _find(rows, "midpoint", n), _find(rows, "dpm++2m", n)
@@ -246,22 +253,19 @@ def _summarise(em, rows, samples, truth, nfes, solvers, train_seconds, gt_second
             "gain_over_midpoint_se_db": _gain_error(samples, truth, ("bespoke-rk2", n), ("midpoint", n)),
             "gain_over_dpm_se_db": _gain_error(samples, truth, ("bespoke-rk2", n), ("dpm++2m", n)),
             "midpoint_nfe_to_match": match, "midpoint_nfe_to_match_how": how,
+            **{f"bespoke_rk2_{k}": v for k, v in own_cost("bespoke-rk2", n).items()},
         }
         ns = _find(rows, "bespoke-ns", n)
         if ns is not None:
-            solver = next(s for s in solvers if s.method == "bespoke-ns" and s.nfe == n)
             twice = _find(rows, "midpoint", 2 * n)
             match, how = nfe_to_match(midpoint_curve, ns.rmse)
-            # its own cost as if trained alone: its iterations plus the shared cache's ground truth
-            cost = solver.history.wall_seconds - solver.history.gt_seconds + gt_seconds
             c["nonstationary"] = {
                 "psnr": ns.psnr, "rmse": ns.rmse, "gain_over_midpoint_db": ns.psnr - mid.psnr,
                 "gain_over_midpoint_se_db": _gain_error(samples, truth, ("bespoke-ns", n), ("midpoint", n)),
                 "gain_over_rk2_db": ns.psnr - b.psnr, "rmse_over_rk2": ns.rmse / b.rmse,
                 "rmse_over_midpoint_twice_nfe": ns.rmse / twice.rmse if twice else None,
                 "midpoint_nfe_to_match": match, "midpoint_nfe_to_match_how": how,
-                "training_seconds": round(cost, 1),
-                "training_cost_fraction": cost / pretrain if pretrain else None,
+                **own_cost("bespoke-ns", n),
             }
         comparisons.append(c)
     return {
@@ -292,6 +296,9 @@ def _summary_lines(s: dict) -> List[str]:
              "lower RMSE / higher PSNR means closer to what the model's exact ODE solution would give."]
     for c in s["comparisons"]:
         speed = _match_words(c["midpoint_nfe_to_match"], c["midpoint_nfe_to_match_how"], c["nfe"])
+        fraction = c.get("bespoke_rk2_training_cost_fraction")
+        speed += (f"; trained in {c['bespoke_rk2_training_seconds']:.0f} s with its ground truth, "
+                  f"{100 * fraction:.1f}% of pretraining" if fraction else "")
         lines.append(f"NFE {c['nfe']}: the Bespoke solver (order 2) reaches PSNR {c['bespoke_rk2_psnr']:.2f} dB, "
                      f"{c['gain_over_midpoint_db']:+.2f} +- {c['gain_over_midpoint_se_db']:.2f} dB over midpoint and "
                      f"{c['gain_over_dpm_db']:+.2f} +- {c['gain_over_dpm_se_db']:.2f} dB over {s['dpm_label']} "
