@@ -1,9 +1,9 @@
 """sample() against the model-evaluation floor, flow_matching's ODESolver and torchdiffeq.
 
-Workload: a 2-D MLP velocity model (3 hidden layers of 256, SiLU; input [x, t]) at batch 256 and
+Workload: a 2-D MLP velocity model (3 hidden layers of 256, SiLU; input [x, t]) at batch 16, 256 and
 4096, midpoint with NFE 20 (10 steps). The floor is NFE x one model call on a fixed input under
 inference mode, timed in the same run: no solver can be faster than that. Each contender's
-overhead ratio (target for sample(): <= 1.10) is the median over rounds of its time over the
+overhead ratio (targets for sample(): <= 1.10 at batch 256 and 4096, <= 1.15 at 16) is the median over rounds of its time over the
 same round's floor (paired); the JSON also gives the ratios of medians and of minima.
 
     python -m pytest benchmarks/bench_sampling.py --benchmark-only      # BENCH_THREADS=0: torch's default threads
@@ -32,7 +32,7 @@ from bespoke_ext.sampling import sample
 
 NFE = 20
 STEPS = NFE // 2  # midpoint: 2 evaluations per step
-BATCHES = (256, 4096)
+BATCHES = (16, 256, 4096)
 CONTENDERS = ("floor", "bespoke_ext", "flow_matching", "torchdiffeq")
 RESULTS = Path(__file__).parent / "results" / "sampling_cpu.json"
 
@@ -122,7 +122,7 @@ def summary():
         "threads": _threads_used.pop() if _threads_used else torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
-        "target": "bespoke_ext ratio_to_floor_paired <= 1.10",
+        "target": "bespoke_ext ratio_to_floor_paired <= 1.10 (batch 256, 4096), <= 1.15 (batch 16)",
         "results": results,
     }, indent=2) + "\n")
 
