@@ -436,7 +436,7 @@ SHAPES = [
     pytest.param((3, 40001), id="3x40001-multichunk"),
     pytest.param((1 << 20, 2), id="2^20x2"),
     pytest.param((1 << 20,), id="flat-2^20"),
-    # samples shorter than the kernels' short-run length, crossing tile boundaries mid-sample
+    # samples shorter than the kernels' short length (tiles of whole samples), and the first length above it
     pytest.param((4001, 7), id="4001x7-short"),
     pytest.param((2049, 3, 5), id="2049x3x5-short"),
     pytest.param((1500, 8), id="1500x8"),

@@ -46,7 +46,7 @@ struct Args {
   scalar_t* gterm[kMaxTerms] = {};
   scalar_t* gy = nullptr;         // gradient of the target
   int64_t tile = kTile;           // elements per tile: whole samples when they are short
-  int32_t pattern[kTile] = {};    // short samples: sample of each element of a tile, i / len
+  int32_t pattern[kTile];         // short samples only (filled by make_args): i / len in a tile
 };
 
 // Elements per tile: kTile, or whole samples of a short length.
@@ -194,14 +194,13 @@ at::Tensor finish_coeff_grad(const at::Tensor& partial, const Units& u, const Rk
 void update_into(const RkProblem& p, const std::vector<at::Tensor>& ts, const at::Tensor& c,
                  const at::Tensor& dst) {
   const int64_t numel = dst.numel();
-  const int64_t tile = tile_for(std::max<int64_t>(p.len, 1));
-  const int64_t tiles = (numel + tile - 1) / tile;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = make_args<scalar_t, acc_t>(p, ts, c);
     a.out = dst.data_ptr<scalar_t>();
+    const int64_t tiles = (numel + a.tile - 1) / a.tile;
     at::parallel_for(0, tiles, kGrain / kTile, [&](int64_t b, int64_t e) {
-      BX_CPU_ISA(update_range, a, b * tile, std::min(numel, e * tile));
+      BX_CPU_ISA(update_range, a, b * a.tile, std::min(numel, e * a.tile));
     });
   });
 }

@@ -141,9 +141,10 @@ inline void combine_row(acc_t* x, const acc_t* c, const scalar_t* const* t, int6
   }
 }
 
-// Short samples (len < kShortLen, rk_kernels.cpp; measured: below 8 the per-run loops lose): a loop per sample would run a few elements, so tiles hold whole
-// samples (p.tile elements, a multiple of len; ranges start at sample boundaries) and per-sample
-// values are spread over a tile by one pattern shared by every tile, p.pattern[i] = i / len.
+// Short samples (len < kShortLen, rk_kernels.cpp; below 8 the per-run loops measured slower): a
+// loop per sample would run a few elements, so tiles hold whole samples (p.tile elements, a
+// multiple of len; ranges start at sample boundaries) and per-sample values are spread over a tile
+// by one pattern shared by every tile, p.pattern[i] = i / len.
 
 // dst[i] = v[s(a + i) * stride] for i < m, where s(e) = e / len is the sample of element e
 template <typename scalar_t, typename acc_t>
