@@ -40,17 +40,16 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..program import Combine, Eval, Program, ProgramBuilder
-from .bespoke import _relative_softplus
-from .dpm_solver import DPM_METHOD, dpm_solver_program
+from ..program import Program, ProgramBuilder
+from .bespoke import _BOUND, _SOFTPLUS_ONE, _clamp, _relative_softplus
 from .files import SolverFileError, read_solver_file, write_solver_file
-from .tableaus import TABLEAUS, fixed_step_program
-from .time_grid import steps_for_nfe, uniform_grid
+from .nonstationary_conversion import NonStationaryTables, convert_program, method_program
 
 __all__ = ["NonStationarySolver", "NonStationaryTables", "max_terms", "convert_program"]
 
@@ -91,85 +90,6 @@ def max_terms() -> int:
 _op_limit = max_terms  # for program(), whose argument has that name
 
 
-# -- conversion of any linear program ----------------------------------------------------------------
-
-class NonStationaryTables(NamedTuple):
-    """A member as float64 CPU tables: times [n+1] (t_0..t_{n-1} the model times, t_n = 1), a [n],
-    b [n, n] lower triangular, refs: each step's reference state (module docstring)."""
-
-    times: Tensor
-    a: Tensor
-    b: Tensor
-    refs: Tuple[int, ...]
-
-
-def convert_program(program: Program) -> NonStationaryTables:
-    """The non-stationary form of a linear solver's program (method.md §9).
-
-    Every slot's content is tracked as a coefficient vector over [x_0, U_0, ..., U_{n-1}] (float64):
-    the k-th model evaluation's input is state x_k, the output x_n; a step's reference is the state
-    its combination starts from (else the previous state). ValueError when the program is not a
-    member: model times must start at 0 and increase strictly below 1, the first evaluation must see x_0.
-    """
-    n, name = program.nfe, repr(program.method)
-    if n < 1:
-        raise ValueError(f"{name}: a program without model evaluations has no non-stationary form")
-    times = [float(v) for v in program.times.detach().to(torch.float64).cpu()]
-    coeffs = program.coeffs.detach().to(torch.float64).cpu()
-    x0 = torch.eye(n + 1, dtype=torch.float64)[0]
-    vec = {program.INPUT: x0}      # slot -> its content (one tensor object per value written)
-    first = {id(x0): None}         # content -> the content its combination started from
-    state = {id(x0): 0}            # content -> state index
-    rows, refs, eval_times = [], [], []
-    alive = [x0]                   # every content stays referenced, so no id() is reused
-
-    def become_state(v: Tensor) -> None:  # v is x_k, k = len(rows) + 1, made by step k - 1
-        prev = len(rows)
-        ref = state.get(id(v), state.get(id(first[id(v)]), prev) if first[id(v)] is not None else prev)
-        state.setdefault(id(v), prev + 1)
-        rows.append(v)
-        refs.append(min(ref, prev))
-
-    try:
-        for op in program.instructions:
-            if isinstance(op, Eval):
-                if not eval_times and not torch.equal(vec[op.src], x0):
-                    raise ValueError(f"{name}: the first model evaluation does not see x_0 itself; not a member "
-                                     f"of the non-stationary family")
-                if eval_times:
-                    become_state(vec[op.src])
-                u = torch.eye(n + 1, dtype=torch.float64)[len(eval_times) + 1]
-                eval_times.append(times[op.time])
-                vec[op.dst], first[id(u)] = u, None
-                alive.append(u)
-            elif isinstance(op, Combine):
-                c = coeffs[op.start:op.start + len(op.srcs)]
-                v = sum(c[j] * vec[src] for j, src in enumerate(op.srcs))
-                vec[op.dst], first[id(v)] = v, vec[op.srcs[0]]
-                alive.append(v)
-        become_state(vec[program.output])
-    except KeyError as exc:
-        raise ValueError(f"{name}: slot {exc} is read before it is written") from None
-    grid = eval_times + [1.0]
-    if grid[0] != 0.0 or not all(a < b for a, b in zip(grid[:-1], grid[1:])):
-        raise ValueError(
-            f"{name} is not a member of the non-stationary family: its model times must start at 0, increase "
-            f"strictly and stay below 1 (t_n = 1), got {eval_times}; methods that evaluate twice at one time or "
-            f"at t = 1 (heun, rk4) do not convert")
-    table = torch.stack(rows)  # [n, n + 1]
-    return NonStationaryTables(torch.tensor(grid, dtype=torch.float64), table[:, 0].clone(),
-                               torch.tril(table[:, 1:]), tuple(refs))
-
-
-def _method_program(name: str, nfe: int) -> Program:
-    """The program ``bespoke_ext.sample(method=name, nfe=nfe)`` runs (same grid, same arithmetic)."""
-    key = name.lower()
-    if key != DPM_METHOD and key not in TABLEAUS:
-        raise ValueError(f"unknown method {name!r}; convertible fixed methods: euler, midpoint, {DPM_METHOD}")
-    grid = uniform_grid(0.0, 1.0, steps_for_nfe(nfe, 1 if key == DPM_METHOD else TABLEAUS[key].stages, key))
-    return dpm_solver_program(grid) if key == DPM_METHOD else fixed_step_program(TABLEAUS[key], grid)
-
-
 # -- the solver ------------------------------------------------------------------------------------
 
 def _dense(t: Tensor) -> Tensor:
@@ -206,7 +126,7 @@ class NonStationarySolver(nn.Module):
             raise ValueError(f"base must be one of {BASES} (or use NonStationarySolver.from_solver), got {base!r}")
         if base.lower() == "midpoint" and nfe % 2:
             raise ValueError(f"a midpoint base makes 2 model evaluations per step, so nfe must be even; got nfe={nfe}")
-        tables = convert_program(_method_program(base.lower(), nfe))
+        tables = convert_program(method_program(base.lower(), nfe))
         self._init(nfe, base.lower(), tables, time_scale=time_scale, coeff_scale=coeff_scale)
 
     def _init(self, nfe: int, base: str, tables: NonStationaryTables, *, time_scale, coeff_scale) -> None:
@@ -247,7 +167,7 @@ class NonStationarySolver(nn.Module):
                 raise ValueError(f"converting method {source!r} needs nfe=")
             if source.lower() in BASES:
                 return cls(nfe, source, time_scale=time_scale, coeff_scale=coeff_scale)
-            program, label = _method_program(source, _check_nfe(nfe)), source.lower()
+            program, label = method_program(source, _check_nfe(nfe)), source.lower()
         elif isinstance(source, Program):
             program, label = source, source.method
         elif callable(getattr(source, "program", None)):
@@ -307,6 +227,41 @@ class NonStationarySolver(nn.Module):
         rows, cols = torch.tril_indices(n, n, device=packed.device)
         b = packed.new_zeros(n, n).index_put((rows, cols), packed)
         return a, b
+
+    supports_least_squares_start = True  # linear in a and b on a fixed grid (training/least_squares_start.py)
+
+    def set_coefficients(self, a: Tensor, b: Tensor) -> None:
+        """Set the offsets so that ``coefficients()`` returns ``a`` [n] and the lower triangle of ``b`` [n, n]
+        (to float64 rounding; the times are kept). The inverse of the parametrisation above."""
+        n = self._nfe
+        a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+        if tuple(a.shape) != (n,) or tuple(b.shape) != (n, n):
+            raise ValueError(f"a NonStationarySolver with nfe {n} needs a of shape ({n},) and b of shape ({n}, {n}), "
+                             f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        if not bool(torch.isfinite(a).all() and torch.isfinite(torch.tril(b)).all()):
+            raise ValueError("coefficients must be finite")
+        rows, cols = torch.tril_indices(n, n)
+        with torch.no_grad():
+            device = self.a_delta.device
+            self.a_delta.copy_((a.to(device) - self.base_a.double()) / self.coeff_scale)
+            self.b_delta.copy_((b.to(device)[rows.to(device), cols.to(device)] - self.base_b.double()) / self.coeff_scale)
+
+    def set_times(self, times: Tensor) -> None:
+        """Set the time logits so that ``times()`` returns ``times`` [n+1] (0 = t_0 < ... < t_n = 1; to float64
+        rounding and within the parametrisation's bounded step ratio); the coefficients are kept."""
+        n = self._nfe
+        t = torch.as_tensor(times, dtype=torch.float64).detach().cpu()
+        if tuple(t.shape) != (n + 1,) or float(t[0]) != 0.0 or float(t[-1]) != 1.0 or not bool((t[1:] > t[:-1]).all()):
+            raise ValueError(f"times must be {n + 1} values increasing strictly from 0 to 1, got {t.tolist()}")
+        bt = self.base_times.detach().double().cpu()
+        d0, d = bt[1:] - bt[:-1], t[1:] - t[:-1]
+        g = (d[1:] / d[0]) / (d0[1:] / d0[0])          # w_k / dT_k with w_0 = dT_0 (time_grid's normalisation)
+        # The relative softplus inverted: softplus(clamp(c + l)) = g softplus(clamp(c)), clamp(z) = B tanh(z / B).
+        one = torch.tensor(_SOFTPLUS_ONE, dtype=torch.float64)
+        z = torch.log(torch.expm1(g * F.softplus(_clamp(one)))).clamp(-0.999 * _BOUND, 0.999 * _BOUND)
+        logits = _BOUND * torch.atanh(z / _BOUND) - one
+        with torch.no_grad():
+            self.time_logits.copy_((logits / self.time_scale).to(self.time_logits.device))
 
     def times(self) -> Tensor:
         """The states' time grid t_0..t_n (float64, detached); the model sees t_0..t_{n-1}."""

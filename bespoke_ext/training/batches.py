@@ -8,6 +8,7 @@ the trajectories. Ranks get the rows of their own samples, so they draw disjoint
 
     batch(times)      -> (states [n+1, b, *shape], conditions {name: [b, ...]})   the bound loss's input
     endpoint_batch()  -> (x0, x(1), conditions)                                  the end-to-end loss's
+    fit_set(times, M) -> (x0, target(t) = x(t) at any of ``times``, conditions)   the least-squares start's
     states(times) / endpoints()   the same without the conditions
 """
 
@@ -25,6 +26,8 @@ from ..groundtruth.inputs import pool_size, take
 from .distributed import DistContext, local_slice
 
 __all__ = ["derive_seed", "OnlineBatches", "CachedBatches"]
+
+FitSet = Tuple[Tensor, Callable[[float], Tensor], dict]   # x0, target(t) = x(t), conditions
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -63,15 +66,16 @@ class OnlineBatches(_Batches):
         self.chunk_size = chunk_size
         self.stats = {"nfe": 0}
 
-    def _noise(self) -> Tuple[Tensor, dict]:
+    def _noise(self, size: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, dict]:
         # Drawn on the CPU for the whole global batch, so every rank advances the generator alike:
         # the noise, then (with conditions) one row of the pool per sample.
-        x0 = torch.randn(self.batch_size, *self.shape, generator=self.generator, dtype=self.dtype)
+        size, generator = size or self.batch_size, generator or self.generator
+        lo, hi = local_slice(size, self.ctx.rank, self.ctx.world_size)
+        x0 = torch.randn(size, *self.shape, generator=generator, dtype=self.dtype)
         rows = None
         if self.conditions:
-            rows = torch.randint(pool_size(self.conditions), (self.batch_size,), generator=self.generator)
-            rows = rows[self.lo:self.hi]
-        return x0[self.lo:self.hi].to(self.device), take(self.conditions, rows, device=self.device)
+            rows = torch.randint(pool_size(self.conditions), (size,), generator=generator)[lo:hi]
+        return x0[lo:hi].to(self.device), take(self.conditions, rows, device=self.device)
 
     def batch(self, times: Tensor) -> Tuple[Tensor, dict]:
         x0, cond = self._noise()
@@ -88,6 +92,23 @@ class OnlineBatches(_Batches):
         x1 = solve_trajectories(self.model, x0, ends, stats=self.stats, conditions=cond, **self.solve_kw)[-1]
         self.gt_seconds += time.perf_counter() - start
         return x0, x1, cond
+
+    def fit_set(self, times: Tensor, size: int, generator: torch.Generator) -> FitSet:
+        """``size`` fresh noise samples (from ``generator``, not the batches' stream), solved once at every
+        time in ``times`` (the union of the grids the fit may try); target(t) looks t up."""
+        x0, cond = self._noise(size, generator)
+        start = time.perf_counter()
+        grid = torch.unique(times.detach().double().cpu())           # sorted
+        states = solve_trajectories(self.model, x0, grid, stats=self.stats, conditions=cond, **self.solve_kw)
+        self.gt_seconds += time.perf_counter() - start
+
+        def target(t: float) -> Tensor:   # the solved time nearest t (the solver's times are the grids' to ~1e-16)
+            k = int(torch.argmin((grid - t).abs()))
+            if abs(float(grid[k]) - t) > 1e-9:
+                raise ValueError(f"the fit asked for ground truth at t = {t!r}, which was not solved")
+            return states[k]
+
+        return x0, target, cond
 
 
 class CachedBatches(_Batches):
@@ -125,3 +146,17 @@ class CachedBatches(_Batches):
     def endpoint_batch(self) -> Tuple[Tensor, Tensor, dict]:
         idx = self._indices()
         return (*self.cache.endpoints(idx), self._cond(idx))
+
+    def fit_set(self, times: Tensor, size: int, generator: torch.Generator) -> FitSet:
+        """The cache's first ``size`` trajectories (all, if it holds fewer); target(t) reads them at any t."""
+        m = min(size, self.cache.num_samples)
+        lo, hi = local_slice(m, self.ctx.rank, self.ctx.world_size)
+        idx = torch.arange(lo, hi)
+
+        def target(t: float) -> Tensor:
+            start = time.perf_counter()
+            out = self.cache.states(idx, torch.tensor([t], dtype=torch.float64))[0]
+            self.gt_seconds += time.perf_counter() - start
+            return out
+
+        return self.cache.noise(idx), target, self._cond(idx)

@@ -8,7 +8,9 @@ run started, summed over resumed runs). Summary: ``best_iteration``/``best_rmse`
 when keep_best), ``base_rmse`` (iteration 0), ``gt_seconds`` (ground-truth work: cache build or online
 solves), ``wall_seconds`` (whole run), ``nfe``. ``skipped_iterations``: the iterations (1-based, like
 ``val_iteration``) whose loss or gradient was not finite and whose step was therefore not applied;
-``skipped`` is their count.
+``skipped`` is their count. With the least-squares start (TrainOptions.fit_start) iteration 0 is validated
+twice, the solver as given and then fitted (``fitted_rmse``); ``fit_seconds`` is the fit's own time (its
+ground-truth reads are in ``gt_seconds``), ``fit_warp`` the p of the time grid it chose (times as given ** p).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class TrainHistory:
     nfe: int = 0
     options: Dict = field(default_factory=dict)
     skipped_iterations: List[int] = field(default_factory=list)
+    fit_seconds: float = 0.0
+    fit_warp: Optional[float] = None
 
     @property
     def skipped(self) -> int:
@@ -47,6 +51,11 @@ class TrainHistory:
     def base_rmse(self) -> Optional[float]:
         """Validation RMSE at iteration 0 (the solver as given: the base method for a fresh solver)."""
         return self.val_rmse[0] if self.val_iteration and self.val_iteration[0] == 0 else None
+
+    @property
+    def fitted_rmse(self) -> Optional[float]:
+        """Validation RMSE of the least-squares start (the second validation at iteration 0), if there was one."""
+        return self.val_rmse[1] if self.val_iteration[:2] == [0, 0] else None
 
     @property
     def iterations(self) -> int:
@@ -74,7 +83,7 @@ class TrainHistory:
         """Small JSON-safe dict for solver-file metadata."""
         return {"iterations": self.iterations, "best_iteration": self.best_iteration,
                 "best_val_rmse": None if math.isinf(self.best_rmse) else self.best_rmse,
-                "base_val_rmse": self.base_rmse, "final_loss": self.loss[-1] if self.loss else None,
+                "base_val_rmse": self.base_rmse, "fitted_val_rmse": self.fitted_rmse, "final_loss": self.loss[-1] if self.loss else None,
                 "skipped_steps": self.skipped,
                 "wall_seconds": round(self.wall_seconds, 3), "gt_seconds": round(self.gt_seconds, 3)}
 
@@ -97,6 +106,8 @@ def plot_history(history: TrainHistory, path, title: str = "") -> None:
         ax2.plot(history.val_iteration, history.val_rmse, "o-", color="tab:red", ms=3, label="validation RMSE")
         if history.base_rmse is not None:
             ax2.axhline(history.base_rmse, color="tab:gray", ls="--", lw=1, label="base method (iteration 0)")
+        if history.fitted_rmse is not None:
+            ax2.axhline(history.fitted_rmse, color="tab:green", ls=":", lw=1, label="least-squares start")
         if history.best_iteration is not None:
             ax2.plot([history.best_iteration], [history.best_rmse], "*", color="black", ms=10, label="kept (best)")
     ax2.set_ylabel("validation RMSE vs ground truth", color="tab:red")

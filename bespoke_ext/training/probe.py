@@ -1,15 +1,47 @@
-"""The model probe: one call before any ground truth, so a model that breaks the contract fails at once
-with a message naming what was expected, not deep inside an adaptive solve or a kernel."""
+"""The model as training meets it: its device and state dtype, its weights frozen for the run, and the
+probe: one call before any ground truth, so a model that breaks the contract fails at once with a message
+naming what was expected, not deep inside an adaptive solve or a kernel."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..groundtruth.inputs import model_call_dtype, pool_size, take
+from ..groundtruth.inputs import STATE_DTYPES, model_call_dtype, pool_size, take
 
-__all__ = ["probe_model"]
+__all__ = ["probe_model", "model_device_dtype", "frozen"]
+
+
+def model_device_dtype(model, device=None, dtype: Optional[torch.dtype] = None):
+    """(device, state dtype): the given ones, else the model's (a bound method: its module's); a bf16/fp16
+    model's states are float32 (it is called in its own dtype, see groundtruth/inputs.py)."""
+    module = getattr(model, "__self__", model)
+    tensors, params = [], []
+    if isinstance(module, torch.nn.Module):
+        tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+        params = [p for p in module.parameters() if p.is_floating_point()]
+    device = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
+    own = params[0].dtype if params else torch.float32
+    return device, dtype or (own if own in STATE_DTYPES else torch.float32)
+
+
+@contextmanager
+def frozen(model):
+    """Weights frozen and eval mode while training; the caller's settings restored afterwards."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False).eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def _describe(v) -> str:

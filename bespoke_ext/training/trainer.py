@@ -47,22 +47,22 @@ import math
 import os
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache
-from ..groundtruth.inputs import STATE_DTYPES, StateDtype, check_conditions, model_call_dtype, pool_size
+from ..groundtruth.inputs import StateDtype, check_conditions, model_call_dtype, pool_size
 from ..models.identity import OpaqueModelError, inputs_tag, model_tag
 from .batches import CachedBatches, OnlineBatches, derive_seed
 from .checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, distributed_context, resolve_device
 from .history import TrainHistory
+from .least_squares_start import least_squares_start, warped
 from .loss import Recomputed, bound_loss, end_to_end_loss, solver_table
 from .options import TrainOptions
-from .probe import probe_model
+from .probe import frozen, model_device_dtype, probe_model
 from .validation import ValidationSet
 
 __all__ = ["train", "default_cache_root", "NonFiniteTrainingError"]
@@ -98,6 +98,9 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     parameters are those of the best validation RMSE seen.
     """
     opts = TrainOptions.from_kwargs(**options)
+    if opts.fit_start and not getattr(solver, "supports_least_squares_start", False):
+        raise ValueError(f"fit_start=True needs a solver that is linear in its coefficients (NonStationarySolver); "
+                         f"{type(solver).__name__} is not: leave fit_start unset")
     if opts.loss == "bound" and not getattr(solver, "supports_bound_loss", True):
         raise ValueError(f"loss='bound' needs a scale-time solver's per-step coefficients; {type(solver).__name__} "
                          f"is trained on its final sample: pass loss='log_mse' (its paper's loss) or 'end_to_end'")
@@ -113,14 +116,14 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     for attr in ("step_coefficients", "program", "times", "lipschitz", "steps", "order", "nfe"):
         if not hasattr(solver, attr):
             raise TypeError(f"solver must be a BespokeSolver (lacks .{attr}), got {type(solver).__name__}")
-    device, dtype = _resolve_device_dtype(model, opts)
+    device, dtype = model_device_dtype(model, opts.device, opts.dtype)
     device = resolve_device(device)          # under torchrun, "cuda" means this process's GPU
     pool = check_conditions(conditions, opts.model_extras)
     if pool:
         pool = {name: v.to(device) for name, v in pool.items()}
     tag = _identity(model, opts)
     ctx = distributed_context(device)
-    with _frozen(model):
+    with frozen(model):
         probe_model(model, shape, device=device, dtype=dtype, extras=opts.model_extras, conditions=pool)
         return _Run(model, solver, shape, iterations, batch_size, seed, opts, device, dtype, ctx, pool, tag).run()
 
@@ -147,37 +150,6 @@ def _check_shape(shape) -> Tuple[int, ...]:
     if not shape or min(shape) < 1:
         raise ValueError(f"shape must be a non-empty sequence of positive integers, got {shape!r}")
     return shape
-
-
-def _resolve_device_dtype(model, opts: TrainOptions):
-    """(device, state dtype): the options', else the model's (a bound method: its module's); a bf16/fp16
-    model's states are float32 (it is called in its own dtype, see groundtruth/inputs.py)."""
-    module = getattr(model, "__self__", model)
-    tensors, params = [], []
-    if isinstance(module, torch.nn.Module):
-        tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
-        params = [p for p in module.parameters() if p.is_floating_point()]
-    device = torch.device(opts.device) if opts.device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    own = params[0].dtype if params else torch.float32
-    dtype = opts.dtype or (own if own in STATE_DTYPES else torch.float32)
-    return device, dtype
-
-
-@contextmanager
-def _frozen(model):
-    """Weights frozen and eval mode while training; the caller's settings restored afterwards."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.requires_grad_(False).eval()
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def default_cache_root() -> Path:
@@ -214,7 +186,28 @@ class _Run:
                 "cache_grid_kind": o.cache_grid_kind, "cache_shard_size": o.cache_shard_size, "val_size": o.val_size,
                 "val_every": o.val_every, "model_extras": o.to_json()["model_extras"], "inputs_tag": self.inputs,
                 "conditions": _pool_json(self.pool), "solver_start": _solver_start(self.solver),
-                "gradient_checkpointing": o.gradient_checkpointing}
+                "gradient_checkpointing": o.gradient_checkpointing, "fit_start": self.fits_start,
+                "fit_samples": o.fit_samples, "fit_warps": list(o.fit_warps)}
+
+    @property
+    def fits_start(self) -> bool:
+        """Whether the run begins with the least-squares start (TrainOptions.fit_start)."""
+        if self.opts.fit_start is not None:
+            return self.opts.fit_start
+        return bool(getattr(self.solver, "supports_least_squares_start", False))
+
+    def fit_start(self, batches) -> Tuple[dict, float]:
+        """The least-squares start (training/least_squares_start.py) on ``fit_samples`` trajectories; returns
+        its report and the seconds of ground-truth work in it."""
+        o = self.opts
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "fit"))
+        before = batches.gt_seconds
+        given = self.solver.times()
+        grids = torch.cat([warped(given, p) for p in o.fit_warps])
+        x0, target, cond = batches.fit_set(grids, o.fit_samples, generator)
+        report = least_squares_start(self.solver, self.model, x0, target, ctx=self.ctx, extras=self.extras,
+                                     conditions=cond, chunk_size=o.chunk_size, warps=o.fit_warps)
+        return report, batches.gt_seconds - before
 
     def lr_at(self, it: int) -> float:
         o = self.opts
@@ -330,6 +323,14 @@ class _Run:
 
             if not history.val_iteration:
                 validate(0)
+                if self.fits_start:
+                    fit_started = time.perf_counter()
+                    report, fit_gt = self.fit_start(batches)
+                    history.gt_seconds += fit_gt
+                    history.fit_seconds = time.perf_counter() - fit_started - fit_gt
+                    history.fit_warp = report["warp"]
+                    if math.isfinite(report["mse"]):
+                        validate(0)   # the fitted start: keep_best compares it with the solver as given
             from tqdm.auto import tqdm
             bar = tqdm(total=self.iterations, initial=start, desc=f"training bespoke NFE {solver.nfe}", unit="it",
                        disable=not self.show)
