@@ -117,6 +117,8 @@ def test_train_validates_before_and_after_the_fit(mixture, gt, tmp_path):
     assert h.fit_warp == 1.0 and h.fit_seconds > 0   # the grid as given unless a search is asked for
     torch.testing.assert_close(s.history.val_times[1], s.history.val_times[0], rtol=0, atol=1e-14)
     assert s.metadata["training"]["fitted_val_rmse"] == h.fitted_rmse
+    alone = bx.train(m, NonStationarySolver(5), iterations=0, **kw)   # the fit alone
+    assert alone.history.val_iteration == [0, 0] and alone.history.fitted_rmse < 0.5 * alone.history.base_rmse
     searched = bx.train(m, NonStationarySolver(5), iterations=2, fit_warps=WARPS, **kw).history
     assert searched.fit_warp in WARPS and searched.val_iteration[:2] == [0, 0]
     plain = bx.train(m, NonStationarySolver(5), iterations=2, fit_start=False, **kw).history

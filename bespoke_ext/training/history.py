@@ -84,7 +84,7 @@ class TrainHistory:
         return {"iterations": self.iterations, "best_iteration": self.best_iteration,
                 "best_val_rmse": None if math.isinf(self.best_rmse) else self.best_rmse,
                 "base_val_rmse": self.base_rmse, "fitted_val_rmse": self.fitted_rmse, "final_loss": self.loss[-1] if self.loss else None,
-                "skipped_steps": self.skipped,
+                "skipped_steps": self.skipped, "fit_seconds": round(self.fit_seconds, 3),
                 "wall_seconds": round(self.wall_seconds, 3), "gt_seconds": round(self.gt_seconds, 3)}
 
 

@@ -297,7 +297,7 @@ class _Run:
                 "generator": snap["generator"], "best_solver": snap["best_solver"] or {},
                 "history": saved.to_json(), "fingerprint": json.dumps(fingerprint), "elapsed": clock()})
 
-        if start < self.iterations:
+        if start < self.iterations or (state is None and self.fits_start):   # iterations=0: the fit alone
             gt_started = time.perf_counter()
             batches = self.batches(generator)
             history.gt_seconds += time.perf_counter() - gt_started
