@@ -437,3 +437,16 @@ def test_interrupted_run_with_conditions_resumes_to_the_uninterrupted_result(tmp
     # Another pool is another run: its checkpoint is refused, naming the inputs.
     with pytest.raises(ValueError, match="inputs_tag"):
         train(label_flow, BespokeSolver(2, 1), checkpoint=str(ckpt), **{**kw, "conditions": {"y": torch.arange(4)}})
+
+
+@pytest.mark.parametrize("gt", ["cached", "online"])
+def test_least_squares_start_uses_each_trajectorys_own_condition(tmp_path, gt):
+    """The fit's samples carry their own rows of the pool (the velocities depend strongly on y: with
+    other rows the fitted coefficients would not fit the validation's trajectories)."""
+    pool = {"y": torch.tensor([0, 1, 2, 3, 1, 0])}
+    solver = bx.train(LabelFlow().double(), bx.NonStationarySolver(5), shape=(4,), iterations=0, batch_size=4,
+                      conditions=pool, loss="log_mse", cache_samples=48, val_size=48, gt=gt, dtype=F64,
+                      cache_dir=str(tmp_path / "cache"), progress=False)
+    h = solver.history
+    assert h.val_iteration == [0, 0] and h.fitted_rmse < 0.5 * h.base_rmse
+    assert solver.metadata["training"]["conditions"]["y"]["shape"] == [6]
