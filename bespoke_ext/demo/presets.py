@@ -26,7 +26,7 @@ class Preset:
         run and only logged: the demo judges every solver on its own evaluation batch instead.
     sweep: baseline NFEs of midpoint and DPM-Solver++(2M), the solvers the targets compare with;
         sparse_sweep: those of Euler, Heun and RK4. Both also get the requested NFEs.
-    ns_iterations, ns_train_batch, ns_lr, ns_base, ns_loss: the non-stationary solver (method.md §9),
+    ns_iterations, ns_train_batch, ns_lr, ns_base, ns_loss, ns_fit: the non-stationary solver (method.md §9),
         trained on the same ground-truth pairs, by default with its paper's loss (mean log-MSE of the final
         sample), cosine decay and clipping, from a fresh Euler solver (fitted by least squares first, since the
         fit exists; the figures before "With the least-squares start" are without it). Measured at NFE 10, 1 thread, against midpoint's RMSE
@@ -47,7 +47,10 @@ class Preset:
           mnist_cond at g = 2 (demo batch): 100 of 4 0.0325, 300 of 1 0.0296 (midpoint at NFE 20: 0.0252); with
             the least-squares start 0.0363, then 300 of 1 at 3e-3 0.0295, at 1e-2 0.0308.
           digits_vp, 128 pairs: 60 iterations of 16 0.42x (0.52x); 200 of 16 0.31x (midpoint base 0.34x,
-            lr 2e-2 0.38x); 200 of 8 0.31x at half the cost (midpoint at NFE 20: 0.29x).
+            lr 2e-2 0.38x); 200 of 8 0.31x at half the cost (midpoint at NFE 20: 0.29x). With the
+            least-squares start the demo got worse (RMSE / midpoint NFE 20: 1.10x at lr 1e-2, 1.19x at 3e-3,
+            against 0.95x from plain Euler): ns_fit off here.
+          moons2d with the least-squares start (demo, quiet machine): 1.10x midpoint NFE 20 (1.50x without).
           moons2d, 520 pairs, 600 iterations of 64: log-MSE 0.37x (lr 5e-3: 0.52x), the end-to-end RMS loss
             0.28x, and a higher mean PSNR too (57.1 vs 55.7 dB); 300 iterations 0.38x (lr 2e-2: 0.63x).
             (midpoint at NFE 20: 0.16x; the 2-D field's error sits in a few samples between the moons.)
@@ -66,6 +69,7 @@ class Preset:
     ns_lr: float = 1e-2
     ns_base: str = "euler"
     ns_loss: str = "log_mse"
+    ns_fit: bool = True
     loss: str = "end_to_end"
     val_size: int = 1
 
@@ -73,7 +77,8 @@ class Preset:
         """Training options of one solver family (bespoke-rk2 / bespoke-rk1, or bespoke-ns): iterations,
         batch_size, loss and lr."""
         if family == "bespoke-ns":
-            return dict(iterations=self.ns_iterations, batch_size=self.ns_train_batch, loss=self.ns_loss, lr=self.ns_lr)
+            return dict(iterations=self.ns_iterations, batch_size=self.ns_train_batch, loss=self.ns_loss, lr=self.ns_lr,
+                        fit_start=self.ns_fit)
         return dict(iterations=self.iterations, batch_size=self.train_batch, loss=self.loss, lr=self.lr)
 
 
@@ -84,7 +89,7 @@ DEMO_PRESETS: Dict[str, Preset] = {
     "mnist_cond": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16,
                          ns_iterations=300, ns_train_batch=1, ns_lr=3e-3, **_SWEEP),
     "digits_vp": Preset(batch=256, iterations=60, train_batch=16, lr=1e-2, cache_samples=128, cache_grid=16,
-                        ns_iterations=200, ns_train_batch=8, **_SWEEP),
+                        ns_iterations=200, ns_train_batch=8, ns_fit=False, **_SWEEP),
     "moons2d": Preset(batch=1024, iterations=100, train_batch=128, lr=1e-2, cache_samples=1024, cache_grid=16,
                       ns_iterations=600, ns_train_batch=64, ns_loss="end_to_end", **_SWEEP),
 }
