@@ -20,6 +20,11 @@ A case is (op, shape, k, dtype, shared or per-sample coefficients, threads); its
 Backward cases compare the fused backward op with eager autograd of the same expression;
 residual cases the fused RMS with its eager expression.
 
+One test per case measures all its variants side by side: pytest-benchmark times the fused op, and
+before each of its rounds every other variant runs once, timed into extra_info["side_by_side"]
+(see _run). Variants measured in separate tests, minutes apart, saw different loads from the
+machine's other tenants and gave ratios that moved 2-3x between runs of the same code.
+
 Shapes cover every way of grouping elements into samples: flat [L] (one element per sample),
 [N, 2], [N, 64], [N, 3072], [1, L] and images [B, 3, 32, 32]. Timings are steady-state loops
 (buffers reused, pages already touched), except the allocating variants, which pay fresh
@@ -31,6 +36,7 @@ number of samples of the other shapes, e.g. 16 on a GPU).
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -113,44 +119,62 @@ def _residual_eager(terms, cols, target):
 _residual_compiled = torch.compile(_residual_eager, dynamic=True)
 
 
-def _run(benchmark, fn, numel, threads):
+def _run(benchmark, fns, numel, threads, main):
+    """Times every variant of ``fns`` side by side, round by round: before each of pytest-benchmark's rounds
+    of ``main`` (its setup, not timed by it) every other variant runs once, timed here, in an order that
+    rotates from round to round. The others' times go to extra_info["side_by_side"]: on a shared machine a
+    variant measured a minute later may see another load, so ratios come only from interleaved rounds."""
     if ON_CPU:
         saved = torch.get_num_threads()
         torch.set_num_threads(threads)
+    others = [name for name in fns if name != main]
+    times = {name: [] for name in others}
+    done = [0]
 
-    def timed():
+    def timed(fn):
+        started = time.perf_counter()
         fn()
         _sync()
+        return time.perf_counter() - started
+
+    def others_once():
+        r = done[0]
+        done[0] += 1
+        for i in range(len(others)):
+            name = others[(r + i) % len(others)]
+            times[name].append(timed(fns[name]))
 
     try:
-        timed()  # warm-up: compilation, page faults
+        for _ in range(2):  # warm-up: compilation, page faults, caches
+            for fn in fns.values():
+                timed(fn)
         rounds = (20 if numel <= 1 << 20 else 7) if ON_CPU else 100
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)
+        benchmark.pedantic(lambda: timed(fns[main]), setup=others_once, rounds=rounds, iterations=1)
     finally:
         if ON_CPU:
             torch.set_num_threads(saved)
+    benchmark.extra_info["side_by_side"] = times
 
 
-def _info(benchmark, op, case, variant, threads, elem_size):
+def _info(benchmark, op, case, main, threads, elem_size):
     shape, k, dtype, coeffs = case
     numel = 1
     for d in shape:
         numel *= d
     benchmark.group = f"{op} {'x'.join(map(str, shape))} k={k} {dtype} {coeffs} threads={threads}"
     benchmark.extra_info.update(op=op, shape=list(shape), size=numel, k=k, dtype=dtype, coeffs=coeffs,
-                                threads=threads, variant=variant, elem_size=elem_size, device=DEVICE,
+                                threads=threads, variant=main, elem_size=elem_size, device=DEVICE,
                                 load1=os.getloadavg()[0])  # the machine is shared: say how busy it was
     return numel
 
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("case", UPDATE_CASES)
-@pytest.mark.parametrize("variant", ["fused_out", "fused", "eager_inplace", "eager", "compiled", "copy"])
-def test_update(benchmark, variant, case, threads):
+def test_update(benchmark, case, threads):
     terms, c, cols = _inputs(*case)
-    numel = _info(benchmark, "rk_update", case, variant, threads, terms[0].element_size())
+    numel = _info(benchmark, "rk_update", case, "fused_out", threads, terms[0].element_size())
     out = torch.empty_like(terms[0])
-    copy_numel = (case[1] + 1) * numel // 2 if variant == "copy" else 0
+    copy_numel = (case[1] + 1) * numel // 2
     src, dst = (torch.empty(copy_numel, dtype=terms[0].dtype, device=DEVICE).fill_(1.0) for _ in range(2))
     benchmark.extra_info["copy_numel"] = copy_numel
     fns = {
@@ -162,40 +186,38 @@ def test_update(benchmark, variant, case, threads):
         "copy": lambda: dst.copy_(src),
     }
     with torch.inference_mode():
-        _run(benchmark, fns[variant], numel, threads)
+        _run(benchmark, fns, numel, threads, "fused_out")
 
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("case", REDUCE_CASES)
-@pytest.mark.parametrize("variant", ["fused", "eager", "compiled"])
-def test_residual(benchmark, variant, case, threads):
+def test_residual(benchmark, case, threads):
     terms, c, cols = _inputs(*case)
     target = torch.randn_like(terms[0])
-    numel = _info(benchmark, "rk_residual", case, variant, threads, terms[0].element_size())
+    numel = _info(benchmark, "rk_residual", case, "fused", threads, terms[0].element_size())
     fns = {
         "fused": lambda: ops.rk_residual(terms, c, target),
         "eager": lambda: _residual_eager(terms, cols, target),
         "compiled": lambda: _residual_compiled(terms, cols, target),
     }
     with torch.inference_mode():
-        _run(benchmark, fns[variant], numel, threads)
+        _run(benchmark, fns, numel, threads, "fused")
 
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("case", REDUCE_CASES)
-@pytest.mark.parametrize("variant", ["fused", "eager"])
-def test_update_backward(benchmark, variant, case, threads):
+def test_update_backward(benchmark, case, threads):
     """Gradients of all terms and the coefficients, given the output gradient."""
     terms, c, _ = _inputs(*case)
-    numel = _info(benchmark, "rk_update_backward", case, variant, threads, terms[0].element_size())
+    numel = _info(benchmark, "rk_update_backward", case, "fused", threads, terms[0].element_size())
     grad = torch.randn_like(terms[0])
-    if variant == "fused":
-        fn = lambda: torch.ops.bespoke_ext.rk_update_backward(grad, terms, c, True, True)  # noqa: E731
-    else:
-        terms = [t.requires_grad_() for t in terms]
-        c = c.requires_grad_()
-        bshape = (-1,) + (1,) * (terms[0].dim() - 1)
-        cols = [c[:, j].reshape(bshape) if c.dim() == 2 else c[j] for j in range(len(terms))]
-        out = _eager(terms, [x.to(terms[0].dtype) for x in cols])
-        fn = lambda: torch.autograd.grad(out, [*terms, c], grad, retain_graph=True)  # noqa: E731
-    _run(benchmark, fn, numel, threads)
+    leaves = [t.detach().clone().requires_grad_() for t in terms]
+    c_leaf = c.detach().clone().requires_grad_()
+    bshape = (-1,) + (1,) * (terms[0].dim() - 1)
+    cols = [c_leaf[:, j].reshape(bshape) if c_leaf.dim() == 2 else c_leaf[j] for j in range(len(terms))]
+    out = _eager(leaves, [x.to(terms[0].dtype) for x in cols])
+    fns = {
+        "fused": lambda: torch.ops.bespoke_ext.rk_update_backward(grad, terms, c, True, True),
+        "eager": lambda: torch.autograd.grad(out, [*leaves, c_leaf], grad, retain_graph=True),
+    }
+    _run(benchmark, fns, numel, threads, "fused")

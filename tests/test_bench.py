@@ -184,20 +184,43 @@ def test_merging_keeps_other_models_but_drops_entries_for_replaced_weights():
     assert merged["models"]["mnist"]["measured_at"] == "now"
 
 
-def _fake_bench_ops_json(path):
+def _fake_bench_ops_json(path, side_by_side=True):
     """A pytest-benchmark file as benchmarks/bench_ops.py writes it, two update cases and one backward case,
-    with medians chosen so that every ratio of the tables is a round number."""
+    with medians chosen so that every ratio of the tables is a round number: one benchmark per case timing
+    the fused op, the other variants' times of the same rounds in extra_info["side_by_side"] (three rounds
+    around the median), or, as older files, one benchmark per variant."""
     cases = [("rk_update", [1000, 2], 2000, {"fused_out": 1e-3, "fused": 2e-3, "eager_inplace": 1.5e-3,
                                               "eager": 5e-3, "compiled": 1e-3, "copy": 2e-4}),
              ("rk_update", [1 << 20], 1 << 20, {"fused_out": 1e-2, "eager_inplace": 1.2e-2}),
              ("rk_update_backward", [1000, 2], 2000, {"fused": 1e-3, "eager": 3e-3})]
-    benchmarks = [{"stats": {"median": median},
-                   "extra_info": {"op": op, "shape": shape, "size": size, "k": 3, "dtype": "fp32", "coeffs": "shared",
-                                  "threads": 1, "variant": variant, "elem_size": 4, "device": "cpu", "load1": 0.5}}
-                  for op, shape, size, medians in cases for variant, median in medians.items()]
+
+    def info(op, shape, size, variant):
+        return {"op": op, "shape": shape, "size": size, "k": 3, "dtype": "fp32", "coeffs": "shared",
+                "threads": 1, "variant": variant, "elem_size": 4, "device": "cpu", "load1": 0.5}
+
+    if side_by_side:
+        benchmarks = []
+        for op, shape, size, medians in cases:
+            main, *others = medians
+            e = info(op, shape, size, main)
+            e["side_by_side"] = {name: [0.5 * medians[name], medians[name], 9 * medians[name]] for name in others}
+            benchmarks.append({"stats": {"median": medians[main]}, "extra_info": e})
+    else:
+        benchmarks = [{"stats": {"median": median}, "extra_info": info(op, shape, size, variant)}
+                      for op, shape, size, medians in cases for variant, median in medians.items()]
     path.write_text(json.dumps({"machine_info": {"node": "box", "cpu": {"brand_raw": "Test CPU"}, "torch": "9.9"},
                                 "benchmarks": benchmarks}))
     return path
+
+
+def test_kernel_tables_read_variants_measured_side_by_side_as_one_benchmark_per_variant(tmp_path):
+    """The other variants' medians come from the fused op's own rounds (extra_info["side_by_side"]), and give
+    the tables that the same medians give as separate benchmarks."""
+    from bespoke_ext.bench import report_ops
+
+    new = report_ops.write_ops_report(_fake_bench_ops_json(tmp_path / "new_raw.json"))[2]
+    old = report_ops.write_ops_report(_fake_bench_ops_json(tmp_path / "old_raw.json", side_by_side=False))[2]
+    assert new == old and "| 1000x2 | 3 | fp32 | shared | 1 | 1.0 | 1.5 | 2.5 | 1.0 | 0.4 | 0.08 |" in new
 
 
 def test_kernel_tables_from_a_benchmark_file(tmp_path):

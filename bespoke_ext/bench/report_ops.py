@@ -6,7 +6,7 @@ writes ``<stem>.md`` (included as written in REPORT.md) and ``<stem>.json`` (its
 bandwidth target of report_targets.py reads it). ``bespoke-ext bench --only kernels`` calls
 write_ops_report on the file it has just measured (kernels.py); benchmarks/gpu/run.sh runs the command above.
 
-Ratios compare medians measured in the same run (higher is better for the fused op):
+Ratios compare medians measured in the same rounds (higher is better for the fused op):
   in-place   eager in-place chain / fused_out      alloc   eager allocating / fused
   compiled   torch.compile (allocating) / fused_out
   copy BW    share of the copy bandwidth that fused_out reaches, moving (k + 1) * numel * elem_size
@@ -35,13 +35,18 @@ CASE_HEAD = ["shape", "k", "dtype", "coeffs", "threads"]
 
 
 def load_raw(path) -> Tuple[dict, Dict[tuple, Dict[str, dict]]]:
-    """The pytest-benchmark file and its benchmarks by case (KEY) and variant: median seconds and extra_info."""
+    """The pytest-benchmark file and its benchmarks by case (KEY) and variant: median seconds and extra_info.
+    A benchmark times its case's fused op (extra_info "variant") and holds the times of the other variants,
+    measured in the same rounds, in extra_info "side_by_side" (files without it: one benchmark per variant)."""
     data = json.loads(Path(path).read_text())
     rows: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
     for b in data["benchmarks"]:
-        e = b["extra_info"]
+        e = dict(b["extra_info"])
+        others = e.pop("side_by_side", {})
         key = tuple(tuple(e[f]) if isinstance(e[f], list) else e[f] for f in KEY)
         rows[key][e["variant"]] = {"median": b["stats"]["median"], **e}
+        for name, seconds in others.items():
+            rows[key][name] = {"median": statistics.median(seconds), **e, "variant": name}
     return data, rows
 
 

@@ -15,7 +15,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
+#include <vector>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #endif
@@ -223,24 +225,40 @@ at::Tensor rk_residual(at::TensorList terms, const at::Tensor& coeffs, const at:
   const at::Tensor tg = target.contiguous();
   const at::Tensor c = coeffs_for_math(coeffs, p);
   const Units u = Units::make(p, /*flat=*/false);
-  at::Tensor partial = at::empty({u.slots_total()}, terms[0].options().dtype(at::kDouble));
   at::Tensor rms = at::empty({p.n}, terms[0].options());
+  if (u.count == 0) return rms.fill_(std::numeric_limits<double>::quiet_NaN());  // mean of no elements
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_residual", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto a = make_args<scalar_t, acc_t>(p, ts, c);
     a.y = tg.data_ptr<scalar_t>();
+    scalar_t* r = rms.data_ptr<scalar_t>();
+    if (u.nb == 1) {
+      // every sample lies inside one unit: the unit turns its own sums into RMS, in a scratch
+      // buffer of its task (an [N] buffer of partial sums would cost a pass and page faults)
+      const int64_t grain = std::max<int64_t>(1, kGrain / kReduceBlock);
+      at::parallel_for(0, u.count, grain, [&](int64_t begin, int64_t end) {
+        std::vector<double> sums(u.spu);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t m = u.slots(i);
+          std::fill(sums.begin(), sums.begin() + m, 0.0);
+          const auto [lo, hi] = u.range(i);
+          BX_CPU_ISA(residual_range, a, lo, hi, sums.data());
+          BX_CPU_ISA(rms_from_sums, r + u.slot(i), sums.data(), m, p.len);
+        }
+      });
+      return;
+    }
+    // long samples: nb chunk sums per sample, added in order
+    at::Tensor partial = at::empty({u.slots_total()}, terms[0].options().dtype(at::kDouble));
     double* part = partial.data_ptr<double>();
     parallel_units(u, 1, part, [&](int64_t lo, int64_t hi, double* sums) {
       BX_CPU_ISA(residual_range, a, lo, hi, sums);
     });
-    // rms[n] = sqrt(sum of squares / len); the mean over zero elements is NaN, as in torch's mean()
-    scalar_t* r = rms.data_ptr<scalar_t>();
-    at::parallel_for(0, p.n, kGrain, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, p.n, std::max<int64_t>(1, kGrain / u.nb), [&](int64_t b, int64_t e) {
       for (int64_t s = b; s < e; ++s) {
         double ss = 0;
-        if (u.count > 0)
-          for (int64_t ch = 0; ch < u.nb; ++ch) ss += part[s * u.nb + ch];
-        r[s] = static_cast<scalar_t>(std::sqrt(ss / static_cast<double>(p.len)));
+        for (int64_t ch = 0; ch < u.nb; ++ch) ss += part[s * u.nb + ch];
+        BX_CPU_ISA(rms_from_sums, r + s, &ss, 1, p.len);
       }
     });
   });

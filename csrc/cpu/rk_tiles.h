@@ -68,6 +68,25 @@ inline void store(c10::Half* dst, const float* x, int64_t m) {
 }
 #endif
 
+// One element in the math type, as bit arithmetic where c10's conversion would branch, so that a loop
+// reading several inputs element by element (combine_group) still vectorises: bfloat16 is the upper
+// half of a float; float16 goes through F16C in the AVX2 build (the same values as to_math).
+template <typename acc_t, typename scalar_t>
+inline acc_t math_value(const scalar_t& v) {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+#ifdef BX_TILES_F16C
+  } else if constexpr (std::is_same<scalar_t, c10::Half>::value) {
+    return _cvtsh_ss(v.x);
+#endif
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
 // A tile of src in the math type: src itself when it is stored in that type, else converted into buf.
 template <typename acc_t, typename scalar_t>
 inline const acc_t* math_tile(const scalar_t* src, int64_t m, acc_t* buf) {
@@ -104,10 +123,74 @@ inline void combine_group(acc_t* x, const acc_t* c, const scalar_t* const* t, in
     cj[j] = c[j];
     tj[j] = t[j] + off;
   }
-  for (int64_t i = 0; i < r; ++i) {
-    acc_t v = FIRST ? cj[0] * static_cast<acc_t>(tj[0][i]) : x[i] + cj[0] * static_cast<acc_t>(tj[0][i]);
-    for (int j = 1; j < K; ++j) v += cj[j] * static_cast<acc_t>(tj[j][i]);
+  int64_t i = 0;
+#ifdef BX_TILES_F16C
+  if constexpr (std::is_same<scalar_t, c10::Half>::value) {
+    // F16C converts 8 at a time, which the compiler does not do for a loop of scalar conversions;
+    // the same products and sums in the same order as the loop below
+    const auto half8 = [](const c10::Half* q) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    };
+    for (; i + 8 <= r; i += 8) {
+      __m256 v = _mm256_mul_ps(_mm256_set1_ps(cj[0]), half8(tj[0] + i));
+      if (!FIRST) v = _mm256_add_ps(_mm256_loadu_ps(x + i), v);
+      for (int j = 1; j < K; ++j) v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_set1_ps(cj[j]), half8(tj[j] + i)));
+      _mm256_storeu_ps(x + i, v);
+    }
+  }
+#endif
+  for (; i < r; ++i) {
+    acc_t v = FIRST ? cj[0] * math_value<acc_t>(tj[0][i]) : x[i] + cj[0] * math_value<acc_t>(tj[0][i]);
+    for (int j = 1; j < K; ++j) v += cj[j] * math_value<acc_t>(tj[j][i]);
     x[i] = v;
+  }
+}
+
+// x[0:r) = sum_{j < K} c[(i / LEN) K + j] T_j[off + i]: samples of LEN elements with rows of exactly
+// K coefficients, both known to the compiler, which then reads the rows as interleaved vectors
+template <int K, int LEN, typename acc_t, typename scalar_t>
+inline void combine_rows_k(acc_t* x, const acc_t* c, const scalar_t* const* t, int64_t off, int64_t r) {
+  const scalar_t* tj[K];
+  for (int j = 0; j < K; ++j) tj[j] = t[j] + off;
+  for (int64_t i = 0; i < r; ++i) {
+    const acc_t* ci = c + (i / LEN) * K;
+    acc_t v = ci[0] * math_value<acc_t>(tj[0][i]);
+    for (int j = 1; j < K; ++j) v += ci[j] * math_value<acc_t>(tj[j][i]);
+    x[i] = v;
+  }
+}
+
+// combine_group with a coefficient row per sample of LEN elements: x[i] (+)= sum_{j < K}
+// c[(i / LEN) stride + j] T_j[off + i]
+template <int K, bool FIRST, int LEN, typename acc_t, typename scalar_t>
+inline void combine_rows(acc_t* x, const acc_t* c, int64_t stride, const scalar_t* const* t, int64_t off,
+                         int64_t r) {
+  if (stride == K && FIRST) {
+    combine_rows_k<K, LEN>(x, c, t, off, r);  // all of a row in one group (k <= 4)
+    return;
+  }
+  const scalar_t* tj[K];
+  for (int j = 0; j < K; ++j) tj[j] = t[j] + off;
+  for (int64_t i = 0; i < r; ++i) {
+    const acc_t* ci = c + (i / LEN) * stride;
+    acc_t v = FIRST ? ci[0] * math_value<acc_t>(tj[0][i]) : x[i] + ci[0] * math_value<acc_t>(tj[0][i]);
+    for (int j = 1; j < K; ++j) v += ci[j] * math_value<acc_t>(tj[j][i]);
+    x[i] = v;
+  }
+}
+
+// x[0:m) = sum_j c[s(i), j] T_j[a + i] for samples of LEN elements, a tile starting at a sample boundary
+template <int LEN, typename acc_t, typename scalar_t>
+inline void combine_short(acc_t* x, const acc_t* c, int64_t k, const scalar_t* const* t, int64_t a, int64_t m) {
+  const acc_t* row = c + (a / LEN) * k;
+  for (int64_t j = 0; j < k; j += 4) {
+    const bool first = j == 0;
+    switch (std::min<int64_t>(4, k - j)) {
+      case 1: first ? combine_rows<1, true, LEN>(x, row + j, k, t + j, a, m) : combine_rows<1, false, LEN>(x, row + j, k, t + j, a, m); break;
+      case 2: first ? combine_rows<2, true, LEN>(x, row + j, k, t + j, a, m) : combine_rows<2, false, LEN>(x, row + j, k, t + j, a, m); break;
+      case 3: first ? combine_rows<3, true, LEN>(x, row + j, k, t + j, a, m) : combine_rows<3, false, LEN>(x, row + j, k, t + j, a, m); break;
+      default: first ? combine_rows<4, true, LEN>(x, row + j, k, t + j, a, m) : combine_rows<4, false, LEN>(x, row + j, k, t + j, a, m); break;
+    }
   }
 }
 
@@ -115,21 +198,6 @@ inline void combine_group(acc_t* x, const acc_t* c, const scalar_t* const* t, in
 template <typename acc_t, typename scalar_t>
 inline void combine_row(acc_t* x, const acc_t* c, const scalar_t* const* t, int64_t k, int64_t off,
                         int64_t r) {
-  if constexpr (!std::is_same<acc_t, scalar_t>::value) {
-    // one term at a time through a converted tile: x = c_0 T_0, x += c_j T_j, the roundings of
-    // combine_group in the same order
-    acc_t tb[kTile];
-    for (int64_t j = 0; j < k; ++j) {
-      const acc_t* tj = math_tile(t[j] + off, r, tb);
-      const acc_t cj = c[j];
-      if (j == 0) {
-        for (int64_t i = 0; i < r; ++i) x[i] = cj * tj[i];
-      } else {
-        for (int64_t i = 0; i < r; ++i) x[i] += cj * tj[i];
-      }
-    }
-    return;
-  }
   for (int64_t j = 0; j < k; j += 4) {
     const bool first = j == 0;
     switch (std::min<int64_t>(4, k - j)) {
@@ -174,16 +242,16 @@ inline void combine(const Args<scalar_t, acc_t>& p, int64_t a, int64_t m, acc_t*
   if (!p.per_sample) {
     combine_row(x, p.c, p.term, p.k, a, m);
   } else if (p.len < kShortLen) {
-    // x = c_0 T_0, then x += c_j T_j: the same roundings, in the same order, as combine_row
-    acc_t cb[kTile], tb[kTile];
-    for (int64_t j = 0; j < p.k; ++j) {
-      expand(p, cb, p.c + j, p.k, a, m);
-      const acc_t* t = math_tile(p.term[j] + a, m, tb);
-      if (j == 0) {
-        for (int64_t i = 0; i < m; ++i) x[i] = cb[i] * t[i];
-      } else {
-        for (int64_t i = 0; i < m; ++i) x[i] += cb[i] * t[i];
-      }
+    // a row of coefficients per sample of a few elements: strided reads, with the sample length
+    // and the row length known to the compiler, which then vectorises them
+    switch (p.len) {
+      case 1: combine_short<1>(x, p.c, p.k, p.term, a, m); break;
+      case 2: combine_short<2>(x, p.c, p.k, p.term, a, m); break;
+      case 3: combine_short<3>(x, p.c, p.k, p.term, a, m); break;
+      case 4: combine_short<4>(x, p.c, p.k, p.term, a, m); break;
+      case 5: combine_short<5>(x, p.c, p.k, p.term, a, m); break;
+      case 6: combine_short<6>(x, p.c, p.k, p.term, a, m); break;
+      default: combine_short<7>(x, p.c, p.k, p.term, a, m); break;
     }
   } else {
     for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
@@ -240,6 +308,17 @@ void residual_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi, doub
       for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) { sums[s - s0] += dot(x + o, x + o, r); });
     }
   }
+}
+
+// r[s] = sqrt(sums[s] / len) for s < m: the RMS of each sample from its sum of squares, the mean in
+// double, the root in the math type (a float root of 8 lanes costs a quarter of a double one, and
+// the result is stored in float or narrower anyway). The mean over zero elements is NaN, as in
+// torch's mean(). Built with -fno-math-errno, so this loop vectorises.
+template <typename scalar_t>
+inline void rms_from_sums(scalar_t* r, const double* sums, int64_t m, int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const double n = static_cast<double>(len);
+  for (int64_t s = 0; s < m; ++s) r[s] = static_cast<scalar_t>(std::sqrt(static_cast<acc_t>(sums[s] / n)));
 }
 
 // Backward over [lo, hi), given the gradient g of the combination per element:
