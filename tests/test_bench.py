@@ -170,6 +170,16 @@ def test_bench_quick_run_writes_results_and_report(tmp_path, monkeypatch):
     bench.run(["quality"], models=["oracle-gmm64"], report=False, **quiet)
     reused = json.loads(path.read_text())["quality"]["models"]["oracle-gmm64"]["solvers"]
     assert reused["trained_here"] == [] and len(reused["files"]) == 3
+    # ... but not once the preset's learning rate or least-squares start differs from the file's
+    import dataclasses
+
+    from bespoke_ext.bench import quality as bench_quality
+    qm = bench_quality.oracle_model()
+    cfg = bench_quality.settings(qm, quick=True)
+    ns_file = tmp_path / "oracle-gmm64" / "solvers" / "bespoke-ns-nfe10.safetensors"
+    assert bench_quality._reusable(ns_file, qm, "bespoke-ns", cfg) is not None
+    assert bench_quality._reusable(ns_file, qm, "bespoke-ns", dataclasses.replace(cfg, ns_lr=cfg.ns_lr * 2)) is None
+    assert bench_quality._reusable(ns_file, qm, "bespoke-ns", dataclasses.replace(cfg, ns_fit=not cfg.ns_fit)) is None
 
 
 def test_merging_keeps_other_models_but_drops_entries_for_replaced_weights():

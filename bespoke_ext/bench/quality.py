@@ -208,8 +208,14 @@ def _reusable(path: Path, qm: QualityModel, method: str, cfg):
             or meta.get("model_weights_sha256") != qm.card["weights"]["sha256"]:
         return None
     budget = cfg.budget(method)
-    loss = (training.get("options") or {}).get("loss")
-    if loss != budget["loss"] or training.get("iterations", 0) < budget["iterations"]:
+    options = training.get("options") or {}
+    if options.get("loss") != budget["loss"] or training.get("iterations", 0) < budget["iterations"]:
+        return None
+    # a file trained before a preset's learning rate or least-squares start changed is not its result
+    # (files from before the start existed have no fit_start: they were trained without it)
+    if "lr" in options and not math.isclose(options["lr"], budget["lr"], rel_tol=1e-9):
+        return None
+    if "fit_start" in budget and bool(options.get("fit_start") or False) != bool(budget["fit_start"]):
         return None
     return solver
 
