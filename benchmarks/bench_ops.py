@@ -129,7 +129,6 @@ def _run(benchmark, fns, numel, threads, main):
         torch.set_num_threads(threads)
     others = [name for name in fns if name != main]
     times = {name: [] for name in others}
-    done = [0]
 
     def timed(fn):
         started = time.perf_counter()
@@ -138,8 +137,7 @@ def _run(benchmark, fns, numel, threads, main):
         return time.perf_counter() - started
 
     def others_once():
-        r = done[0]
-        done[0] += 1
+        r = len(times[others[0]]) if others else 0  # rounds so far
         for i in range(len(others)):
             name = others[(r + i) % len(others)]
             times[name].append(timed(fns[name]))

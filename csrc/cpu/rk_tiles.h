@@ -26,19 +26,31 @@ inline void for_runs(int64_t len, int64_t a, int64_t m, const F& f) {
   }
 }
 
-// Conversions between the storage type and the math type, over arrays. float / double: plain
-// casts. bfloat16: c10's round to nearest even (NaN to 0x7FC0) as branch-free bit arithmetic, so
-// that it vectorises. float16: the F16C instructions in the AVX2 build (the same round to nearest
-// even as c10's software conversion, used by the baseline build; only NaN payloads may differ).
+// Conversions between the storage type and the math type. float / double: plain casts. To the math
+// type: bfloat16 is the upper half of a float (bit arithmetic, where c10's conversion would branch, so
+// that loops of it vectorise, also those reading several inputs element by element); float16 through
+// F16C in the AVX2 build (the same round to nearest even as c10's software conversion, used by the
+// baseline build; only NaN payloads may differ). To bfloat16: c10's round to nearest even (NaN to
+// 0x7FC0) as branch-free bit arithmetic.
+template <typename acc_t, typename scalar_t>
+inline acc_t math_value(const scalar_t& v) {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+#ifdef BX_TILES_F16C
+  } else if constexpr (std::is_same<scalar_t, c10::Half>::value) {
+    return _cvtsh_ss(v.x);
+#endif
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
 template <typename acc_t, typename scalar_t>
 inline void to_math(acc_t* dst, const scalar_t* src, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<acc_t>(src[i]);
-}
-inline void to_math(float* dst, const c10::BFloat16* src, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) {
-    const uint32_t u = static_cast<uint32_t>(src[i].x) << 16;
-    std::memcpy(dst + i, &u, sizeof(u));
-  }
+  for (int64_t i = 0; i < m; ++i) dst[i] = math_value<acc_t>(src[i]);
 }
 template <typename acc_t, typename scalar_t>
 inline void store(scalar_t* dst, const acc_t* x, int64_t m) {
@@ -67,25 +79,6 @@ inline void store(c10::Half* dst, const float* x, int64_t m) {
   for (; i < m; ++i) dst[i].x = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
 }
 #endif
-
-// One element in the math type, as bit arithmetic where c10's conversion would branch, so that a loop
-// reading several inputs element by element (combine_group) still vectorises: bfloat16 is the upper
-// half of a float; float16 goes through F16C in the AVX2 build (the same values as to_math).
-template <typename acc_t, typename scalar_t>
-inline acc_t math_value(const scalar_t& v) {
-  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
-    const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof(f));
-    return f;
-#ifdef BX_TILES_F16C
-  } else if constexpr (std::is_same<scalar_t, c10::Half>::value) {
-    return _cvtsh_ss(v.x);
-#endif
-  } else {
-    return static_cast<acc_t>(v);
-  }
-}
 
 // A tile of src in the math type: src itself when it is stored in that type, else converted into buf.
 template <typename acc_t, typename scalar_t>
@@ -146,29 +139,13 @@ inline void combine_group(acc_t* x, const acc_t* c, const scalar_t* const* t, in
   }
 }
 
-// x[0:r) = sum_{j < K} c[(i / LEN) K + j] T_j[off + i]: samples of LEN elements with rows of exactly
-// K coefficients, both known to the compiler, which then reads the rows as interleaved vectors
-template <int K, int LEN, typename acc_t, typename scalar_t>
-inline void combine_rows_k(acc_t* x, const acc_t* c, const scalar_t* const* t, int64_t off, int64_t r) {
-  const scalar_t* tj[K];
-  for (int j = 0; j < K; ++j) tj[j] = t[j] + off;
-  for (int64_t i = 0; i < r; ++i) {
-    const acc_t* ci = c + (i / LEN) * K;
-    acc_t v = ci[0] * math_value<acc_t>(tj[0][i]);
-    for (int j = 1; j < K; ++j) v += ci[j] * math_value<acc_t>(tj[j][i]);
-    x[i] = v;
-  }
-}
-
 // combine_group with a coefficient row per sample of LEN elements: x[i] (+)= sum_{j < K}
-// c[(i / LEN) stride + j] T_j[off + i]
-template <int K, bool FIRST, int LEN, typename acc_t, typename scalar_t>
-inline void combine_rows(acc_t* x, const acc_t* c, int64_t stride, const scalar_t* const* t, int64_t off,
-                         int64_t r) {
-  if (stride == K && FIRST) {
-    combine_rows_k<K, LEN>(x, c, t, off, r);  // all of a row in one group (k <= 4)
-    return;
-  }
+// c[(i / LEN) stride + j] T_j[off + i]. When the row is exactly this group (stride == K) the stride is
+// passed as a constant: with the sample and row lengths known, the compiler reads the rows as
+// interleaved vectors.
+template <int K, bool FIRST, int LEN, typename acc_t, typename scalar_t, typename stride_t>
+inline void combine_rows_loop(acc_t* x, const acc_t* c, stride_t stride, const scalar_t* const* t, int64_t off,
+                              int64_t r) {
   const scalar_t* tj[K];
   for (int j = 0; j < K; ++j) tj[j] = t[j] + off;
   for (int64_t i = 0; i < r; ++i) {
@@ -178,35 +155,48 @@ inline void combine_rows(acc_t* x, const acc_t* c, int64_t stride, const scalar_
     x[i] = v;
   }
 }
+template <int K, bool FIRST, int LEN, typename acc_t, typename scalar_t>
+inline void combine_rows(acc_t* x, const acc_t* c, int64_t stride, const scalar_t* const* t, int64_t off,
+                         int64_t r) {
+  if (stride == K) {
+    combine_rows_loop<K, FIRST, LEN>(x, c, std::integral_constant<int64_t, K>{}, t, off, r);
+  } else {
+    combine_rows_loop<K, FIRST, LEN>(x, c, stride, t, off, r);
+  }
+}
+
+// Calls f(K, FIRST, j) for each group of up to four terms j .. j + K - 1 of k, K and FIRST (j == 0) as
+// std::integral_constant, so that f can pass them on as template arguments
+template <typename F>
+inline void for_groups(int64_t k, const F& f) {
+  using std::integral_constant;
+  for (int64_t j = 0; j < k; j += 4) {
+    const bool first = j == 0;
+    switch (std::min<int64_t>(4, k - j)) {
+      case 1: first ? f(integral_constant<int, 1>{}, std::true_type{}, j) : f(integral_constant<int, 1>{}, std::false_type{}, j); break;
+      case 2: first ? f(integral_constant<int, 2>{}, std::true_type{}, j) : f(integral_constant<int, 2>{}, std::false_type{}, j); break;
+      case 3: first ? f(integral_constant<int, 3>{}, std::true_type{}, j) : f(integral_constant<int, 3>{}, std::false_type{}, j); break;
+      default: first ? f(integral_constant<int, 4>{}, std::true_type{}, j) : f(integral_constant<int, 4>{}, std::false_type{}, j); break;
+    }
+  }
+}
 
 // x[0:m) = sum_j c[s(i), j] T_j[a + i] for samples of LEN elements, a tile starting at a sample boundary
 template <int LEN, typename acc_t, typename scalar_t>
 inline void combine_short(acc_t* x, const acc_t* c, int64_t k, const scalar_t* const* t, int64_t a, int64_t m) {
   const acc_t* row = c + (a / LEN) * k;
-  for (int64_t j = 0; j < k; j += 4) {
-    const bool first = j == 0;
-    switch (std::min<int64_t>(4, k - j)) {
-      case 1: first ? combine_rows<1, true, LEN>(x, row + j, k, t + j, a, m) : combine_rows<1, false, LEN>(x, row + j, k, t + j, a, m); break;
-      case 2: first ? combine_rows<2, true, LEN>(x, row + j, k, t + j, a, m) : combine_rows<2, false, LEN>(x, row + j, k, t + j, a, m); break;
-      case 3: first ? combine_rows<3, true, LEN>(x, row + j, k, t + j, a, m) : combine_rows<3, false, LEN>(x, row + j, k, t + j, a, m); break;
-      default: first ? combine_rows<4, true, LEN>(x, row + j, k, t + j, a, m) : combine_rows<4, false, LEN>(x, row + j, k, t + j, a, m); break;
-    }
-  }
+  for_groups(k, [&](auto K, auto first, int64_t j) {
+    combine_rows<decltype(K)::value, decltype(first)::value, LEN>(x, row + j, k, t + j, a, m);
+  });
 }
 
 // x[0:r) = sum_j c[j] T_j[off : off + r) for one coefficient row c
 template <typename acc_t, typename scalar_t>
 inline void combine_row(acc_t* x, const acc_t* c, const scalar_t* const* t, int64_t k, int64_t off,
                         int64_t r) {
-  for (int64_t j = 0; j < k; j += 4) {
-    const bool first = j == 0;
-    switch (std::min<int64_t>(4, k - j)) {
-      case 1: first ? combine_group<1, true>(x, c + j, t + j, off, r) : combine_group<1, false>(x, c + j, t + j, off, r); break;
-      case 2: first ? combine_group<2, true>(x, c + j, t + j, off, r) : combine_group<2, false>(x, c + j, t + j, off, r); break;
-      case 3: first ? combine_group<3, true>(x, c + j, t + j, off, r) : combine_group<3, false>(x, c + j, t + j, off, r); break;
-      default: first ? combine_group<4, true>(x, c + j, t + j, off, r) : combine_group<4, false>(x, c + j, t + j, off, r); break;
-    }
-  }
+  for_groups(k, [&](auto K, auto first, int64_t j) {
+    combine_group<decltype(K)::value, decltype(first)::value>(x, c + j, t + j, off, r);
+  });
 }
 
 // Short samples (len < kShortLen, rk_kernels.cpp; below 8 the per-run loops measured slower): a
