@@ -194,6 +194,17 @@ def test_merging_keeps_other_models_but_drops_entries_for_replaced_weights():
     assert merged["models"]["mnist"]["measured_at"] == "now"
 
 
+def test_merging_refreshes_a_model_in_its_place():
+    from bespoke_ext.bench.quality import weights_id
+
+    ids = {name: {"weights_sha256": weights_id(name)} for name in ("mnist", "moons2d", "oracle-gmm64")}
+    old = {"quick": False, "models": {name: dict(v, old=True) for name, v in ids.items()}}
+    new = {"quick": False, "models": {"moons2d": dict(ids["moons2d"], old=False), "new-model": {}}}
+    merged = bench._merge_models(old, new, "now")
+    assert list(merged["models"]) == ["mnist", "moons2d", "oracle-gmm64", "new-model"]
+    assert [m.get("old") for m in merged["models"].values()] == [True, False, True, None]
+
+
 def _fake_bench_ops_json(path, side_by_side=True):
     """A pytest-benchmark file as benchmarks/bench_ops.py writes it, two update cases and one backward case,
     with medians chosen so that every ratio of the tables is a round number: one benchmark per case timing

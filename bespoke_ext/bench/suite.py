@@ -108,7 +108,8 @@ def _merge_models(old: Optional[dict], new: dict, now: str) -> dict:
     """Per-model stages (quality, training) keep the models of an earlier run of the same kind (full or
     quick) that this run did not measure, so ``--models X`` adds or refreshes X only; every model entry
     says when it was measured. Earlier entries measured for other weights than the model's current ones
-    (a retrained model) are dropped, never reported as current."""
+    (a retrained model) are dropped, never reported as current. Models keep the earlier run's order (new
+    ones last), so refreshing one model leaves the report's tables in place."""
     from .quality import weights_id
 
     if "models" not in new:
@@ -118,7 +119,9 @@ def _merge_models(old: Optional[dict], new: dict, now: str) -> dict:
     if old and old.get("quick") == new["quick"]:
         kept = {k: v for k, v in old.get("models", {}).items()
                 if k not in new["models"] and v.get("weights_sha256") == weights_id(k)}
-        new["models"] = {**kept, **new["models"]}
+        order = [k for k in old.get("models", {}) if k in kept or k in new["models"]]
+        order += [k for k in new["models"] if k not in order]
+        new["models"] = {k: new["models"].get(k, kept.get(k)) for k in order}
         new["notes"] = list(dict.fromkeys([*old.get("notes", []), *new.get("notes", [])]))
     return new
 
