@@ -142,6 +142,13 @@ def test_quality_targets():
     assert ahead["met"] and ahead["best_other"] == "diffusers-unipc"  # dopri5 is adaptive: not compared
     assert reach["best_other"] == "bespoke-rk1" and reach["best_baseline"] == "rk4"
     assert reach["ratio"] == pytest.approx(2.0) and not reach["met"]
+    # with a non-stationary row: its two targets follow (midpoint at twice the NFE, 0.8x order 2)
+    ns_rows = rows + [row("bespoke-ns", 10, 0.0075), row("midpoint", 20, 0.008)]
+    *_, vs_midpoint, vs_order2 = quality_targets(ns_rows)
+    assert vs_midpoint["best_other"] == "midpoint" and vs_midpoint["ratio"] == pytest.approx(0.9375)
+    assert vs_midpoint["met"] and vs_order2["ratio"] == pytest.approx(0.75) and vs_order2["met"]
+    *_, vs_order2 = quality_targets(rows + [row("bespoke-ns", 10, 0.0085)])
+    assert vs_order2["best_other"] == "bespoke-rk2" and not vs_order2["met"]
 
 
 def test_bench_quick_run_writes_results_and_report(tmp_path, monkeypatch):

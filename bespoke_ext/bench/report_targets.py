@@ -25,7 +25,8 @@ def targets(res: Results) -> List[Tuple[str, str, str]]:
         if q:
             for model, entry in q.get("models", {}).items():
                 for t in entry.get("targets", []):
-                    measured = (f"Bespoke o2 RMSE {fmt_g(t['bespoke_rmse'])}; best other: {t['best_other']} "
+                    measured = (f"{t.get('solver', 'Bespoke o2')} RMSE {fmt_g(t['bespoke_rmse'])}; "
+                                f"{'best other' if 'best_baseline' in t else 'against'}: {t['best_other']} "
                                 f"{fmt_g(t['best_other_rmse'])} (ratio {fmt_x(t['ratio'])})")
                     if t.get("best_baseline") and t["best_baseline"] != t["best_other"]:
                         measured += (f"; best baseline: {t['best_baseline']} {fmt_g(t['best_baseline_rmse'])} "
