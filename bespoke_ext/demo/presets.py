@@ -49,7 +49,9 @@ class Preset:
           digits_vp, 128 pairs: 60 iterations of 16 0.42x (0.52x); 200 of 16 0.31x (midpoint base 0.34x,
             lr 2e-2 0.38x); 200 of 8 0.31x at half the cost (midpoint at NFE 20: 0.29x). With the
             least-squares start the demo got worse (RMSE / midpoint NFE 20: 1.10x at lr 1e-2, 1.19x at 3e-3,
-            against 0.95x from plain Euler): ns_fit off here.
+            against 0.95x from plain Euler): ns_fit off here. Bench evaluation batch (256 samples), RMSE over
+            midpoint NFE 20's: 200 of 8 1.02x (lr 2e-2 1.13x, end-to-end loss 1.15x, 256 pairs 1.02x); 400 of 8
+            0.94x / 0.89x (two seeds; lr 5e-3 0.96x), 400 of 4 0.97x: 400 of 8, about 75 s of steps at 1 thread.
           moons2d with the least-squares start (demo, quiet machine): 1.10x midpoint NFE 20 (1.50x without).
           moons2d, 520 pairs, 600 iterations of 64: log-MSE 0.37x (lr 5e-3: 0.52x), the end-to-end RMS loss
             0.28x, and a higher mean PSNR too (57.1 vs 55.7 dB); 300 iterations 0.38x (lr 2e-2: 0.63x).
@@ -95,7 +97,7 @@ DEMO_PRESETS: Dict[str, Preset] = {
     "mnist_cond": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16,
                          ns_iterations=300, ns_train_batch=1, ns_lr=3e-3, **_SWEEP),
     "digits_vp": Preset(batch=256, iterations=60, train_batch=16, lr=1e-2, cache_samples=128, cache_grid=16,
-                        ns_iterations=200, ns_train_batch=8, ns_fit=False, **_SWEEP),
+                        ns_iterations=400, ns_train_batch=8, ns_fit=False, **_SWEEP),
     "moons2d": Preset(batch=1024, iterations=100, train_batch=128, lr=1e-2, cache_samples=1024, cache_grid=16,
                       ns_iterations=2000, ns_train_batch=64, ns_lr=2e-2, ns_loss="end_to_end", **_SWEEP),
 }
