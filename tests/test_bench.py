@@ -187,6 +187,9 @@ def test_bench_quick_run_writes_results_and_report(tmp_path, monkeypatch):
     assert bench_quality._reusable(ns_file, qm, "bespoke-ns", cfg) is not None
     assert bench_quality._reusable(ns_file, qm, "bespoke-ns", dataclasses.replace(cfg, ns_lr=cfg.ns_lr * 2)) is None
     assert bench_quality._reusable(ns_file, qm, "bespoke-ns", dataclasses.replace(cfg, ns_fit=not cfg.ns_fit)) is None
+    for change in (dict(ns_iterations=cfg.ns_iterations + 1), dict(ns_iterations=cfg.ns_iterations - 1),
+                   dict(ns_train_batch=cfg.ns_train_batch * 2)):
+        assert bench_quality._reusable(ns_file, qm, "bespoke-ns", dataclasses.replace(cfg, **change)) is None, change
 
 
 def test_merging_keeps_other_models_but_drops_entries_for_replaced_weights():

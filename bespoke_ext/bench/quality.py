@@ -194,7 +194,9 @@ def _solver_key(method: str, nfe: int) -> str:
 
 def _reusable(path: Path, qm: QualityModel, method: str, cfg):
     """The solver in ``path`` if it is a ``method`` solver trained for this model's weights with the settings'
-    loss and at least their iterations (a quick run's solvers never stand in for a full run's), else None."""
+    loss, iterations, pairs per step, learning rate and start, else None (a quick run's solvers never stand in
+    for a full run's, nor a file trained with an earlier preset for the current one: with the cosine decay a
+    longer run is a different run, not a better-trained one)."""
     from ..solvers import SolverFileError, load_solver
 
     if not path.is_file():
@@ -210,7 +212,8 @@ def _reusable(path: Path, qm: QualityModel, method: str, cfg):
         return None
     budget = cfg.budget(method)
     options = training.get("options") or {}
-    if options.get("loss") != budget["loss"] or training.get("iterations", 0) < budget["iterations"]:
+    if options.get("loss") != budget["loss"] or training.get("iterations") != budget["iterations"] \
+            or training.get("batch_size") != budget["batch_size"]:
         return None
     # a file trained before a preset's learning rate or least-squares start changed is not its result
     # (files from before the start existed have no fit_start: they were trained without it)

@@ -46,6 +46,11 @@ class Preset:
             RMSE for mean PSNR); NFE 8: fit 0.0364, then 300 of 1 0.0301.
           mnist_cond at g = 2 (demo batch): 100 of 4 0.0325, 300 of 1 0.0296 (midpoint at NFE 20: 0.0252); with
             the least-squares start 0.0363, then 300 of 1 at 3e-3 0.0295, at 1e-2 0.0308.
+          flux_mnist (bench evaluation batch, 64 samples; RMSE over midpoint NFE 20's): MNIST's 300 of 1 1.34x
+            (end-to-end loss 1.34x, lr 1e-2 1.47x), 600 of 1 1.20x; 150 of 4 1.19x / 1.30x (two seeds), 300 of 4
+            1.26x, 600 of 4 1.20x, 150 of 8 1.31x; at 150 of 4: lr 1e-2 1.39x, midpoint base 1.21x, time_scale 2
+            1.20x, coeff_scale 0.5 1.21x, 128 pairs 1.24x, no least-squares start 1.85x. Every budget stops near
+            1.2x; 150 of 4 gets there in less time than 300 of 1 (about 100 s against 130 s at load 3).
           digits_vp, 128 pairs: 60 iterations of 16 0.42x (0.52x); 200 of 16 0.31x (midpoint base 0.34x,
             lr 2e-2 0.38x); 200 of 8 0.31x at half the cost (midpoint at NFE 20: 0.29x). With the
             least-squares start the demo got worse (RMSE / midpoint NFE 20: 1.10x at lr 1e-2, 1.19x at 3e-3,
@@ -96,6 +101,8 @@ DEMO_PRESETS: Dict[str, Preset] = {
                     ns_iterations=300, ns_train_batch=1, ns_lr=3e-3, **_SWEEP),
     "mnist_cond": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16,
                          ns_iterations=300, ns_train_batch=1, ns_lr=3e-3, **_SWEEP),
+    "flux_mnist": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16,
+                         ns_iterations=150, ns_train_batch=4, ns_lr=3e-3, **_SWEEP),
     "digits_vp": Preset(batch=256, iterations=60, train_batch=16, lr=1e-2, cache_samples=128, cache_grid=16,
                         ns_iterations=400, ns_train_batch=8, ns_fit=False, **_SWEEP),
     "moons2d": Preset(batch=1024, iterations=100, train_batch=128, lr=1e-2, cache_samples=1024, cache_grid=16,
