@@ -56,6 +56,9 @@ class Preset:
             1.26x, 600 of 4 1.20x, 150 of 8 1.31x; at 150 of 4: lr 1e-2 1.39x, midpoint base 1.21x, time_scale 2
             1.20x, coeff_scale 0.5 1.21x, 128 pairs 1.24x, no least-squares start 1.85x. Every budget stops near
             1.2x; 150 of 4 gets there in less time than 300 of 1 (about 100 s against 130 s at load 3).
+            The least-squares fit alone 1.43x (searching the warps 2^(-1/2)..2 of its grid chose the given
+            one); 150 of 4 from a noise-preconditioned Euler start (solvers/preconditioning.py) sigma0 = 2
+            2.32x, 0.5 1.27x.
           digits_vp, 128 pairs: 60 iterations of 16 0.42x (0.52x); 200 of 16 0.31x (midpoint base 0.34x,
             lr 2e-2 0.38x); 200 of 8 0.31x at half the cost (midpoint at NFE 20: 0.29x). With the
             least-squares start the demo got worse (RMSE / midpoint NFE 20: 1.10x at lr 1e-2, 1.19x at 3e-3,
