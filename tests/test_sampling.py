@@ -135,6 +135,60 @@ def test_network_forwards_follow_the_models_counter(x0):
     assert stats == SampleStats(nfe=6, network_forwards=12, steps=3, method="bespoke-rk2")
 
 
+class PropertyCounted(Field):
+    """A counter kept as a property (a class attribute), not an instance attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.forwards = 0
+
+    @property
+    def network_forwards(self):
+        return self.forwards
+
+    def forward(self, x, t, **extras):
+        self.forwards += 3
+        return super().forward(x, t, **extras)
+
+
+class Forwarding(torch.nn.Module):
+    """A wrapper whose __getattr__ hands unknown names to the model it wraps."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, x, t, **extras):
+        return self.inner(x, t, **extras)
+
+
+def test_network_forwards_read_from_properties_and_forwarding_wrappers(x0):
+    _, stats = sample(PropertyCounted(), x0, method="euler", nfe=4, return_stats=True)
+    assert stats.network_forwards == 12
+    _, stats = sample(Forwarding(GuidedField()), x0, method="euler", nfe=4, return_stats=True)
+    assert stats.network_forwards == 8
+    _, stats = sample(Field(), x0, method="euler", nfe=4, return_stats=True)  # no counter: one per evaluation
+    assert stats.network_forwards == 4
+
+
+def test_module_device_is_the_first_parameter_or_buffer():
+    from bespoke_ext.sampling.sample import _module_device
+
+    deep = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 2)))
+    assert _module_device(deep) == next(deep.parameters()).device
+    buffers_only = torch.nn.BatchNorm1d(2, affine=False)
+    assert _module_device(torch.nn.Sequential(torch.nn.ReLU(), buffers_only)) == torch.device("cpu")
+    assert _module_device(torch.nn.ReLU()) is None
+    assert _module_device(torch.nn.Linear(2, 2, device="meta")) is None
+    assert _module_device(lambda x, t: x) is None
+
+
 def test_nfe_with_time_grid_interpolates_its_points(x0):
     model = Field()
     tg = torch.tensor([0.0, 0.3, 1.0])

@@ -65,9 +65,8 @@ def execute(program: Program, model: Callable, x0: Tensor, extras: dict, *,
             run_steps(steps, slots, model, extras, _combine_differentiable, first)
             traj = torch.stack(slots[program.num_slots:]) if program.num_records else None
     else:
-        with torch.no_grad():
-            slots, steps, traj = prepare(program, x0)
         with torch.no_grad():  # not inference_mode: models may use autograd inside (guidance)
+            slots, steps, traj = prepare(program, x0)
             run_steps(steps, slots, model, extras, combine_into, first)
     return slots[program.output], traj, stats_of(program, counter)
 

@@ -14,7 +14,7 @@ from .adaptive import ADAPTIVE_METHODS, TORCHDIFFEQ_METHODS, solve_adaptive
 from ..solvers.dpm_solver import DPM_METHOD, dpm_solver_program
 from ..solvers.tableaus import TABLEAUS, fixed_step_program
 from ..solvers.time_grid import (
-    as_time_grid, check_step_size, record_plan, step_size_grid, steps_for_nfe, uniform_grid,
+    DEFAULT_TIME_GRID, as_time_grid, check_step_size, record_plan, step_size_grid, steps_for_nfe, uniform_grid,
 )
 from .cuda_graph import execute_graphed
 from .executor import execute
@@ -94,14 +94,15 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
                                   enable_grad=enable_grad)
     else:
         name = _method_name(method)
-        grid = as_time_grid(time_grid)
-        if name in TORCHDIFFEQ_METHODS:
+        if name not in TORCHDIFFEQ_METHODS:
+            program = _fixed_program(name, time_grid, nfe=nfe, step_size=step_size, intermediates=return_intermediates)
+        else:
+            grid = as_time_grid(time_grid)
             step = _check_torchdiffeq_args(name, nfe=nfe, step_size=step_size, atol=atol, rtol=rtol,
                                            cuda_graph=cuda_graph)
             traj, stats = solve_adaptive(model, x0, grid, atol=atol, rtol=rtol, extras=model_extras,
                                          enable_grad=enable_grad, method=name, step_size=step)
             return _result(traj[-1], traj, stats, return_intermediates, return_stats)
-        program = _fixed_program(name, grid, nfe=nfe, step_size=step_size, intermediates=return_intermediates)
     wrapped = _cast_outputs(model)
     if cuda_graph and x0.is_cuda:
         final, traj, stats = execute_graphed(program, wrapped, x0, model_extras)
@@ -136,7 +137,13 @@ class _StateDtype:
 
     @property
     def network_forwards(self):
-        return getattr(self.model, "network_forwards", None)
+        m = self.model
+        # Where nn.Module.__getattr__ would decide, decide without it: for a module that lacks the
+        # attribute it formats and raises an AttributeError, twice a call (about 5 us with cold caches).
+        if (getattr(type(m), "__getattr__", None) is nn.Module.__getattr__ and "network_forwards" not in m.__dict__
+                and not hasattr(type(m), "network_forwards")):
+            return None
+        return getattr(m, "network_forwards", None)
 
 
 # One wrapper per model, alive as long as the model: CUDA graphs are cached per model object, so
@@ -225,10 +232,30 @@ def _module_device(module) -> Optional[torch.device]:
     """The device of a module's first parameter or buffer (None: not a module, none, or meta)."""
     if not isinstance(module, nn.Module):
         return None
-    for t in module.parameters():
-        return None if t.is_meta else t.device
-    for t in module.buffers():
-        return None if t.is_meta else t.device
+    try:
+        t = _first_tensor(module, "_parameters")
+        if t is None:
+            t = _first_tensor(module, "_buffers")
+    except KeyError:  # an object that passes for a Module without its registries (a mock): ask it
+        t = next(iter(module.parameters()), None)
+        if t is None:
+            t = next(iter(module.buffers()), None)
+    return None if t is None or t.is_meta else t.device
+
+
+def _first_tensor(module: nn.Module, kind: str) -> Optional[Tensor]:
+    """The first tensor that ``module.parameters()`` (kind "_parameters") or ``.buffers()`` would yield:
+    the module's own, then its submodules' in registration order. Read from the registries directly, as
+    the generators cost about 30 us a call when the model's forward has just evicted the caches."""
+    registries = vars(module)
+    for t in registries[kind].values():
+        if t is not None:
+            return t
+    for child in registries["_modules"].values():
+        if child is not None:
+            t = _first_tensor(child, kind)
+            if t is not None:
+                return t
     return None
 
 
@@ -243,15 +270,21 @@ def _method_name(method) -> str:
     return name
 
 
-def _fixed_program(name: str, grid: Tensor, *, nfe, step_size, intermediates: bool) -> Program:
+def _fixed_program(name: str, time_grid, *, nfe, step_size, intermediates: bool) -> Program:
     # The whole derivation (step grid, record plan, program) is memoised on its hashable inputs: at small
     # batch it was a third of sample()'s overhead over the model's own cost (0.3 ms a call).
-    # the grid's dtype is part of it: step_size grids are laid out in that dtype, as torchdiffeq does
-    key = (name, tuple(grid.tolist()), grid.dtype, nfe, type(nfe), step_size, type(step_size), intermediates)
+    # the grid's dtype is part of it: step_size grids are laid out in that dtype, as torchdiffeq does.
+    # The default grid is keyed without building its tensor (about 20 us a call with a model's caches cold).
+    if time_grid is None:
+        key = (name, DEFAULT_TIME_GRID, torch.get_default_dtype(), nfe, type(nfe), step_size, type(step_size), intermediates)
+    else:
+        grid = as_time_grid(time_grid)
+        key = (name, tuple(grid.tolist()), grid.dtype, nfe, type(nfe), step_size, type(step_size), intermediates)
     try:
         hash(key)
     except TypeError:  # e.g. a tensor step_size: derive without the memo
-        return _derive_fixed_program(name, grid, nfe=nfe, step_size=step_size, intermediates=intermediates)
+        return _derive_fixed_program(name, torch.tensor(key[1], dtype=key[2]), nfe=nfe, step_size=step_size,
+                                     intermediates=intermediates)
     return _memo_fixed_program(key)
 
 
