@@ -146,7 +146,10 @@ inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at
 
 // Coefficients in the math type, contiguous, as [rows, k] with rows = 1 when shared.
 inline at::Tensor coeffs_for_math(const at::Tensor& coeffs, const RkProblem& p) {
-  return coeffs.to(acc_dtype(p.dtype)).contiguous();
+  const at::ScalarType acc = acc_dtype(p.dtype);
+  // the usual case without a dispatcher call: the executor hands over tables already in the math type
+  if (coeffs.scalar_type() == acc && coeffs.is_contiguous()) return coeffs;
+  return coeffs.to(acc).contiguous();
 }
 
 // Host logic of rk_update_out on every device: checks, then

@@ -64,8 +64,12 @@ Args<scalar_t, acc_t> make_args(const RkProblem& p, const std::vector<at::Tensor
   a.c = c.data_ptr<acc_t>();
   for (int64_t j = 0; j < p.k; ++j) a.term[j] = terms[j].data_ptr<scalar_t>();
   a.tile = tile_for(a.len);
-  if (a.len < kShortLen)
-    for (int64_t i = 0; i < a.tile; ++i) a.pattern[i] = static_cast<int32_t>(i / a.len);
+  if (a.len < kShortLen) {
+    // only as much of the pattern as one tile of this tensor reads: at [16, 2] the full 512
+    // divisions cost more than the combination itself
+    const int64_t used = std::min(a.tile, p.n * a.len);
+    for (int64_t i = 0; i < used; ++i) a.pattern[i] = static_cast<int32_t>(i / a.len);
+  }
   return a;
 }
 
