@@ -20,7 +20,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--batch", type=int, default=None, help="evaluation batch size (default: the model's preset)")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations per solver (default: preset)")
     parser.add_argument("--loss", choices=LOSSES, default=None,
-                        help="Bespoke training loss: end_to_end (default) or bound (the paper's)")
+                        help="Bespoke training loss: end_to_end (the default of most presets), bound (the paper's) "
+                             "or log_mse (mnist_cond's preset)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise and of training (default 0)")
     parser.add_argument("--quick", action="store_true", help="a reduced smoke run: tiny batch and training")
     parser.add_argument("--threads", type=int, default=None,
