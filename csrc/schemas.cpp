@@ -34,3 +34,10 @@ TORCH_LIBRARY(bespoke_ext, m) {
       "Tensor target, bool need_terms, bool need_coeffs, bool need_target) "
       "-> (Tensor[], Tensor, Tensor)");
 }
+
+// rk_update_out writes into `out` and has no gradient (its schema says so): autograd passes it
+// straight to the device kernel. The default autograd fallback would box every call to check
+// for inputs that require grad, the one cost of a small update that does not scale with its size.
+TORCH_LIBRARY_IMPL(bespoke_ext, Autograd, m) {
+  m.impl("rk_update_out", torch::CppFunction::makeFallthrough());
+}

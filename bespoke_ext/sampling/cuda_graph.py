@@ -143,9 +143,10 @@ class _GraphedRun:
             # Kept for the graph's lifetime: the graph writes every buffer slot on each replay.
             self.slots, steps, self.traj = prepare(program, self.x0, tables=(self.times, self.coeffs))
 
-            def first_eval(v, x, t):
+            def first_eval(v, x, t, model):  # the model casts its outputs itself (StateDtype)
                 check_velocity(v, x, t, program.method)
                 self.counter.after_first_eval()
+                return v, model
 
             _on_side_stream(lambda: run_steps(steps, list(self.slots), model, self.extras, combine_into, first_eval),
                             x0.device)

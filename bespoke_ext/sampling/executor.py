@@ -17,6 +17,7 @@ are ordinary tensors that later autograd code may use, like flow_matching's resu
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -24,9 +25,9 @@ from torch import Tensor
 
 from .. import ops
 from ..program import Eval, Program
-from .stats import ForwardCounter, SampleStats
+from .stats import ForwardCounter, SampleStats, network_forwards_of
 
-__all__ = ["execute", "coefficient_dtype", "check_velocity", "device_tables"]
+__all__ = ["execute", "coefficient_dtype", "check_velocity", "device_tables", "StateDtype"]
 
 _rk_update_out = torch.ops.bespoke_ext.rk_update_out.default
 
@@ -77,15 +78,52 @@ def stats_of(program: Program, counter: ForwardCounter) -> SampleStats:
 
 
 class _FirstEvalCheck:
-    """Validates the first model output and reads the forward counter; a no-op afterwards."""
+    """Validates the first model output and reads the forward counter; a no-op afterwards.
+
+    Returns (output, model for the later evaluations): a floating-point output of another dtype
+    (autocast) is cast, and so is every later one, through StateDtype. A model whose outputs already
+    have the state's dtype is called as it is, without a wrapper's frames on every evaluation.
+    """
 
     def __init__(self, method: str, counter: ForwardCounter):
         self.method = method
         self.counter = counter
 
-    def __call__(self, v, x: Tensor, time: Tensor) -> None:
+    def __call__(self, v, x: Tensor, time: Tensor, model: Callable):
+        if torch.is_tensor(v) and v.dtype != x.dtype and v.is_floating_point():
+            v, model = v.to(x.dtype), (model if isinstance(model, StateDtype) else StateDtype(model))
         check_velocity(v, x, time, self.method)
         self.counter.after_first_eval()
+        return v, model
+
+
+class StateDtype:
+    """The model with floating-point outputs of another dtype (autocast) cast to the state's.
+
+    One dtype comparison per evaluation; ``network_forwards`` is the model's own counter, so
+    SampleStats still counts the network forwards of guided models. Holds the model weakly when
+    given a weak reference (sample()'s per-model cache for CUDA graphs never keeps a model alive).
+    """
+
+    __slots__ = ("_model", "__weakref__")
+
+    def __init__(self, model: Callable):
+        self._model = model  # the model, or a weak reference to it
+
+    @property
+    def model(self) -> Callable:
+        m = self._model
+        return m() if isinstance(m, weakref.ref) else m
+
+    def __call__(self, x: Tensor, t: Tensor, **extras):
+        v = self.model(x, t, **extras)
+        if torch.is_tensor(v) and v.dtype != x.dtype and v.is_floating_point():
+            return v.to(x.dtype)
+        return v
+
+    @property
+    def network_forwards(self):
+        return network_forwards_of(self.model)
 
 
 def prepare(program: Program, x0: Tensor, differentiable: bool = False,
@@ -161,7 +199,7 @@ def run_steps(steps: List[Step], slots: List[Optional[Tensor]], model: Callable,
         if is_eval:
             v = model(slots[src], arg, **extras)
             if check is not None:
-                check(v, slots[src], arg)
+                v, model = check(v, slots[src], arg, model)
                 check = None
             slots[dst] = v
         else:

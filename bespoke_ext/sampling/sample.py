@@ -17,7 +17,7 @@ from ..solvers.time_grid import (
     DEFAULT_TIME_GRID, as_time_grid, check_step_size, record_plan, step_size_grid, steps_for_nfe, uniform_grid,
 )
 from .cuda_graph import execute_graphed
-from .executor import execute
+from .executor import StateDtype, execute
 from ..program import Program
 
 __all__ = ["sample", "METHODS", "DEFAULT_METHOD", "SOLVER_LIKE_EXTRAS"]
@@ -76,7 +76,8 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
     The model is called as ``model(x, t, **model_extras)`` with t a 0-dim tensor in x's dtype and
     must return a new tensor of x's shape and device (checked on the first call). A floating-point
     output of another dtype, such as the float16 / bfloat16 outputs of a model run under
-    ``torch.autocast`` for a float32 state, is cast to the state's dtype (CUDA graphs included).
+    ``torch.autocast`` for a float32 state, is cast to the state's dtype (CUDA graphs included);
+    the first evaluation decides, so a model's outputs must keep one dtype through the run.
     ``return_stats`` and ``cuda_graph`` are not passed on as model extras, and extras named like
     solver arguments (``steps``, ``num_steps``, ``num_inference_steps``, ``stepsize``,
     ``time_steps``, ``solver_method``, ...; see ``SOLVER_LIKE_EXTRAS``) are a TypeError naming the
@@ -103,47 +104,11 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
             traj, stats = solve_adaptive(model, x0, grid, atol=atol, rtol=rtol, extras=model_extras,
                                          enable_grad=enable_grad, method=name, step_size=step)
             return _result(traj[-1], traj, stats, return_intermediates, return_stats)
-    wrapped = _cast_outputs(model)
     if cuda_graph and x0.is_cuda:
-        final, traj, stats = execute_graphed(program, wrapped, x0, model_extras)
-    else:
-        final, traj, stats = execute(program, wrapped, x0, model_extras, enable_grad=enable_grad)
+        final, traj, stats = execute_graphed(program, _cast_outputs(model), x0, model_extras)
+    else:  # the executor casts outputs of another dtype itself, from the first that needs it
+        final, traj, stats = execute(program, model, x0, model_extras, enable_grad=enable_grad)
     return _result(final, traj, stats, return_intermediates, return_stats)
-
-
-class _StateDtype:
-    """The model with floating-point outputs of another dtype (autocast) cast to the state's.
-
-    One dtype comparison per evaluation; ``network_forwards`` is the model's own counter, so
-    SampleStats still counts the network forwards of guided models. Holds the model weakly when
-    cached (``_cast_outputs``), so the cache never keeps a model alive.
-    """
-
-    __slots__ = ("_model", "__weakref__")
-
-    def __init__(self, model: Callable):
-        self._model = model  # the model, or a weak reference to it
-
-    @property
-    def model(self) -> Callable:
-        m = self._model
-        return m() if isinstance(m, weakref.ref) else m
-
-    def __call__(self, x: Tensor, t: Tensor, **extras):
-        v = self.model(x, t, **extras)
-        if torch.is_tensor(v) and v.dtype != x.dtype and v.is_floating_point():
-            return v.to(x.dtype)
-        return v
-
-    @property
-    def network_forwards(self):
-        m = self.model
-        # Where nn.Module.__getattr__ would decide, decide without it: for a module that lacks the
-        # attribute it formats and raises an AttributeError, twice a call (about 5 us with cold caches).
-        if (getattr(type(m), "__getattr__", None) is nn.Module.__getattr__ and "network_forwards" not in m.__dict__
-                and not hasattr(type(m), "network_forwards")):
-            return None
-        return getattr(m, "network_forwards", None)
 
 
 # One wrapper per model, alive as long as the model: CUDA graphs are cached per model object, so
@@ -151,14 +116,14 @@ class _StateDtype:
 _WRAPPERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _cast_outputs(model: Callable) -> _StateDtype:
+def _cast_outputs(model: Callable) -> StateDtype:
     try:
         wrapper = _WRAPPERS.get(model)
         if wrapper is None:
-            wrapper = _WRAPPERS[model] = _StateDtype(weakref.ref(model))
+            wrapper = _WRAPPERS[model] = StateDtype(weakref.ref(model))
         return wrapper
     except TypeError:  # not hashable or not weak-referenceable: a wrapper for this call
-        return _StateDtype(model)
+        return StateDtype(model)
 
 
 # Extras that name a solver argument (compared lower-case, without "_" and "-"), with the argument
