@@ -17,6 +17,7 @@ from bespoke_ext.bench import report as bench_report
 from bespoke_ext.bench import suite as bench
 from bespoke_ext.bench import timing as bench_timing
 from bespoke_ext.bench import wallclock as bench_wallclock
+from bespoke_ext.bench import quality as bench_quality
 from bespoke_ext.bench.quality import quality_targets
 from bespoke_ext.compare import Row
 from bespoke_ext.models.oracle import GaussianMixtureFlow
@@ -504,3 +505,17 @@ def test_wallclock_overhead_limit_depends_on_the_batch():
                    "sample() overhead over the model-evaluation floor <= 1.10x (mlp2d-b256-nfe10)": False,
                    "sample() overhead over the model-evaluation floor <= 1.10x (mlp2d-b4096-nfe10)": True,
                    "sample() overhead over the model-evaluation floor <= 1.10x (unet-mnist-b16-nfe10)": False}
+
+
+def test_guided_targets_read_psnr_gains_and_variants_cover_the_conditional_models():
+    rows = [Row("bespoke-rk2", "Bespoke order 2", 10, 0.03, 36.0, 1.0),
+            Row("midpoint", "midpoint", 10, 0.05, 33.5, 1.0),
+            Row("dpm++2m", "DPM-Solver++(2M)", 10, 0.06, 32.0, 1.0)]
+    got = {t["target"].split(" over ")[1]: (round(t["gain_db"], 6), t["met"]) for t in bench_quality.guided_targets(rows)}
+    assert got == {"midpoint at NFE 10": (2.5, False), "DPM-Solver++(2M) at NFE 10": (4.0, True)}
+    variants = bench_quality.guided_variants()
+    assert variants["mnist_cond-g2"] == ("mnist_cond", 2.0) and variants["mnist_cond-g4"] == ("mnist_cond", 4.0)
+    assert "mnist-g2" not in variants  # unconditional models have no guided variant
+    qm = bench_quality.quality_models(["mnist_cond-g4"])[0]
+    assert qm.guidance == 4.0 and qm.extras(12)["y"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert bench_quality.weights_id("mnist_cond-g4") == bench_quality.weights_id("mnist_cond")

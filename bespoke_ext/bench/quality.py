@@ -26,7 +26,7 @@ from .diffusers import SCHEDULERS, diffusers_missing, diffusers_sample
 
 __all__ = ["QualityModel", "oracle_model", "quality_models", "weights_id", "run_quality", "settings",
            "evaluation_noise", "solver_search_path", "find_solver", "quality_targets", "nonstationary_targets",
-           "BESPOKE_NFES", "FIXED_METHODS"]
+           "guided_targets", "guided_variants", "guided_model", "BESPOKE_NFES", "FIXED_METHODS"]
 
 BESPOKE_NFES = (10, 20)  # the targets' NFEs; order 1 and order 2 at each
 QUICK_BESPOKE_NFES = (10,)
@@ -53,6 +53,48 @@ class QualityModel:
     dtype: torch.dtype = torch.float32
     overrides: Optional[dict] = None  # changes to the demo's settings (full runs only)
     embedded: bool = True             # the quality target names the embedded models; the oracle informs
+    preset: Optional[str] = None      # the demo preset's name, where it is not ``name`` (guided variants)
+    guidance: Optional[float] = None  # classifier-free guidance g of a guided variant (see guided_model)
+    cond_key: Optional[str] = None
+    num_classes: int = 0
+
+    @property
+    def conditions(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The pool training draws one row of per sample (demo.train_solvers reads it): every label once."""
+        return {self.cond_key: torch.arange(self.num_classes)} if self.cond_key else None
+
+    def extras(self, batch: int) -> Dict[str, torch.Tensor]:
+        """The evaluation batch's model inputs: labels cycling 0, 1, ..., num_classes - 1 (as the demo's)."""
+        return {self.cond_key: torch.arange(batch) % self.num_classes} if self.cond_key else {}
+
+
+# Guided variants of the class-conditional embedded models, benched at the guidance scales issue 11 names.
+GUIDANCE_SCALES = (2.0, 4.0)
+
+
+def guided_name(model: str, g: float) -> str:
+    return f"{model}-g{g:g}"
+
+
+def guided_variants() -> Dict[str, Tuple[str, float]]:
+    """name -> (embedded model, g) for every class-conditional embedded model and guidance scale."""
+    from ..models.embedded import list_embedded, read_card
+
+    return {guided_name(m, g): (m, g) for m in list_embedded() if read_card(m).get("conditioning")
+            for g in GUIDANCE_SCALES}
+
+
+def guided_model(model: str, g: float) -> QualityModel:
+    """The embedded class-conditional model under ClassifierFreeGuidance(w = g - 1), trained for its label
+    pool and evaluated on labels cycling through the classes: the demo's ``--guidance g`` model."""
+    from ..demo.conditional import demo_model
+    from ..models.embedded import load_embedded
+
+    dm = demo_model(load_embedded(model), g)
+    card = {**dm.card, "description": f"{dm.card.get('description', model)}; classifier-free guidance g = {g:g}, "
+                                      f"evaluation labels cycling 0-{dm.num_classes - 1}"}
+    return QualityModel(guided_name(model, g), dm.velocity, dm.shape, card, dm.dtype, preset=model, guidance=g,
+                        cond_key=dm.cond_key, num_classes=dm.num_classes)
 
 
 def oracle_model() -> QualityModel:
@@ -69,10 +111,12 @@ def oracle_model() -> QualityModel:
 
 
 def quality_models(names: Optional[Sequence[str]] = None) -> List[QualityModel]:
-    """Every embedded model and the oracle (or the named ones), in that order."""
+    """Every embedded model, the guided variants of the class-conditional ones and the oracle (or the named
+    ones), in that order."""
     from ..models.embedded import list_embedded, load_embedded
 
-    available = [*list_embedded(), "oracle-gmm64"]
+    guided = guided_variants()
+    available = [*list_embedded(), *guided, "oracle-gmm64"]
     wanted = list(names) if names else available
     unknown = sorted(set(wanted) - set(available))
     if unknown:
@@ -81,6 +125,8 @@ def quality_models(names: Optional[Sequence[str]] = None) -> List[QualityModel]:
     for name in wanted:
         if name == "oracle-gmm64":
             out.append(oracle_model())
+        elif name in guided:
+            out.append(guided_model(*guided[name]))
         else:
             em = load_embedded(name)
             out.append(QualityModel(em.name, em.velocity, em.shape, em.card, em.dtype))
@@ -93,6 +139,7 @@ def weights_id(name: str) -> Optional[str]:
 
     if name == "oracle-gmm64":
         return oracle_model().card["weights"]["sha256"]
+    name = guided_variants().get(name, (name,))[0]
     return read_card(name)["weights"]["sha256"] if name in list_embedded() else None
 
 
@@ -125,7 +172,7 @@ def run_quality(models: Sequence[QualityModel], *, quick: bool, seed: int, resul
 
 def settings(qm: QualityModel, quick: bool) -> "demo.Preset":
     """The demo's settings for the model (its --quick ones for a quick run), with the model's overrides."""
-    cfg = demo.settings(qm.name, quick=quick)
+    cfg = demo.settings(qm.preset or qm.name, quick=quick)
     return dataclasses.replace(cfg, **qm.overrides) if qm.overrides and not quick else cfg
 
 
@@ -140,19 +187,21 @@ def _one_model(qm: QualityModel, *, quick, seed, results_dir: Path, solver_dirs,
     nfes = list(QUICK_BESPOKE_NFES if quick else BESPOKE_NFES)
     reference = Reference.for_model(qm, cfg.batch, seed)
     x0 = evaluation_noise(qm, cfg.batch, seed)
-    truth = ground_truth(qm.velocity, x0, progress=progress)
+    extras = qm.extras(cfg.batch)
+    truth = ground_truth(qm.velocity, x0, progress=progress, extras=extras)
 
     solvers, provenance = _solvers(qm, nfes, cfg, seed, results_dir, solver_dirs, progress, say)
     runs = [solver_run(s) for s in solvers] + [dopri5_run(demo.LOOSE_TOL)]
     runs += demo.baseline_runs(nfes, cfg, baseline_labels(qm.card))
     extra = _extra_runs(qm, sorted(set(cfg.sweep) | set(nfes)))
-    rows, _ = compare(qm.velocity, x0, truth, runs + extra, reference=reference, progress=progress)
+    rows, _ = compare(qm.velocity, x0, truth, runs + extra, reference=reference, progress=progress, extras=extras)
     # the demo's rows in the demo's order, then the benchmark's own
     rows = rows[:1] + sorted(rows[1:1 + len(runs)], key=demo.row_order) + rows[1 + len(runs):]
     return {
         "description": qm.card.get("description", ""),
         "weights_sha256": qm.card["weights"]["sha256"],
         "embedded": qm.embedded,
+        **({"guidance": qm.guidance} if qm.guidance is not None else {}),
         "batch": cfg.batch,
         "distribution_metric": reference.metric,
         "ground_truth": {"method": "dopri5", "tol": truth.tol, "nfe": truth.nfe},
@@ -162,7 +211,7 @@ def _one_model(qm: QualityModel, *, quick, seed, results_dir: Path, solver_dirs,
                                        "batch_size": cfg.ns_train_batch, "lr": cfg.ns_lr}},
         "solvers": asdict(provenance),
         "rows": [asdict(r) for r in rows],
-        "targets": quality_targets(rows),
+        "targets": quality_targets(rows) + (guided_targets(rows) if qm.guidance is not None else []),
     }
 
 
@@ -306,6 +355,23 @@ def quality_targets(rows: Sequence[Row], nfe: int = 10, reach_nfe: int = 20) -> 
                     "best_other_rmse": best.rmse, "ratio": ratio, "best_baseline": base.label,
                     "best_baseline_rmse": base.rmse, "met": ratio < 1.0 if kind == "ahead" else ratio <= 1.5})
     return out + nonstationary_targets(rows, nfe, reach_nfe)
+
+
+def guided_targets(rows: Sequence[Row], nfe: int = 10, gain_db: float = 3.0) -> List[dict]:
+    """Issue 11's targets on a guided model: Bespoke order 2 at NFE ``nfe`` at least ``gain_db`` dB of mean PSNR
+    over midpoint and over DPM-Solver++(2M) at the same NFE (the rows' PSNR is the mean over the batch)."""
+    mine = next((r for r in rows if r.method == "bespoke-rk2" and r.nfe == nfe), None)
+    out = []
+    for method in ("midpoint", "dpm++2m"):
+        other = next((r for r in rows if r.method == method and r.nfe == nfe), None)
+        if mine is None or other is None:
+            continue
+        gain = mine.psnr - other.psnr
+        out.append({"target": f"Bespoke order 2 at NFE {nfe} at least +{gain_db:g} dB PSNR over {other.label} at NFE {nfe}",
+                    "measured": f"Bespoke o2 {mine.psnr:.2f} dB; {other.label} {other.psnr:.2f} dB (+{gain:.2f} dB)"
+                    if gain >= 0 else f"Bespoke o2 {mine.psnr:.2f} dB; {other.label} {other.psnr:.2f} dB ({gain:.2f} dB)",
+                    "bespoke_psnr": mine.psnr, "other_psnr": other.psnr, "gain_db": gain, "met": gain >= gain_db})
+    return out
 
 
 def nonstationary_targets(rows: Sequence[Row], nfe: int = 10, reach_nfe: int = 20) -> List[dict]:
