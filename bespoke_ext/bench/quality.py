@@ -55,17 +55,11 @@ class QualityModel:
     embedded: bool = True             # the quality target names the embedded models; the oracle informs
     preset: Optional[str] = None      # the demo preset's name, where it is not ``name`` (guided variants)
     guidance: Optional[float] = None  # classifier-free guidance g of a guided variant (see guided_model)
-    cond_key: Optional[str] = None
-    num_classes: int = 0
-
-    @property
-    def conditions(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The pool training draws one row of per sample (demo.train_solvers reads it): every label once."""
-        return {self.cond_key: torch.arange(self.num_classes)} if self.cond_key else None
+    conditions: Optional[Dict[str, torch.Tensor]] = None  # the label pool training draws from (demo.DemoModel's)
+    eval_extras: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None  # the evaluation batch's labels
 
     def extras(self, batch: int) -> Dict[str, torch.Tensor]:
-        """The evaluation batch's model inputs: labels cycling 0, 1, ..., num_classes - 1 (as the demo's)."""
-        return {self.cond_key: torch.arange(batch) % self.num_classes} if self.cond_key else {}
+        return self.eval_extras(batch) if self.eval_extras else {}
 
 
 # Guided variants of the class-conditional embedded models, benched at the guidance scales issue 11 names.
@@ -94,7 +88,7 @@ def guided_model(model: str, g: float) -> QualityModel:
     card = {**dm.card, "description": f"{dm.card.get('description', model)}; classifier-free guidance g = {g:g}, "
                                       f"evaluation labels cycling 0-{dm.num_classes - 1}"}
     return QualityModel(guided_name(model, g), dm.velocity, dm.shape, card, dm.dtype, preset=model, guidance=g,
-                        cond_key=dm.cond_key, num_classes=dm.num_classes)
+                        conditions=dm.conditions, eval_extras=dm.extras)
 
 
 def oracle_model() -> QualityModel:
@@ -368,8 +362,7 @@ def guided_targets(rows: Sequence[Row], nfe: int = 10, gain_db: float = 3.0) -> 
             continue
         gain = mine.psnr - other.psnr
         out.append({"target": f"Bespoke order 2 at NFE {nfe} at least +{gain_db:g} dB PSNR over {other.label} at NFE {nfe}",
-                    "measured": f"Bespoke o2 {mine.psnr:.2f} dB; {other.label} {other.psnr:.2f} dB (+{gain:.2f} dB)"
-                    if gain >= 0 else f"Bespoke o2 {mine.psnr:.2f} dB; {other.label} {other.psnr:.2f} dB ({gain:.2f} dB)",
+                    "measured": f"Bespoke o2 {mine.psnr:.2f} dB; {other.label} {other.psnr:.2f} dB ({gain:+.2f} dB)",
                     "bespoke_psnr": mine.psnr, "other_psnr": other.psnr, "gain_db": gain, "met": gain >= gain_db})
     return out
 

@@ -77,6 +77,11 @@ def stats_of(program: Program, counter: ForwardCounter) -> SampleStats:
                        steps=program.steps, method=program.method)
 
 
+def needs_cast(v, x: Tensor) -> bool:
+    """A floating-point model output of another dtype than the state's (autocast): cast to x's dtype."""
+    return torch.is_tensor(v) and v.dtype != x.dtype and v.is_floating_point()
+
+
 class _FirstEvalCheck:
     """Validates the first model output and reads the forward counter; a no-op afterwards.
 
@@ -90,7 +95,7 @@ class _FirstEvalCheck:
         self.counter = counter
 
     def __call__(self, v, x: Tensor, time: Tensor, model: Callable):
-        if torch.is_tensor(v) and v.dtype != x.dtype and v.is_floating_point():
+        if needs_cast(v, x):
             v, model = v.to(x.dtype), (model if isinstance(model, StateDtype) else StateDtype(model))
         check_velocity(v, x, time, self.method)
         self.counter.after_first_eval()
@@ -117,9 +122,7 @@ class StateDtype:
 
     def __call__(self, x: Tensor, t: Tensor, **extras):
         v = self.model(x, t, **extras)
-        if torch.is_tensor(v) and v.dtype != x.dtype and v.is_floating_point():
-            return v.to(x.dtype)
-        return v
+        return v.to(x.dtype) if needs_cast(v, x) else v
 
     @property
     def network_forwards(self):
