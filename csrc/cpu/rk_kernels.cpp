@@ -48,7 +48,6 @@ struct Args {
   scalar_t* gterm[kMaxTerms] = {};
   scalar_t* gy = nullptr;         // gradient of the target
   int64_t tile = kTile;           // elements per tile: whole samples when they are short
-  int32_t pattern[kTile];         // short samples only (filled by make_args): i / len in a tile
 };
 
 // Elements per tile: kTile, or whole samples of a short length.
@@ -64,12 +63,6 @@ Args<scalar_t, acc_t> make_args(const RkProblem& p, const std::vector<at::Tensor
   a.c = c.data_ptr<acc_t>();
   for (int64_t j = 0; j < p.k; ++j) a.term[j] = terms[j].data_ptr<scalar_t>();
   a.tile = tile_for(a.len);
-  if (a.len < kShortLen) {
-    // only as much of the pattern as one tile of this tensor reads: at [16, 2] the full 512
-    // divisions cost more than the combination itself
-    const int64_t used = std::min(a.tile, p.n * a.len);
-    for (int64_t i = 0; i < used; ++i) a.pattern[i] = static_cast<int32_t>(i / a.len);
-  }
   return a;
 }
 
@@ -196,6 +189,39 @@ at::Tensor finish_coeff_grad(const at::Tensor& partial, const Units& u, const Rk
   return acc.to(coeffs.scalar_type());
 }
 
+// Coefficient gradients of a backward op, computed by backward(lo, hi, sums) over every unit.
+// Per-sample coefficients whose samples each lie inside one unit (nb == 1): a unit's sums are
+// final, so each task sums its units in a scratch buffer and writes them straight into the
+// [N, k] result; an [N, k] buffer of double partials would add three passes over N k values
+// (zeroing, the partials, the conversion), most of the time for samples of a few elements.
+// Otherwise: partials [slots_total, k], added in order by finish_coeff_grad. The same bits
+// either way: a sample's sum is its one slot, converted once.
+template <typename F>
+at::Tensor coeff_grad_over_units(const Units& u, const RkProblem& p, const at::Tensor& coeffs, const F& backward) {
+  if (p.per_sample && u.nb == 1 && u.count > 0) {
+    at::Tensor gc = at::empty({p.n, p.k}, coeffs.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "coeff_grad", [&] {
+      scalar_t* out = gc.data_ptr<scalar_t>();
+      const int64_t grain = std::max<int64_t>(1, kGrain / kReduceBlock);
+      at::parallel_for(0, u.count, grain, [&](int64_t begin, int64_t end) {
+        std::vector<double> sums(u.spu * p.k);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t m = u.slots(i) * p.k;
+          std::fill(sums.begin(), sums.begin() + m, 0.0);
+          const auto [lo, hi] = u.range(i);
+          backward(lo, hi, sums.data());
+          scalar_t* o = out + u.slot(i) * p.k;
+          for (int64_t q = 0; q < m; ++q) o[q] = static_cast<scalar_t>(sums[q]);
+        }
+      });
+    });
+    return gc;
+  }
+  at::Tensor partial = at::empty({u.slots_total(), p.k}, coeffs.options().dtype(at::kDouble));
+  parallel_units(u, p.k, partial.data_ptr<double>(), backward);
+  return finish_coeff_grad(partial, u, p, coeffs);
+}
+
 // The combination into a contiguous destination, in parallel over whole tiles.
 void update_into(const RkProblem& p, const std::vector<at::Tensor>& ts, const at::Tensor& c,
                  const at::Tensor& dst) {
@@ -276,21 +302,25 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> rk_update_backward(
   UpdateBackward b = prepare_update_backward(grad, terms, coeffs, need_terms);
   const RkProblem& p = b.p;
   const Units u = Units::make(p, /*flat=*/!p.per_sample);
-  at::Tensor partial = need_coeffs ? at::empty({u.slots_total(), p.k}, coeffs.options().dtype(at::kDouble))
-                                   : at::Tensor();
+  at::Tensor gcoeffs = at::empty({0}, coeffs.options());
   if (u.count > 0 && (need_terms || need_coeffs)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       auto a = make_args<scalar_t, acc_t>(p, b.terms, b.coeffs);
       a.grad = b.grad.data_ptr<scalar_t>();
       for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
-      parallel_units(u, p.k, need_coeffs ? partial.data_ptr<double>() : nullptr,
-                     [&](int64_t lo, int64_t hi, double* sums) {
-                       BX_CPU_ISA(backward_range, a, /*residual=*/false, lo, hi, sums);
-                     });
+      const auto backward = [&](int64_t lo, int64_t hi, double* sums) {
+        BX_CPU_ISA(backward_range, a, /*residual=*/false, lo, hi, sums);
+      };
+      if (need_coeffs) {
+        gcoeffs = coeff_grad_over_units(u, p, coeffs, backward);
+      } else {
+        parallel_units(u, p.k, nullptr, backward);
+      }
     });
+  } else if (need_coeffs) {
+    gcoeffs = finish_coeff_grad(at::empty({0, p.k}, coeffs.options().dtype(at::kDouble)), u, p, coeffs);
   }
-  at::Tensor gcoeffs = need_coeffs ? finish_coeff_grad(partial, u, p, coeffs) : at::empty({0}, coeffs.options());
   return {b.gterms, gcoeffs};
 }
 
@@ -301,8 +331,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> rk_residual_backward
   ResidualBackward b = prepare_residual_backward(grad, rms, terms, coeffs, target, need_terms, need_target);
   const RkProblem& p = b.p;
   const Units u = Units::make(p, /*flat=*/!p.per_sample);
-  at::Tensor partial = need_coeffs ? at::empty({u.slots_total(), p.k}, coeffs.options().dtype(at::kDouble))
-                                   : at::Tensor();
+  at::Tensor gcoeffs = at::empty({0}, coeffs.options());
   if (u.count > 0 && (need_terms || need_coeffs || need_target)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_residual_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -311,13 +340,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> rk_residual_backward
       a.scale = b.scale.data_ptr<acc_t>();
       for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
       a.gy = need_target ? b.gtarget.data_ptr<scalar_t>() : nullptr;
-      parallel_units(u, p.k, need_coeffs ? partial.data_ptr<double>() : nullptr,
-                     [&](int64_t lo, int64_t hi, double* sums) {
-                       BX_CPU_ISA(backward_range, a, /*residual=*/true, lo, hi, sums);
-                     });
+      const auto backward = [&](int64_t lo, int64_t hi, double* sums) {
+        BX_CPU_ISA(backward_range, a, /*residual=*/true, lo, hi, sums);
+      };
+      if (need_coeffs) {
+        gcoeffs = coeff_grad_over_units(u, p, coeffs, backward);
+      } else {
+        parallel_units(u, p.k, nullptr, backward);
+      }
     });
+  } else if (need_coeffs) {
+    gcoeffs = finish_coeff_grad(at::empty({0, p.k}, coeffs.options().dtype(at::kDouble)), u, p, coeffs);
   }
-  at::Tensor gcoeffs = need_coeffs ? finish_coeff_grad(partial, u, p, coeffs) : at::empty({0}, coeffs.options());
   return {b.gterms, gcoeffs, b.gtarget};
 }
 

@@ -201,29 +201,56 @@ inline void combine_row(acc_t* x, const acc_t* c, const scalar_t* const* t, int6
 
 // Short samples (len < kShortLen, rk_kernels.cpp; below 8 the per-run loops measured slower): a
 // loop per sample would run a few elements, so tiles hold whole samples (p.tile elements, a
-// multiple of len; ranges start at sample boundaries) and per-sample values are spread over a tile
-// by one pattern shared by every tile, p.pattern[i] = i / len.
+// multiple of len; ranges start at sample boundaries) and the loops below take the sample length
+// as a template argument: the compiler unrolls one sample's few elements.
 
-// dst[i] = v[s(a + i) * stride] for i < m, where s(e) = e / len is the sample of element e
-template <typename scalar_t, typename acc_t>
-inline void expand(const Args<scalar_t, acc_t>& p, acc_t* dst, const acc_t* v, int64_t stride, int64_t a,
-                   int64_t m) {
-  const acc_t* base = v + (a / p.len) * stride;
-  const int32_t* pat = p.pattern;
-  const int32_t st = static_cast<int32_t>(stride);  // stride <= kMaxTerms, pattern < kTile
-  for (int64_t i = 0; i < m; ++i) dst[i] = base[pat[i] * st];
+// Calls f(LEN) with the sample length 1 .. kShortLen - 1 as a std::integral_constant
+template <typename F>
+inline void for_short_len(int64_t len, const F& f) {
+  using std::integral_constant;
+  static_assert(kShortLen == 8, "one case per short length");
+  switch (len) {
+    case 1: f(integral_constant<int, 1>{}); break;
+    case 2: f(integral_constant<int, 2>{}); break;
+    case 3: f(integral_constant<int, 3>{}); break;
+    case 4: f(integral_constant<int, 4>{}); break;
+    case 5: f(integral_constant<int, 5>{}); break;
+    case 6: f(integral_constant<int, 6>{}); break;
+    default: f(integral_constant<int, 7>{}); break;
+  }
 }
 
-// sums[s * stride] += sum_r v[s len + r] for each of the tile's m / len whole samples s: r in order,
-// from zero, in the math type (the bits of dot() on runs shorter than 32), all samples at once.
+// dst[i] = v[s(i) stride] src[i] for the tile's m / LEN whole samples, s(i) = i / LEN counted from
+// the tile's first sample (v points at its value); dst may be src.
+template <int LEN, typename acc_t>
+inline void scale_samples_of(acc_t* dst, const acc_t* v, int64_t stride, const acc_t* src, int64_t m) {
+  const int64_t count = m / LEN;
+  for (int64_t s = 0; s < count; ++s) {
+    const acc_t f = v[s * stride];
+    for (int r = 0; r < LEN; ++r) dst[s * LEN + r] = f * src[s * LEN + r];
+  }
+}
 template <typename acc_t>
-inline void sum_samples(const acc_t* v, int64_t len, int64_t m, double* sums, int64_t stride) {
-  const int64_t count = m / len;
-  acc_t acc[kTile];
-  for (int64_t s = 0; s < count; ++s) acc[s] = 0;
-  for (int64_t r = 0; r < len; ++r)
-    for (int64_t s = 0; s < count; ++s) acc[s] += v[s * len + r];
-  for (int64_t s = 0; s < count; ++s) sums[s * stride] += static_cast<double>(acc[s]);
+inline void scale_samples(acc_t* dst, const acc_t* v, int64_t stride, const acc_t* src, int64_t len, int64_t m) {
+  for_short_len(len, [&](auto L) { scale_samples_of<decltype(L)::value>(dst, v, stride, src, m); });
+}
+
+// sums[s * stride] += sum_r x[s len + r] y[s len + r] for each of the tile's m / len whole samples s:
+// r in order, from zero, each product rounded to the math type before it is added (the bits of dot()
+// on runs shorter than 32). The sample length is a template argument, so that the compiler unrolls a
+// sample's few products; the products are not stored, as a loop over all samples per r would need.
+template <int LEN, typename acc_t>
+inline void sum_products_of(const acc_t* x, const acc_t* y, int64_t m, double* sums, int64_t stride) {
+  const int64_t count = m / LEN;
+  for (int64_t s = 0; s < count; ++s) {
+    acc_t acc = 0;
+    for (int r = 0; r < LEN; ++r) acc += x[s * LEN + r] * y[s * LEN + r];
+    sums[s * stride] += static_cast<double>(acc);
+  }
+}
+template <typename acc_t>
+inline void sum_products(const acc_t* x, const acc_t* y, int64_t len, int64_t m, double* sums, int64_t stride) {
+  for_short_len(len, [&](auto L) { sum_products_of<decltype(L)::value>(x, y, m, sums, stride); });
 }
 
 // x[0:m) = sum_j c[s(i), j] T_j[a + i]: the combination every op starts from.
@@ -234,15 +261,7 @@ inline void combine(const Args<scalar_t, acc_t>& p, int64_t a, int64_t m, acc_t*
   } else if (p.len < kShortLen) {
     // a row of coefficients per sample of a few elements: strided reads, with the sample length
     // and the row length known to the compiler, which then vectorises them
-    switch (p.len) {
-      case 1: combine_short<1>(x, p.c, p.k, p.term, a, m); break;
-      case 2: combine_short<2>(x, p.c, p.k, p.term, a, m); break;
-      case 3: combine_short<3>(x, p.c, p.k, p.term, a, m); break;
-      case 4: combine_short<4>(x, p.c, p.k, p.term, a, m); break;
-      case 5: combine_short<5>(x, p.c, p.k, p.term, a, m); break;
-      case 6: combine_short<6>(x, p.c, p.k, p.term, a, m); break;
-      default: combine_short<7>(x, p.c, p.k, p.term, a, m); break;
-    }
+    for_short_len(p.len, [&](auto L) { combine_short<decltype(L)::value>(x, p.c, p.k, p.term, a, m); });
   } else {
     for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
       combine_row(x + o, p.c + s * p.k, p.term, p.k, a + o, r);
@@ -296,8 +315,7 @@ void residual_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi, doub
     const acc_t* y = math_tile(p.y + a, m, yb);
     for (int64_t i = 0; i < m; ++i) x[i] -= y[i];
     if (p.len < kShortLen) {
-      for (int64_t i = 0; i < m; ++i) x[i] *= x[i];
-      sum_samples(x, p.len, m, sums + (a / p.len - s0), 1);
+      sum_products(x, x, p.len, m, sums + (a / p.len - s0), 1);
     } else {
       for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) { sums[s - s0] += dot(x + o, x + o, r); });
     }
@@ -337,8 +355,7 @@ void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, i
       const acc_t* y = math_tile(p.y + a, m, tb);
       for (int64_t i = 0; i < m; ++i) gb[i] -= y[i];
       if (p.len < kShortLen) {
-        expand(p, w, p.scale, 1, a, m);
-        for (int64_t i = 0; i < m; ++i) gb[i] *= w[i];
+        scale_samples(gb, p.scale + a / p.len, 1, gb, p.len, m);
       } else {
         for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
           const acc_t f = p.scale[s];
@@ -361,8 +378,7 @@ void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, i
           const acc_t cj = p.c[j];
           for (int64_t i = 0; i < m; ++i) d[i] = cj * g[i];
         } else if (short_runs) {
-          expand(p, d, p.c + j, k, a, m);
-          for (int64_t i = 0; i < m; ++i) d[i] *= g[i];
+          scale_samples(d, p.c + (a / p.len) * k + j, k, g, p.len, m);
         } else {
           for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
             const acc_t cj = p.c[s * k + j];
@@ -378,8 +394,7 @@ void backward_range(const Args<scalar_t, acc_t>& p, bool residual, int64_t lo, i
         if (!p.per_sample) {
           sums[j] += dot(g, tj, m);
         } else if (short_runs) {
-          for (int64_t i = 0; i < m; ++i) w[i] = g[i] * tj[i];
-          sum_samples(w, p.len, m, sums + (a / p.len - s0) * k + j, k);
+          sum_products(g, tj, p.len, m, sums + (a / p.len - s0) * k + j, k);
         } else {
           for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) {
             sums[(s - s0) * k + j] += dot(g + o, tj + o, r);
