@@ -30,7 +30,16 @@ Shapes cover every way of grouping elements into samples: flat [L] (one element 
 (buffers reused, pages already touched), except the allocating variants, which pay fresh
 allocations as callers do.
 
-Environment: BENCH_DEVICE (cpu or cuda), BENCH_THREADS (CPU thread counts, default "1,2"),
+Caches (CPU): every timed call of a case larger than the L2 (1 MiB here) starts cold, after a
+64 MiB buffer (twice this machine's L3) is written, untimed. Most cases fit in L3 (1M fp32
+elements and k = 3 terms are 16 MiB with the output), so a call right after another variant that
+read the same terms ran up to 2x faster than one after the copy variant had evicted them: with the
+order of variants rotating round by round, the medians then depended on which variant happened to
+precede which. Cold is also what a sampling loop gives the update of a large state, whose model
+evaluation in between touches far more memory; cases within the L2 stay warm (evicting them too
+would time DRAM latency, not the op). BENCH_CACHE=warm times back-to-back calls throughout.
+
+Environment: BENCH_DEVICE (cpu or cuda), BENCH_CACHE (cold or warm, CPU only), BENCH_THREADS (CPU thread counts, default "1,2"),
 BENCH_FLAT_SIZES (the flat sweep, default "1e4,1e6,4.2e6,1.7e7"), BENCH_SCALE (multiplies the
 number of samples of the other shapes, e.g. 16 on a GPU).
 """
@@ -48,6 +57,11 @@ ON_CPU = DEVICE == "cpu"
 THREADS = [int(t) for t in os.environ.get("BENCH_THREADS", "1,2").split(",")] if ON_CPU else [0]
 FLAT_SIZES = [int(float(s)) for s in os.environ.get("BENCH_FLAT_SIZES", "1e4,1e6,4.2e6,1.7e7").split(",")]
 SCALE = int(os.environ.get("BENCH_SCALE", "1"))
+COLD = ON_CPU and os.environ.get("BENCH_CACHE", "cold") == "cold"
+if os.environ.get("BENCH_CACHE", "cold") not in ("cold", "warm"):
+    raise ValueError(f"BENCH_CACHE must be cold or warm, got {os.environ['BENCH_CACHE']!r}")
+_EVICT = torch.empty(16 << 20) if COLD else None  # 64 MiB of float32, written before each timed call
+_L2_BYTES = 1 << 20  # this machine's L2 (both cores): cases that fit stay there whatever ran before
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -119,7 +133,12 @@ def _residual_eager(terms, cols, target):
 _residual_compiled = torch.compile(_residual_eager, dynamic=True)
 
 
-def _run(benchmark, fns, numel, threads, main):
+def _footprint(terms):
+    """Bytes of a case's terms and its output or target."""
+    return (len(terms) + 1) * terms[0].numel() * terms[0].element_size()
+
+
+def _run(benchmark, fns, numel, threads, main, footprint):
     """Times every variant of ``fns`` side by side, round by round: before each of pytest-benchmark's rounds
     of ``main`` (its setup, not timed by it) every other variant runs once, timed here, in an order that
     rotates from round to round. The others' times go to extra_info["side_by_side"]: on a shared machine a
@@ -130,7 +149,14 @@ def _run(benchmark, fns, numel, threads, main):
     others = [name for name in fns if name != main]
     times = {name: [] for name in others}
 
+    cold = COLD and footprint > _L2_BYTES
+
+    def evict():
+        if cold:
+            _EVICT.fill_(0.0)  # untimed: evicts the previous call's data from every cache level
+
     def timed(fn):
+        evict()
         started = time.perf_counter()
         fn()
         _sync()
@@ -141,13 +167,18 @@ def _run(benchmark, fns, numel, threads, main):
         for i in range(len(others)):
             name = others[(r + i) % len(others)]
             times[name].append(timed(fns[name]))
+        evict()  # pytest-benchmark times the main variant right after this setup
+
+    def main_once():
+        fns[main]()
+        _sync()
 
     try:
         for _ in range(2):  # warm-up: compilation, page faults, caches
             for fn in fns.values():
                 timed(fn)
         rounds = (20 if numel <= 1 << 20 else 7) if ON_CPU else 100
-        benchmark.pedantic(lambda: timed(fns[main]), setup=others_once, rounds=rounds, iterations=1)
+        benchmark.pedantic(main_once, setup=others_once, rounds=rounds, iterations=1)
     finally:
         if ON_CPU:
             torch.set_num_threads(saved)
@@ -162,6 +193,7 @@ def _info(benchmark, op, case, main, threads, elem_size):
     benchmark.group = f"{op} {'x'.join(map(str, shape))} k={k} {dtype} {coeffs} threads={threads}"
     benchmark.extra_info.update(op=op, shape=list(shape), size=numel, k=k, dtype=dtype, coeffs=coeffs,
                                 threads=threads, variant=main, elem_size=elem_size, device=DEVICE,
+                                cache="cold" if COLD else "warm",  # cases within the L2: warm either way
                                 load1=os.getloadavg()[0])  # the machine is shared: say how busy it was
     return numel
 
@@ -184,7 +216,7 @@ def test_update(benchmark, case, threads):
         "copy": lambda: dst.copy_(src),
     }
     with torch.inference_mode():
-        _run(benchmark, fns, numel, threads, "fused_out")
+        _run(benchmark, fns, numel, threads, "fused_out", _footprint(terms))
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -199,7 +231,7 @@ def test_residual(benchmark, case, threads):
         "compiled": lambda: _residual_compiled(terms, cols, target),
     }
     with torch.inference_mode():
-        _run(benchmark, fns, numel, threads, "fused")
+        _run(benchmark, fns, numel, threads, "fused", _footprint(terms))
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -218,4 +250,4 @@ def test_update_backward(benchmark, case, threads):
         "fused": lambda: torch.ops.bespoke_ext.rk_update_backward(grad, terms, c, True, True),
         "eager": lambda: torch.autograd.grad(out, [*leaves, c_leaf], grad, retain_graph=True),
     }
-    _run(benchmark, fns, numel, threads, "fused")
+    _run(benchmark, fns, numel, threads, "fused", _footprint(terms))

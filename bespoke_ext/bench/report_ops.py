@@ -66,6 +66,7 @@ def summarise(rows) -> List[dict]:
         r["size"] = some["size"]
         r.update({f"{name}_ms": round(x["median"] * 1e3, 4) for name, x in v.items()})
         r["load1_max"] = round(max(x.get("load1", 0.0) for x in v.values()), 1)
+        r["cache"] = some.get("cache")  # None in files from before the cold-cache timing
         if r["op"] == "rk_update":
             r["inplace_over_out"] = _ratio(v, "eager_inplace", "fused_out")
             r["eager_over_fused"] = _ratio(v, "eager", "fused")
@@ -100,6 +101,16 @@ def _table(summary: Sequence[dict], op: str, fields: Sequence[Tuple[str, str]]) 
     return md_table(head, rows, "l" * len(head))
 
 
+def _cache_line(summary: Sequence[dict]) -> str:
+    modes = {r.get("cache") for r in summary}
+    if modes == {"cold"}:
+        return ("Every timed call of a case larger than the L2 starts with cold caches (a 64 MiB buffer written "
+                "before it, untimed); smaller cases run warm.")
+    if modes == {"warm"}:
+        return "Timed calls run back to back (caches warm from the previous variant)."
+    return ""
+
+
 def kernel_markdown(summary: Sequence[dict], machine: dict) -> str:
     """The ops_<machine>.md text: the rk_update, rk_residual and rk_update_backward tables and the targets."""
     loads = [r["load1_max"] for r in summary]
@@ -107,7 +118,7 @@ def kernel_markdown(summary: Sequence[dict], machine: dict) -> str:
         f"Kernel benchmarks on {machine['node']} ({machine['cpu']}, torch {machine['torch']}, device "
         f"{machine['device']}). Medians; every ratio is within one run. 1-minute load average during the run: "
         f"median {statistics.median(loads)}, max {max(loads)} (the machine is shared: with a load above the "
-        f"core count, absolute times are noisy and ratios less so).",
+        f"core count, absolute times are noisy and ratios less so). {_cache_line(summary)}",
         "",
         "### rk_update",
         "",

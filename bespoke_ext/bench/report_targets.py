@@ -81,7 +81,7 @@ def kernel_targets(summary: Sequence[dict]) -> List[str]:
         ok = worst[field] >= bound
         name = f"{shape_label(worst['shape'])} k={worst['k']} {worst['dtype']} {worst['coeffs']}"
         lines.append(f"- {label}: {'met' if ok else 'MISSED'}; worst {worst[field]} at {name}, "
-                     f"{worst['threads']} thread(s) (median over cases {statistics.median(r[field] for r in cases)})")
+                     f"{worst['threads']} thread(s) (median over cases {round(statistics.median(r[field] for r in cases), 2)})")
 
     check("fused_out >= 1.0x the eager in-place chain at every shape", up, "inplace_over_out", 1.0)
     check("fused_out >= 1.3x the in-place chain at >= 1M elements", [r for r in up if r["size"] >= 1 << 20],
