@@ -189,15 +189,20 @@ at::Tensor finish_coeff_grad(const at::Tensor& partial, const Units& u, const Rk
   return acc.to(coeffs.scalar_type());
 }
 
-// Coefficient gradients of a backward op, computed by backward(lo, hi, sums) over every unit.
-// Per-sample coefficients whose samples each lie inside one unit (nb == 1): a unit's sums are
-// final, so each task sums its units in a scratch buffer and writes them straight into the
-// [N, k] result; an [N, k] buffer of double partials would add three passes over N k values
-// (zeroing, the partials, the conversion), most of the time for samples of a few elements.
-// Otherwise: partials [slots_total, k], added in order by finish_coeff_grad. The same bits
-// either way: a sample's sum is its one slot, converted once.
+// Runs a backward op's backward(lo, hi, sums) over every unit and returns the coefficient
+// gradient ([N, k] or [k]; 0 elements when not asked for). Per-sample coefficients whose samples
+// each lie inside one unit (nb == 1): a unit's sums are final, so each task sums its units in a
+// scratch buffer and writes them straight into the [N, k] result; an [N, k] buffer of double
+// partials would add three passes over N k values (zeroing, the partials, the conversion), most
+// of the time for samples of a few elements. Otherwise: partials [slots_total, k], added in order
+// by finish_coeff_grad. The same bits either way: a sample's sum is its one slot, converted once.
 template <typename F>
-at::Tensor coeff_grad_over_units(const Units& u, const RkProblem& p, const at::Tensor& coeffs, const F& backward) {
+at::Tensor backward_over_units(const Units& u, const RkProblem& p, const at::Tensor& coeffs, bool need_coeffs,
+                               const F& backward) {
+  if (!need_coeffs) {
+    parallel_units(u, p.k, nullptr, backward);
+    return at::empty({0}, coeffs.options());
+  }
   if (p.per_sample && u.nb == 1 && u.count > 0) {
     at::Tensor gc = at::empty({p.n, p.k}, coeffs.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "coeff_grad", [&] {
@@ -303,24 +308,16 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> rk_update_backward(
   const RkProblem& p = b.p;
   const Units u = Units::make(p, /*flat=*/!p.per_sample);
   at::Tensor gcoeffs = at::empty({0}, coeffs.options());
-  if (u.count > 0 && (need_terms || need_coeffs)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update_backward", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto a = make_args<scalar_t, acc_t>(p, b.terms, b.coeffs);
-      a.grad = b.grad.data_ptr<scalar_t>();
-      for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
-      const auto backward = [&](int64_t lo, int64_t hi, double* sums) {
-        BX_CPU_ISA(backward_range, a, /*residual=*/false, lo, hi, sums);
-      };
-      if (need_coeffs) {
-        gcoeffs = coeff_grad_over_units(u, p, coeffs, backward);
-      } else {
-        parallel_units(u, p.k, nullptr, backward);
-      }
+  if (!need_terms && !need_coeffs) return {b.gterms, gcoeffs};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_update_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, acc_t>(p, b.terms, b.coeffs);
+    a.grad = b.grad.data_ptr<scalar_t>();
+    for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
+    gcoeffs = backward_over_units(u, p, coeffs, need_coeffs, [&](int64_t lo, int64_t hi, double* sums) {
+      BX_CPU_ISA(backward_range, a, /*residual=*/false, lo, hi, sums);
     });
-  } else if (need_coeffs) {
-    gcoeffs = finish_coeff_grad(at::empty({0, p.k}, coeffs.options().dtype(at::kDouble)), u, p, coeffs);
-  }
+  });
   return {b.gterms, gcoeffs};
 }
 
@@ -332,26 +329,18 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> rk_residual_backward
   const RkProblem& p = b.p;
   const Units u = Units::make(p, /*flat=*/!p.per_sample);
   at::Tensor gcoeffs = at::empty({0}, coeffs.options());
-  if (u.count > 0 && (need_terms || need_coeffs || need_target)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_residual_backward", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto a = make_args<scalar_t, acc_t>(p, b.terms, b.coeffs);
-      a.y = b.target.data_ptr<scalar_t>();
-      a.scale = b.scale.data_ptr<acc_t>();
-      for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
-      a.gy = need_target ? b.gtarget.data_ptr<scalar_t>() : nullptr;
-      const auto backward = [&](int64_t lo, int64_t hi, double* sums) {
-        BX_CPU_ISA(backward_range, a, /*residual=*/true, lo, hi, sums);
-      };
-      if (need_coeffs) {
-        gcoeffs = coeff_grad_over_units(u, p, coeffs, backward);
-      } else {
-        parallel_units(u, p.k, nullptr, backward);
-      }
+  if (!need_terms && !need_coeffs && !need_target) return {b.gterms, gcoeffs, b.gtarget};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "rk_residual_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto a = make_args<scalar_t, acc_t>(p, b.terms, b.coeffs);
+    a.y = b.target.data_ptr<scalar_t>();
+    a.scale = b.scale.data_ptr<acc_t>();
+    for (size_t j = 0; j < b.gterms.size(); ++j) a.gterm[j] = b.gterms[j].data_ptr<scalar_t>();
+    a.gy = need_target ? b.gtarget.data_ptr<scalar_t>() : nullptr;
+    gcoeffs = backward_over_units(u, p, coeffs, need_coeffs, [&](int64_t lo, int64_t hi, double* sums) {
+      BX_CPU_ISA(backward_range, a, /*residual=*/true, lo, hi, sums);
     });
-  } else if (need_coeffs) {
-    gcoeffs = finish_coeff_grad(at::empty({0, p.k}, coeffs.options().dtype(at::kDouble)), u, p, coeffs);
-  }
+  });
   return {b.gterms, gcoeffs, b.gtarget};
 }
 
