@@ -38,6 +38,21 @@ def test_per_sample_rms_ignores_only_the_batch_dimension():
     assert metrics.per_sample_rms(v).tolist() == pytest.approx([math.sqrt(12.5), 0.0])
 
 
+def test_per_sample_rms_has_a_zero_gradient_at_an_exact_sample():
+    # sqrt's derivative is infinite at 0: the plain formula's gradient there is 0 * inf = NaN, which made
+    # training skip every step once one sample of a batch was solved exactly
+    v = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    rms = metrics.per_sample_rms(v)
+    rms.sum().backward()
+    assert rms.tolist() == [0.0, math.sqrt(12.5)]
+    assert v.grad[0].tolist() == [0.0, 0.0]
+    assert v.grad[1].tolist() == pytest.approx([3.0 / (2 * math.sqrt(12.5)), 4.0 / (2 * math.sqrt(12.5))])
+    log_mse = torch.log(metrics.per_sample_rms(v).pow(2).clamp_min(1e-30)).sum()
+    v.grad = None
+    log_mse.backward()
+    assert torch.isfinite(v.grad).all()
+
+
 def test_psnr_of_identical_tensors_is_infinite_and_rmse_zero():
     x = torch.randn(3, 5)
     assert metrics.psnr(x, x.clone()) == math.inf

@@ -461,3 +461,29 @@ def test_preconditioned_start_is_euler_on_the_warped_grid(mixture):
     for bad in (0.0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match="sigma0"):
             preconditioned_grid(8, bad)
+
+
+class _ExactGaussianField(torch.nn.Module):
+    """The exact OT velocity towards x(1) ~ N(2, 0.1^2) per coordinate: a field that a least-squares start
+    fits to the last bit on some samples, whose final error is then exactly 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mu", torch.tensor(2.0))
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype)
+        t = t if t.dim() == 0 else t.reshape(-1, *([1] * (x.dim() - 1)))
+        var = t * t * 0.01 + (1 - t) ** 2
+        return self.mu + (t * 0.01 - (1 - t)) / var * (x - t * self.mu)
+
+
+@pytest.mark.parametrize("loss", ["log_mse", "end_to_end"])
+def test_samples_solved_exactly_give_zero_gradients_not_skipped_steps(tmp_path, loss):
+    # the loss's per-sample RMS at an error of exactly 0 had a NaN gradient (sqrt at 0): every step was
+    # skipped as non-finite and training stopped with NonFiniteTrainingError
+    solver = bx.NonStationarySolver(4)
+    bx.train(_ExactGaussianField(), solver, shape=(2,), iterations=12, batch_size=16, loss=loss, cache_samples=32,
+             cache_grid=16, val_size=16, progress=False, cache_dir=str(tmp_path))
+    assert solver.history.skipped_iterations == []
+    assert all(math.isfinite(v) for v in solver.history.loss)

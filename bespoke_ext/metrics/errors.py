@@ -28,8 +28,15 @@ def _check_pair(x: Tensor, y: Tensor, names: Tuple[str, str] = ("x", "y")) -> No
 
 
 def per_sample_rms(v: Tensor) -> Tensor:
-    """||v|| per sample: sqrt of the mean of v^2 over every dimension but the first, [B] (float64)."""
-    return v.double().reshape(v.shape[0], -1).pow(2).mean(dim=1).sqrt()
+    """||v|| per sample: sqrt of the mean of v^2 over every dimension but the first, [B] (float64).
+
+    Differentiable everywhere: at v_b = 0 (a sample solved exactly) sqrt's derivative is infinite and
+    autograd would give 0 * inf = NaN; the gradient there is 0 instead, the minimum-norm subgradient (as
+    the fused rk_residual's). The values are those of the plain sqrt.
+    """
+    ms = v.double().reshape(v.shape[0], -1).pow(2).mean(dim=1)
+    exact = ms == 0
+    return torch.where(exact, 0.0, torch.where(exact, 1.0, ms).sqrt())
 
 
 def rmse(x: Tensor, y: Tensor) -> float:
