@@ -470,6 +470,22 @@ def test_model_identity_covers_weights_settings_and_inputs():
     before = model_tag(guided)
     guided(torch.randn(2, 4), torch.tensor(0.5), y=torch.tensor([0, 1]))
     assert guided.network_forwards == 2 and model_tag(guided) == before
+    # tensors held as plain attributes (not parameters or buffers, so not in the state dict), by value
+    emb = ClassifierFreeGuidance(m, 2.0, cond_key="y", null_value=torch.zeros(4))
+    assert model_tag(emb) != model_tag(ClassifierFreeGuidance(m, 2.0, cond_key="y", null_value=torch.ones(4)))
+    assert model_tag(emb) == model_tag(ClassifierFreeGuidance(m, 2.0, cond_key="y", null_value=torch.zeros(4)))
+    scaled = torch.nn.Linear(4, 4)
+    scaled.scale = torch.tensor(1.0)
+    before_scale = model_tag(scaled)
+    scaled.scale = torch.tensor(50.0)
+    assert model_tag(scaled) != before_scale
+    # ScalarTimeAdapter's call counter either
+    from bespoke_ext.models import ScalarTimeAdapter
+
+    scalar = ScalarTimeAdapter(m)
+    before_calls = model_tag(scalar)
+    scalar(torch.randn(3, 4), torch.tensor([0.1, 0.2, 0.2]))
+    assert scalar.calls == 2 and model_tag(scalar) == before_calls
     # bound methods are the object they are bound to
     assert model_tag(m.forward) != model_tag(other.forward)
     # state the package cannot see is refused unless the caller takes responsibility

@@ -7,7 +7,8 @@ over everything the package can see that shapes the field:
 - every tensor of the state dict (names, dtypes, shapes, values);
 - the primitive settings (numbers, strings, bools, None, and tuples / lists / dicts of them) of the
   module and of every submodule, e.g. ``ClassifierFreeGuidance.guidance_scale``,
-  ``VelocityAdapter.prediction`` and ``t_eps``;
+  ``VelocityAdapter.prediction`` and ``t_eps``, and tensors held as plain attributes (neither
+  parameter nor buffer, so not in the state dict), e.g. a tensor ``null_value``, by value;
 - plain objects held as attributes (a schedule), through their own settings, and functions held
   as attributes, through their code, defaults and closure values;
 - for a bound method, the object it is bound to.
@@ -108,9 +109,10 @@ class _Hasher:
             self.text(f"settings|{name}|{_qualname(sub)}")
             ignore = set(getattr(type(sub), "identity_ignore", ()))
             for key, v in sorted(vars(sub).items()):
-                if key.startswith("_") or key == "training" or key in ignore or torch.is_tensor(v) \
-                        or isinstance(v, torch.nn.Module):
-                    continue  # tensors are in the state dict; submodules have their own entry
+                if key.startswith("_") or key == "training" or key in ignore or isinstance(v, torch.nn.Module):
+                    continue  # submodules have their own entry
+                # parameters and buffers live in _parameters / _buffers (the state dict, above): a tensor
+                # here is a plain attribute (a null-condition embedding, a scale), hashed by value
                 self.text(key)
                 self.value(v, 1)
 
