@@ -84,6 +84,22 @@ def test_trained_solver_in_a_diffusers_loop_equals_bx_sample(field, make):
     assert (want - base).abs().max() > 1e-3  # the perturbation matters, so the match is not trivial
 
 
+def test_from_solver_takes_the_model_tag_that_training_recorded(tmp_path):
+    from bespoke_ext.models.oracle import GaussianMixtureFlow
+
+    model = GaussianMixtureFlow.random(dim=2, components=2, std=0.3, seed=0)
+    solver = bx.BespokeSolver(2, 2)
+    bx.train(model, solver, shape=(2,), iterations=2, batch_size=4, cache_samples=8, cache_grid=8, val_size=4,
+             progress=False, cache_dir=str(tmp_path))
+    tag = solver.metadata["training"]["model_tag"]
+    assert tag.startswith("bespoke_ext.models.oracle.GaussianMixtureFlow:")
+    assert BespokeScheduler.from_solver(solver).config.model_tag == tag
+    path = tmp_path / "s.safetensors"
+    solver.save(path)
+    assert BespokeScheduler.from_solver(bx.BespokeSolver.load(path)).config.model_tag == tag
+    assert BespokeScheduler.from_solver(solver, model_tag="mine").config.model_tag == "mine"
+
+
 def test_save_pretrained_round_trip_is_json_and_exact(field, tmp_path):
     solver = _perturbed(bx.BespokeSolver(3, 2))
     scheduler = BespokeScheduler.from_solver(solver, trained_mu=0.8, model_tag="tiny")

@@ -127,7 +127,9 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         clash = set(record) & set(config) | ({"steps", "solver_order"} & set(config))
         if clash:
             raise TypeError(f"from_solver: {sorted(clash)} come from the solver itself")
-        config.setdefault("model_tag", solver.metadata.get("model_tag"))
+        # bx.train records the tag with the rest of the run, under metadata["training"]
+        trained = solver.metadata.get("training") or {}
+        config.setdefault("model_tag", trained.get("model_tag", solver.metadata.get("model_tag")))
         return cls(steps=solver.steps, solver_order=solver.order, **record, **config)
 
     def to_solver(self):
