@@ -404,12 +404,13 @@ def test_schema_violations_are_refused_with_the_reason(tmp_path, config, tensors
 
 
 def test_trains_through_bx_train_with_the_log_mse_loss(mixture, one_thread):
-    """bx.train with the paper's loss (mean log-MSE of the final sample) improves a fresh (Euler) solver on
-    held-out noise; the bound loss, which needs per-step scale-time coefficients, is refused up front."""
+    """bx.train with the paper's loss (mean log-MSE of the final sample), the default for this solver,
+    improves a fresh (Euler) solver on held-out noise; the bound loss, which needs per-step scale-time
+    coefficients, is refused up front when asked for."""
     import bespoke_ext as bx
 
     m = mixture(4, std=0.15, seed=0).double()
-    solver = bx.train(m, bx.NonStationarySolver(6), shape=(4,), iterations=60, batch_size=32, loss="log_mse",
+    solver = bx.train(m, bx.NonStationarySolver(6), shape=(4,), iterations=60, batch_size=32,
                       lr=5e-3, cache_samples=128, val_size=64, val_every=20, dtype=torch.float64, progress=False)
     x0 = torch.randn(256, 4, generator=torch.Generator().manual_seed(2024), dtype=torch.float64)
     truth = bx.sample(m, x0, method="dopri5", atol=1e-10, rtol=1e-10)

@@ -117,6 +117,7 @@ class NonStationarySolver(nn.Module):
     raw parameters' units (module docstring). Use with ``bespoke_ext.sample(model, x0, solver=solver)``."""
 
     supports_bound_loss = False  # trained on its final sample: loss="log_mse" (or "end_to_end")
+    default_loss = "log_mse"  # bx.train's loss when none is given: the paper's
     KIND = "NonStationarySolver"
 
     def __init__(self, nfe: int, base: str = "euler", *, time_scale: float = 1.0, coeff_scale: float = 1.0):

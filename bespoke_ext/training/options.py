@@ -40,6 +40,8 @@ class TrainOptions:
             bound-trained solver, with a small lr, cosine decay and clipping) or "log_mse" (the
             non-stationary paper's: mean over samples of log || x_n(theta) - x(1) ||^2, PSNR's own
             objective, through the same end-to-end path; the loss for NonStationarySolver).
+            ``bx.train`` without a loss uses the solver's own: "bound" for BespokeSolver, "log_mse" for
+            NonStationarySolver (whose final-sample training has no per-step bound).
         lr_schedule: "constant" or "cosine" (decay to lr_final_fraction * lr at the last iteration);
             None picks constant for "bound" and cosine for the end-to-end losses.
         lr_final_fraction: where the cosine schedule ends.

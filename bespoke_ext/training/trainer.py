@@ -97,7 +97,8 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     Returns the solver, with ``solver.history`` (a ``TrainHistory``) attached; with keep_best (default) its
     parameters are those of the best validation RMSE seen.
     """
-    opts = TrainOptions.from_kwargs(**options)
+    # without a loss, the solver's own: the bound loss for BespokeSolver, log-MSE for NonStationarySolver
+    opts = TrainOptions.from_kwargs(**{"loss": getattr(solver, "default_loss", "bound"), **options})
     if opts.fit_start and not getattr(solver, "supports_least_squares_start", False):
         raise ValueError(f"fit_start=True needs a solver that is linear in its coefficients (NonStationarySolver); "
                          f"{type(solver).__name__} is not: leave fit_start unset")
