@@ -55,6 +55,15 @@ def test_solve_matches_closed_form_and_starts_at_x0():
     torch.testing.assert_close(out, exact, rtol=1e-7, atol=1e-8)
 
 
+def test_solve_names_a_non_finite_velocity_and_its_time():
+    # NaN after t = 0.9: every later step is rejected and torchdiffeq stops with "underflow in dt"
+    def nan_late(x, t):
+        return torch.where(t[:, None] > 0.9, torch.nan, -x)
+
+    with pytest.raises(ValueError, match=r"NaN or inf during the ground-truth solve .* samples 0\.\.3, first at t = 0\.9"):
+        solve_trajectories(nan_late, torch.randn(4, 2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), group_size=4)
+
+
 def test_solve_rejects_bad_times():
     with pytest.raises(ValueError, match="strictly increasing"):
         solve_trajectories(lambda x, t: x, torch.zeros(2, 2), torch.tensor([0.0, 0.5, 0.5]))

@@ -42,16 +42,35 @@ def check_tolerance(rtol: float, atol: float) -> None:
 
 
 class _Field(torch.nn.Module):
-    """f(t, x) = u(x, t) with t expanded per sample (models may require [B] times); counts calls."""
+    """f(t, x) = u(x, t) with t expanded per sample (models may require [B] times); counts calls and
+    remembers the first time at which the model returned NaN or inf (as tensors: no host sync per call)."""
 
     def __init__(self, model: Callable, extras: dict):
         super().__init__()
         self.model, self.extras, self.calls = model, extras, 0
         self.cond: dict = {}   # the current group's per-sample conditions (leading dimension = the group)
+        self.bad: Optional[Tensor] = None    # any non-finite output so far (0-dim bool)
+        self.bad_t: Optional[Tensor] = None  # the time of the first one
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         self.calls += 1
-        return self.model(x, t.to(x.dtype).expand(x.shape[0]), **self.extras, **self.cond)
+        v = self.model(x, t.to(x.dtype).expand(x.shape[0]), **self.extras, **self.cond)
+        if torch.is_tensor(v):
+            bad = ~torch.isfinite(v).all()
+            if self.bad is None:
+                self.bad, self.bad_t = bad, t.detach().double().clone()
+            else:
+                self.bad_t = torch.where(bad & ~self.bad, t.detach().double(), self.bad_t)
+                self.bad = self.bad | bad
+        return v
+
+    def check_finite(self, start: int, size: int) -> None:
+        """A clear error if the model returned NaN or inf while samples start .. start + size - 1 were solved."""
+        if self.bad is not None and bool(self.bad):
+            raise ValueError(
+                f"the model returned NaN or inf during the ground-truth solve (dopri5) of samples {start}..{start + size - 1}, "
+                f"first at t = {float(self.bad_t):.6g}: ground truth needs a finite velocity at every time in [0, 1] "
+                f"and at every state the solve visits (check the model near that time, or its inputs there)")
 
 
 @torch.no_grad()
@@ -96,8 +115,17 @@ def solve_trajectories(model: Callable, x0: Tensor, times: Tensor, *, rtol: floa
     for start in range(0, x0.shape[0], group_size):
         group = x0[start:start + group_size]
         field.cond = rows_of(cond, slice(start, start + group_size))
-        out.append(odeint(field, group, times, rtol=rtol, atol=atol, method="dopri5",
-                          options=dict(norm=per_sample_max_rms)))
+        field.bad = field.bad_t = None
+        try:
+            states = odeint(field, group, times, rtol=rtol, atol=atol, method="dopri5",
+                            options=dict(norm=per_sample_max_rms))
+        except Exception:
+            # a non-finite velocity surfaces inside torchdiffeq as "underflow in dt" (its step size control
+            # does not recover from a NaN error estimate)
+            field.check_finite(start, group.shape[0])
+            raise
+        field.check_finite(start, group.shape[0])  # a solve that ran on through inf
+        out.append(states)
         if progress is not None:
             progress.update(group.shape[0])
     if stats is not None:
