@@ -385,6 +385,11 @@ def test_options_are_checked_with_clear_errors(mixture):
         train(m, s, shape=(4,), iterations=1, batch_size=0)
     with pytest.raises(ValueError, match="shape"):
         train(m, s, shape=(), iterations=1, batch_size=2)
+    with pytest.raises(ValueError, match="shape must be a sequence of positive integers"):
+        train(m, s, shape=(2.5,), iterations=1, batch_size=2)
+    bad_device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match="no CUDA device|CUDA device\\(s\\) are visible"):
+        train(m, s, shape=(4,), iterations=1, batch_size=2, device=bad_device)
     with pytest.raises(TypeError, match="BespokeSolver"):
         train(m, object(), shape=(4,), iterations=1, batch_size=2)
     with pytest.raises(ValueError, match="max_nonfinite_steps"):

@@ -100,7 +100,15 @@ def _destroy_at_exit() -> None:
 def resolve_device(device) -> torch.device:
     """A CUDA device without an index means this process's GPU (LOCAL_RANK under torchrun), made current
     (nccl needs it before the group is initialised)."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch device or its name ('cpu', 'cuda', 'cuda:1'), got {device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but no CUDA device is available "
+                         f"({'this torch is built without CUDA' if torch.version.cuda is None else 'none visible'})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
     if device.type == "cuda" and device.index is None:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local % max(1, torch.cuda.device_count()))

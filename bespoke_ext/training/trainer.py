@@ -44,6 +44,7 @@ import copy
 import hashlib
 import json
 import math
+import operator
 import os
 import time
 import warnings
@@ -145,7 +146,9 @@ def _identity(model, opts: TrainOptions) -> str:
 
 def _check_shape(shape) -> Tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in shape)
+        dims = tuple(shape)
+        # operator.index: integers of any kind (numpy, a 0-dim integer tensor) but not 2.5, which int() truncates
+        shape = tuple(operator.index(s) for s in dims)
     except TypeError:
         raise ValueError(f"shape must be a sequence of positive integers (per-sample shape), got {shape!r}") from None
     if not shape or min(shape) < 1:
