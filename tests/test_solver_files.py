@@ -203,6 +203,14 @@ def test_the_writer_applies_the_same_schema(tmp_path):
     with pytest.raises(ValueError, match="header would be .* bytes, more than readers accept"):
         trained(3, 2).save(path, metadata={"history": "x" * (files.MAX_HEADER_BYTES + 1)})
     assert not path.exists()
+    broken = trained(3, 2)
+    with torch.no_grad():
+        next(broken.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite values .* finite parameters only"):
+        broken.save(path)
+    with pytest.raises(FileNotFoundError, match="its folder .*missing does not exist"):
+        trained(3, 2).save(tmp_path / "missing" / "x.safetensors")
+    assert not path.exists()
     # and a file of the other kind with a file, NonStationarySolver, follows its own schema
     n = 4
     ns = {"time_logits": torch.zeros(n - 1), "a_delta": torch.zeros(n), "b_delta": torch.zeros(10),

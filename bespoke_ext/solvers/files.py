@@ -163,8 +163,11 @@ def write_solver_file(path: PathLike, *, kind: str, config: dict, tensors: Dict[
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if check_schema:
         for name, t in tensors.items():
-            if t.dtype not in {d for d, _ in _DTYPES.values()} or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"tensor {name!r} must be finite float16/bfloat16/float32/float64, got {t.dtype}")
+            if t.dtype not in {d for d, _ in _DTYPES.values()}:
+                raise ValueError(f"tensor {name!r} must be float16/bfloat16/float32/float64, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor {name!r} has {int((~torch.isfinite(t)).sum())} non-finite values (NaN or inf) "
+                                 f"of {t.numel()}: a solver file holds finite parameters only (was training diverging?)")
         _check_layout(schema, json.loads(config_json), {k: tuple(v.shape) for k, v in tensors.items()})
         _check_sizes({k: tuple(v.shape) for k, v in tensors.items()})
     metadata = {
@@ -181,6 +184,9 @@ def write_solver_file(path: PathLike, *, kind: str, config: dict, tensors: Dict[
         raise ValueError(f"the solver file's header would be {header_len} bytes, more than readers accept "
                          f"({MAX_HEADER_BYTES}); keep the metadata smaller")
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write the solver file {path}: its folder {folder} does not exist")
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
