@@ -331,6 +331,13 @@ def test_argument_errors(mlp, x1, kwargs, match):
         bx.compute_likelihood(mlp, x1, log_normal, **kwargs)
 
 
+@pytest.mark.parametrize("extra, meant", [("solver", "method="), ("steps", "nfe"), ("method_name", "method=")])
+def test_solver_like_extras_are_refused(mlp, x1, extra, meant):
+    # they would reach a model taking **kwargs while the likelihood ran its default method
+    with pytest.raises(TypeError, match=f"compute_likelihood\\(\\) got {extra}=.*Did you mean {meant}"):
+        bx.compute_likelihood(mlp, x1, log_normal, step_size=0.25, **{extra: 4})
+
+
 def test_a_model_without_autograd_is_a_clear_error(x1):
     def detached(x, t):
         with torch.no_grad():

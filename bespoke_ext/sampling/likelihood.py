@@ -66,7 +66,7 @@ from torchdiffeq import odeint
 from ..solvers.tableaus import TABLEAUS
 from ..solvers.time_grid import as_time_grid
 from .executor import check_velocity
-from .sample import sample
+from .sample import _check_extras, sample
 from .stats import ForwardCounter, SampleStats
 
 __all__ = ["compute_likelihood", "AugmentedVelocity", "divergence", "rademacher_like"]
@@ -193,6 +193,9 @@ def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], 
     """
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, **extras), got {type(model).__name__}")
+    _check_extras(model_extras, "compute_likelihood", {
+        "solver": "method= (the likelihood runs a fixed-step or torchdiffeq method; learned solvers are for "
+                  "bx.sample(..., solver=))"})
     if not callable(log_p0):
         raise TypeError(f"log_p0 must be callable as log_p0(x_0) -> [B] log-densities, got {type(log_p0).__name__}")
     if not torch.is_tensor(x_1) or not x_1.is_floating_point() or x_1.dim() < 2:

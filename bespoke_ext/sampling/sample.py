@@ -156,12 +156,15 @@ SOLVER_LIKE_EXTRAS = {
 }
 
 
-def _check_extras(extras: dict) -> None:
+def _check_extras(extras: dict, caller: str = "sample", more: Optional[dict] = None) -> None:
+    """A TypeError for a model extra that looks like a solver argument of ``caller`` (``more``: names it
+    lacks, such as compute_likelihood's solver, with what to use instead)."""
+    known = {**SOLVER_LIKE_EXTRAS, **(more or {})}
     for key in extras:
-        meant = SOLVER_LIKE_EXTRAS.get(key.lower().replace("_", "").replace("-", ""))
+        meant = known.get(key.lower().replace("_", "").replace("-", ""))
         if meant is not None:
             raise TypeError(
-                f"sample() got {key}={_short_repr(extras[key])} as a model extra, but {key!r} looks like "
+                f"{caller}() got {key}={_short_repr(extras[key])} as a model extra, but {key!r} looks like "
                 f"a solver argument: the model would receive it and the solver would ignore it. Did you "
                 f"mean {meant}? (If the model really takes an input named {key!r}, bind it with "
                 f"functools.partial(model, {key}=...).)"
