@@ -315,6 +315,16 @@ def test_bad_arguments(x0, kwargs, error, match):
         sample(Field(), x0, **kwargs)
 
 
+def test_nfe_of_any_integer_type(x0):
+    import numpy as np
+
+    want = sample(Field(), x0, method="midpoint", nfe=4)
+    for nfe in (np.int64(4), torch.tensor(4)):
+        assert torch.equal(sample(Field(), x0, method="midpoint", nfe=nfe), want)
+    with pytest.raises(ValueError, match="nfe must be a positive integer"):
+        sample(Field(), x0, method="midpoint", nfe=True)
+
+
 def test_bad_model_or_x0(x0):
     with pytest.raises(TypeError, match="model must be callable"):
         sample("model", x0)

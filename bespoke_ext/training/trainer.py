@@ -139,9 +139,7 @@ def _identity(model, opts: TrainOptions) -> str:
     except OpaqueModelError as exc:
         if opts.cache_dir is not None:
             return model_tag(model, strict=False)   # the caller names the cache folder: the tag is a label
-        raise OpaqueModelError(
-            f"train(): {exc}. Pass the option model_tag='<a name that changes whenever the model does>' or an "
-            f"explicit cache_dir='<a folder for this model's ground truth>'") from None
+        raise OpaqueModelError(f"train(): {exc} (options of train: model_tag=..., cache_dir=...)") from None
 
 
 def _check_shape(shape) -> Tuple[int, ...]:
