@@ -521,3 +521,32 @@ def test_sample_command_writes_samples(tmp_path):
         with safe_open(str(out), "pt") as f:
             assert f.get_tensor("samples").shape == (5, 2)
             assert f.metadata()["method"] == method and f.metadata()["nfe"] == str(nfe)
+
+
+def test_sample_command_errors_are_one_line_and_a_foreign_solver_is_warned(tmp_path, capsys, monkeypatch):
+    from bespoke_ext.cli import main
+    from bespoke_ext.models.embedded import load_embedded
+    from bespoke_ext.models.identity import model_tag
+
+    not_a_solver = tmp_path / "notes.txt"
+    not_a_solver.write_text("not a solver\n" * 20)
+    assert main(["sample", "moons2d", "--solver", str(not_a_solver)]) == 1
+    err = capsys.readouterr().err
+    assert "bespoke-ext sample: error:" in err and "not a solver file" in err and "Traceback" not in err
+    monkeypatch.setenv("BESPOKE_EXT_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="not a solver file"):
+        main(["sample", "moons2d", "--solver", str(not_a_solver)])
+    # a solver trained for another model samples, with a warning naming both identities
+    foreign = BespokeSolver(2, 2)
+    foreign.metadata["training"] = {"model_tag": "my_models.Other:0123456789abcdef"}
+    path = tmp_path / "foreign.safetensors"
+    foreign.save(path)
+    assert main(["sample", "moons2d", "-n", "3", "--solver", str(path), "-o", str(tmp_path / "s.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "trained for the model my_models.Other:0123456789abcdef" in err
+    assert model_tag(load_embedded("moons2d").velocity) in err
+    own = BespokeSolver(2, 2)
+    own.metadata["training"] = {"model_tag": model_tag(load_embedded("moons2d").velocity)}
+    own.save(path)
+    assert main(["sample", "moons2d", "-n", "3", "--solver", str(path), "-o", str(tmp_path / "s.safetensors")]) == 0
+    assert "warning" not in capsys.readouterr().err

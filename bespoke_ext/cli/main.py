@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> help; bespoke_ext.cli.<subcommand> defines add_<subcommand>_arguments and run_<subcommand>
@@ -59,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        # the package's errors name the problem: the message is what a user needs, not a traceback
+        if os.environ.get("BESPOKE_EXT_TRACEBACK"):
+            raise
+        print(f"bespoke-ext {args.command}: error: {exc}\n(BESPOKE_EXT_TRACEBACK=1 shows where it was raised)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

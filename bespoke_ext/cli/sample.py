@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,22 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def _warn_if_trained_for_another(solver, model) -> None:
+    """A warning when the solver file records a training model whose identity differs from ``model``'s."""
+    from ..models.identity import model_tag
+
+    trained = (solver.metadata.get("training") or {}).get("model_tag")
+    if not trained:
+        return
+    try:
+        tag = model_tag(model, strict=False)
+    except Exception:  # noqa: BLE001 -- identity is advisory here; sampling still works
+        return
+    if ":" in tag and tag != trained:
+        print(f"warning: this solver was trained for the model {trained}, not for this one ({tag}): its "
+              f"schedule is tuned to that model's field, and may sample this one poorly", file=sys.stderr)
+
+
 def run_sample(args: argparse.Namespace) -> int:
     """Run the ``sample`` subcommand; returns the exit status."""
     from ..sampling import sample
@@ -69,6 +86,7 @@ def run_sample(args: argparse.Namespace) -> int:
         label = f"{solver.method} from {args.solver}"
         if solver.metadata.get("model"):
             print(f"solver trained for model {solver.metadata['model']!r}")
+        _warn_if_trained_for_another(solver, model)
     else:
         method = args.method or "midpoint"
         kwargs["method"] = method
