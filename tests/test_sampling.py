@@ -288,6 +288,17 @@ def test_model_output_is_checked_once(x0):
         sample(lambda x, t: x[:1], x0, method="dopri5")
 
 
+def test_a_later_output_of_another_dtype_is_named(x0):
+    calls = []
+
+    def changes(x, t):
+        calls.append(1)
+        return -x if len(calls) < 3 else (-x).double()
+
+    with pytest.raises(ValueError, match="a model output changed during sampling: .* torch.float64 .* torch.float32"):
+        sample(changes, x0, method="midpoint", nfe=6)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(method="rk45"), ValueError, "unknown method 'rk45'"),
     (dict(method="midpoint", nfe=4, step_size=0.1), ValueError, "nfe or step_size, not both"),

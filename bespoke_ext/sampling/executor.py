@@ -206,4 +206,22 @@ def run_steps(steps: List[Step], slots: List[Optional[Tensor]], model: Callable,
                 check = None
             slots[dst] = v
         else:
-            slots[dst] = combine([slots[i] for i in src], arg, slots[dst])
+            terms = [slots[i] for i in src]
+            try:
+                slots[dst] = combine(terms, arg, slots[dst])
+            except RuntimeError as exc:
+                # only the first output is checked (the hot loop stays free of checks); name a later one
+                # that changed dtype or shape instead of the fused op's complaint about its terms
+                _explain_changed_output(terms, exc)
+                raise
+
+
+def _explain_changed_output(terms: List[Tensor], exc: RuntimeError) -> None:
+    first = terms[0]
+    for j, t in enumerate(terms[1:], 1):
+        if torch.is_tensor(t) and (t.dtype != first.dtype or t.shape != first.shape):
+            raise ValueError(
+                f"a model output changed during sampling: a term of one step is {t.dtype} of shape "
+                f"{tuple(t.shape)} where another is {first.dtype} of shape {tuple(first.shape)}. The first "
+                f"evaluation is checked (and decides whether outputs are cast to the state's dtype); later "
+                f"ones must keep its dtype and shape") from exc
