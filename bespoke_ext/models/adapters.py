@@ -134,6 +134,11 @@ class ClassifierFreeGuidance(nn.Module):
     Convention: libraries that write u_uncond + g (u_cond - u_uncond) use g = 1 + w; w = 0 (g = 1)
     is the plain conditional model, w = -1 (g = 0) the unconditional one.
 
+    Other extras: a tensor whose leading dimension equals the batch is taken as per-sample and
+    duplicated for the two halves; anything else is passed to both as it is. A constant tensor extra
+    whose leading dimension could equal a batch size (training calls the model on batches of many
+    sizes) should carry a leading 1 instead, shape [1, ...], and broadcast.
+
     Args:
         model: a velocity model ``model(x, t, **extras)`` that reads the condition from
             ``extras[cond_key]`` (wrap noise/data predictors in VelocityAdapter first).
