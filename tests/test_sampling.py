@@ -288,6 +288,32 @@ def test_model_output_is_checked_once(x0):
         sample(lambda x, t: x[:1], x0, method="dopri5")
 
 
+def test_a_bf16_module_samples_a_float32_state_in_its_own_dtype():
+    # as bx.train calls it: the module in bf16, the state in float32 (a bf16 state rounds every step)
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+            self.seen = []
+
+        def forward(self, x, t):
+            self.seen.append(x.dtype)
+            return self.lin(torch.cat([x, torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0], 1)], 1))
+
+    net = Net().bfloat16()
+    x0 = torch.randn(64, 2)
+    out, stats = sample(net, x0, method="midpoint", nfe=8, return_stats=True)
+    assert out.dtype == torch.float32 and set(net.seen) == {torch.bfloat16} and stats.nfe == 8
+    # the same arithmetic as casting by hand around each call
+    want = sample(lambda x, t: net(x.bfloat16(), t).float(), x0, method="midpoint", nfe=8)
+    assert torch.equal(out, want)
+    assert sample(net, x0.bfloat16(), method="midpoint", nfe=8).dtype == torch.bfloat16
+    assert sample(net, x0, solver=BespokeSolver(2, 2)).dtype == torch.float32
+    assert sample(net, x0, method="dopri5").dtype == torch.float32
+
+
 def test_a_later_output_of_another_dtype_is_named(x0):
     calls = []
 

@@ -16,6 +16,7 @@ casts them itself).
 
 from __future__ import annotations
 
+import types
 from typing import Callable, Dict, Mapping, Optional
 
 import torch
@@ -117,10 +118,26 @@ class StateDtype:
 def model_call_dtype(model) -> Optional[torch.dtype]:
     """The dtype a module computes in when that is bf16/fp16 (its first floating parameter; a module without
     parameters: its first floating buffer); else None."""
-    model = getattr(model, "__self__", model)       # a bound method: its module
+    if isinstance(model, types.MethodType):        # a bound method: its module (not getattr: on a module
+        model = model.__self__                      # nn.Module.__getattr__ would format an AttributeError)
     if isinstance(model, torch.nn.Module):
-        for tensors in (model.parameters(), model.buffers()):
-            for t in tensors:
-                if t.is_floating_point():
-                    return t.dtype if t.dtype in LOW_PRECISION else None
+        for kind in ("_parameters", "_buffers"):
+            t = _first_floating(model, kind)
+            if t is not None:
+                return t.dtype if t.dtype in LOW_PRECISION else None
+    return None
+
+
+def _first_floating(module: torch.nn.Module, kind: str) -> Optional[Tensor]:
+    """The first floating tensor of ``module.parameters()`` (kind "_parameters") or ``.buffers()``, in their
+    order, read from the registries directly: sample() asks on every call, and the generators cost ~10 us."""
+    state = getattr(module, "__dict__", {})  # a mock of a module may lack the registries
+    for t in (state.get(kind) or {}).values():
+        if torch.is_tensor(t) and t.is_floating_point():
+            return t
+    for sub in (state.get("_modules") or {}).values():
+        if isinstance(sub, torch.nn.Module):
+            t = _first_floating(sub, kind)
+            if t is not None:
+                return t
     return None

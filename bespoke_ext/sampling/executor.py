@@ -103,17 +103,20 @@ class _FirstEvalCheck:
 
 
 class StateDtype:
-    """The model with floating-point outputs of another dtype (autocast) cast to the state's.
+    """The model with floating-point outputs of another dtype (autocast) cast to the state's; with
+    ``call_dtype`` (a bf16/fp16 module, a float32/float64 state) also called in its own dtype, x cast
+    for the call, as training calls it (groundtruth.inputs.StateDtype).
 
     One dtype comparison per evaluation; ``network_forwards`` is the model's own counter, so
     SampleStats still counts the network forwards of guided models. Holds the model weakly when
     given a weak reference (sample()'s per-model cache for CUDA graphs never keeps a model alive).
     """
 
-    __slots__ = ("_model", "__weakref__")
+    __slots__ = ("_model", "call_dtype", "__weakref__")
 
-    def __init__(self, model: Callable):
+    def __init__(self, model: Callable, call_dtype: Optional[torch.dtype] = None):
         self._model = model  # the model, or a weak reference to it
+        self.call_dtype = call_dtype
 
     @property
     def model(self) -> Callable:
@@ -121,7 +124,8 @@ class StateDtype:
         return m() if isinstance(m, weakref.ref) else m
 
     def __call__(self, x: Tensor, t: Tensor, **extras):
-        v = self.model(x, t, **extras)
+        c = self.call_dtype
+        v = self.model(x if c is None or x.dtype == c else x.to(c), t, **extras)
         return v.to(x.dtype) if needs_cast(v, x) else v
 
     @property

@@ -18,6 +18,7 @@ from ..solvers.time_grid import (
 )
 from .cuda_graph import execute_graphed
 from .executor import StateDtype, execute
+from ..groundtruth.inputs import model_call_dtype
 from ..program import Program
 
 __all__ = ["sample", "METHODS", "DEFAULT_METHOD", "SOLVER_LIKE_EXTRAS"]
@@ -77,7 +78,11 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
     must return a new tensor of x's shape and device (checked on the first call). A floating-point
     output of another dtype, such as the float16 / bfloat16 outputs of a model run under
     ``torch.autocast`` for a float32 state, is cast to the state's dtype (CUDA graphs included);
-    the first evaluation decides, so a model's outputs must keep one dtype through the run.
+    the first evaluation decides, so a model's outputs must keep one dtype through the run. A
+    bfloat16 / float16 module (its first floating parameter) given a float32 or float64 x0 is called
+    in its own dtype, x cast for each call, while the state stays in x0's dtype, as ``bx.train``
+    calls it: sample a low-precision model from a float32 x0 (a low-precision x0 keeps the state in
+    that precision, rounding every step).
     ``return_stats`` and ``cuda_graph`` are not passed on as model extras, and extras named like
     solver arguments (``steps``, ``num_steps``, ``num_inference_steps``, ``stepsize``,
     ``time_steps``, ``solver_method``, ...; see ``SOLVER_LIKE_EXTRAS``) are a TypeError naming the
@@ -87,6 +92,11 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
     """
     _check_model_and_x0(model, x0)
     _check_extras(model_extras)
+    low = model_call_dtype(model)
+    if low is not None and x0.dtype != low:
+        # a bf16/fp16 module and a float32/float64 state: called in its own dtype, the state kept in
+        # x0's, as bx.train trained and validated the solver (a bf16 state would round every step)
+        model = _cast_outputs(model, low)
     if cuda_graph and enable_grad:
         raise ValueError("cuda_graph=True replays an inference-only run; it cannot be combined with enable_grad=True")
     if solver is not None:
@@ -105,7 +115,8 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
                                          enable_grad=enable_grad, method=name, step_size=step)
             return _result(traj[-1], traj, stats, return_intermediates, return_stats)
     if cuda_graph and x0.is_cuda:
-        final, traj, stats = execute_graphed(program, _cast_outputs(model), x0, model_extras)
+        final, traj, stats = execute_graphed(program, model if isinstance(model, StateDtype) else _cast_outputs(model),
+                                             x0, model_extras)
     else:  # the executor casts outputs of another dtype itself, from the first that needs it
         final, traj, stats = execute(program, model, x0, model_extras, enable_grad=enable_grad)
     return _result(final, traj, stats, return_intermediates, return_stats)
@@ -116,14 +127,14 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
 _WRAPPERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _cast_outputs(model: Callable) -> StateDtype:
+def _cast_outputs(model: Callable, call_dtype: Optional[torch.dtype] = None) -> StateDtype:
     try:
         wrapper = _WRAPPERS.get(model)
-        if wrapper is None:
-            wrapper = _WRAPPERS[model] = StateDtype(weakref.ref(model))
+        if wrapper is None or wrapper.call_dtype != call_dtype:
+            wrapper = _WRAPPERS[model] = StateDtype(weakref.ref(model), call_dtype)
         return wrapper
     except TypeError:  # not hashable or not weak-referenceable: a wrapper for this call
-        return StateDtype(model)
+        return StateDtype(model, call_dtype)
 
 
 # Extras that name a solver argument (compared lower-case, without "_" and "-"), with the argument
