@@ -22,7 +22,7 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "StateDtype", "model_call_dtype",
+__all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "StateDtype", "model_call_dtype", "first_tensor",
            "LOW_PRECISION", "STATE_DTYPES"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -122,22 +122,27 @@ def model_call_dtype(model) -> Optional[torch.dtype]:
         model = model.__self__                      # nn.Module.__getattr__ would format an AttributeError)
     if isinstance(model, torch.nn.Module):
         for kind in ("_parameters", "_buffers"):
-            t = _first_floating(model, kind)
+            try:
+                t = first_tensor(model, kind, floating=True)
+            except KeyError:  # passes for a module without its registries (a mock): ask it
+                t = next((t for t in getattr(model, kind[1:])() if t.is_floating_point()), None)
             if t is not None:
                 return t.dtype if t.dtype in LOW_PRECISION else None
     return None
 
 
-def _first_floating(module: torch.nn.Module, kind: str) -> Optional[Tensor]:
-    """The first floating tensor of ``module.parameters()`` (kind "_parameters") or ``.buffers()``, in their
-    order, read from the registries directly: sample() asks on every call, and the generators cost ~10 us."""
-    state = getattr(module, "__dict__", {})  # a mock of a module may lack the registries
-    for t in (state.get(kind) or {}).values():
-        if torch.is_tensor(t) and t.is_floating_point():
+def first_tensor(module: torch.nn.Module, kind: str, floating: bool = False) -> Optional[Tensor]:
+    """The first (floating) tensor that ``module.parameters()`` (kind "_parameters") or ``.buffers()`` would
+    yield: the module's own, then its submodules' in registration order. Read from the registries directly,
+    as sample() asks on every call and the generators cost 10-30 us (more when the model's forward has just
+    evicted the caches). KeyError for an object that passes for a module without the registries (a mock)."""
+    registries = vars(module)
+    for t in registries[kind].values():
+        if t is not None and (not floating or t.is_floating_point()):
             return t
-    for sub in (state.get("_modules") or {}).values():
-        if isinstance(sub, torch.nn.Module):
-            t = _first_floating(sub, kind)
+    for child in registries["_modules"].values():
+        if child is not None:
+            t = first_tensor(child, kind, floating)
             if t is not None:
                 return t
     return None

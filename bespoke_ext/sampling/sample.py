@@ -18,7 +18,7 @@ from ..solvers.time_grid import (
 )
 from .cuda_graph import execute_graphed
 from .executor import StateDtype, execute
-from ..groundtruth.inputs import model_call_dtype
+from ..groundtruth.inputs import first_tensor, model_call_dtype
 from ..program import Program
 
 __all__ = ["sample", "METHODS", "DEFAULT_METHOD", "SOLVER_LIKE_EXTRAS"]
@@ -212,30 +212,14 @@ def _module_device(module) -> Optional[torch.device]:
     if not isinstance(module, nn.Module):
         return None
     try:
-        t = _first_tensor(module, "_parameters")
+        t = first_tensor(module, "_parameters")
         if t is None:
-            t = _first_tensor(module, "_buffers")
+            t = first_tensor(module, "_buffers")
     except KeyError:  # an object that passes for a Module without its registries (a mock): ask it
         t = next(iter(module.parameters()), None)
         if t is None:
             t = next(iter(module.buffers()), None)
     return None if t is None or t.is_meta else t.device
-
-
-def _first_tensor(module: nn.Module, kind: str) -> Optional[Tensor]:
-    """The first tensor that ``module.parameters()`` (kind "_parameters") or ``.buffers()`` would yield:
-    the module's own, then its submodules' in registration order. Read from the registries directly, as
-    the generators cost about 30 us a call when the model's forward has just evicted the caches."""
-    registries = vars(module)
-    for t in registries[kind].values():
-        if t is not None:
-            return t
-    for child in registries["_modules"].values():
-        if child is not None:
-            t = _first_tensor(child, kind)
-            if t is not None:
-                return t
-    return None
 
 
 def _method_name(method) -> str:
