@@ -346,6 +346,7 @@ def test_a_later_output_of_another_dtype_is_named(x0):
     (dict(solver=BespokeSolver(2), nfe=5), ValueError, "makes 4 model evaluations"),
     (dict(solver=BespokeSolver(2), time_grid=[0.0, 1.0]), ValueError, "fixes its own time grid"),
     (dict(solver=object()), TypeError, "learned solver"),
+    (dict(solver=BespokeSolver(2).to("meta")), ValueError, "meta device"),
 ])
 def test_bad_arguments(x0, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -321,6 +321,9 @@ def _solver_program(solver, x0: Tensor, *, method, nfe, step_size, time_grid, in
     if nfe is not None and nfe != solver.nfe:
         raise ValueError(f"this solver makes {solver.nfe} model evaluations; got nfe={nfe!r} "
                          f"(train a solver with that NFE, or drop nfe)")
+    if isinstance(solver, nn.Module) and any(t.is_meta for t in solver.parameters()):
+        raise ValueError("the solver's parameters are on the meta device (shapes only, no values): load or "
+                         "initialise the solver on a real device first")
     device = _module_device(solver)
     if device is not None and device != x0.device:
         raise ValueError(f"the solver is on {device} but x0 is on {x0.device}; move it with solver.to(x0.device)")
