@@ -353,6 +353,20 @@ def _sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None
     return x
 
 
+def test_flow_velocity_with_one_time_per_sample(field):
+    # bx.train's bound loss calls the model with t [B]: sigma must broadcast per sample
+    from bespoke_ext.integrations.kdiffusion import flow_velocity
+
+    def per_sample_denoiser(x, sigma):
+        return x + sigma.reshape(-1, 1) * field(x, 1 - sigma)
+
+    u = flow_velocity(per_sample_denoiser)
+    x = _x0(4)
+    t = torch.tensor([0.2, 0.7, 0.4, 0.9])
+    torch.testing.assert_close(u(x, t), field(x, t), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u(x, torch.tensor(0.3)), field(x, torch.full((4,), 0.3)), rtol=1e-5, atol=1e-5)
+
+
 def test_sample_bespoke_identity_solver_equals_k_diffusion_sample_euler(field):
     solver = bx.BespokeSolver(6, 1)
     sigmas = solver_sigmas(solver)

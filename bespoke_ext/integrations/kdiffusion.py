@@ -42,9 +42,10 @@ def solver_sigmas(solver, device=None) -> Tensor:
 def flow_velocity(denoiser: Callable, **extra_args) -> Callable:
     """A velocity model u(x, t) = (D(x, 1 - t) - x) / (1 - t) from a k-diffusion flow denoiser D(x, sigma)."""
     def velocity(x: Tensor, t: Tensor, **extras) -> Tensor:
-        sigma = 1.0 - t
-        denoised = denoiser(x, sigma * x.new_ones([x.shape[0]]), **extra_args, **extras)
-        return (denoised - x) / sigma
+        # t: 0-dim (sampling) or one time per sample [B] (bx.train's bound loss)
+        sigma = (1.0 - torch.as_tensor(t, dtype=x.dtype, device=x.device)).expand(x.shape[0])
+        denoised = denoiser(x, sigma, **extra_args, **extras)
+        return (denoised - x) / sigma.reshape(-1, *([1] * (x.dim() - 1)))
     return velocity
 
 
