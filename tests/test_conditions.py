@@ -249,6 +249,21 @@ def test_opaque_model_needs_a_model_tag_or_a_cache_dir(tmp_path, mixture):
     train(lambda x, t: m(x, t), BespokeSolver(2, 1), cache_dir=str(tmp_path / "gt"), **kw)
 
 
+def test_an_opaque_model_checkpoint_is_not_resumed_for_another_cache_dir(tmp_path, mixture):
+    # the cache folder is what identifies a plain function: a checkpoint made with another one (another
+    # model, here a closure over another mixture) is refused, not returned as this model's solver
+    def make(seed):
+        g = mixture(4, seed=seed)
+        return lambda x, t: g(x, t)
+
+    assert model_tag(make(0), strict=False) != model_tag(make(1), strict=False)  # closure values are seen
+    kw = dict(shape=(4,), iterations=2, batch_size=4, cache_samples=8, cache_grid=8, val_size=4, progress=False,
+              checkpoint=str(tmp_path / "ck.pt"))
+    train(make(0), BespokeSolver(2, 1), cache_dir=str(tmp_path / "a"), **kw)
+    with pytest.raises(ValueError, match="model_tag"):
+        train(make(1), BespokeSolver(2, 1), cache_dir=str(tmp_path / "b"), **kw)
+
+
 # ------------------------------------------------------------------------------ the model probe
 
 class Probe(torch.nn.Module):

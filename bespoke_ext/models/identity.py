@@ -154,7 +154,8 @@ def model_tag(model, *, strict: bool = True) -> str:
     """``<module.Class>:<sha256 of weights and settings, 16 hex digits>``.
 
     Raises OpaqueModelError for a plain function, lambda or partial (see the module note); with
-    ``strict=False`` such a callable gets ``<module.function>`` only.
+    ``strict=False`` such a callable gets ``<module.function>~<sha256 of its code, constants, defaults
+    and closure values>``, which does not cover the globals it reads.
     """
     name = _qualname(model.func if isinstance(model, functools.partial) else model)
     if _is_opaque(model):
@@ -165,7 +166,11 @@ def model_tag(model, *, strict: bool = True) -> str:
                 f"global), so cached ground truth could be reused for a different field. Pass "
                 f"model_tag='<a name that changes with the model>' or an explicit cache_dir, or pass the "
                 f"torch.nn.Module itself")
-        return name
+        # what can be seen (code, constants, defaults, closure values, a partial's arguments), after "~":
+        # not a full identity (globals are unseen), but two closures over different modules differ
+        h = _Hasher()
+        h.value(model)
+        return f"{name}~{h.hexdigest()}"
     h = _Hasher()
     h.value(model)
     return f"{name}:{h.hexdigest()}"

@@ -138,7 +138,9 @@ def _identity(model, opts: TrainOptions) -> str:
         return model_tag(model)
     except OpaqueModelError as exc:
         if opts.cache_dir is not None:
-            return model_tag(model, strict=False)   # the caller names the cache folder: the tag is a label
+            # the caller's cache folder identifies the model: in the tag, so that a checkpoint made with
+            # another folder (another model) is refused
+            return f"{model_tag(model, strict=False)}@{os.path.abspath(opts.cache_dir)}"
         raise OpaqueModelError(f"train(): {exc} (options of train: model_tag=..., cache_dir=...)") from None
 
 
