@@ -9,7 +9,7 @@ batch splits the rows the same way (``rows_of``, ``for_positions``).
 
 Dtype policy. Ground truth and solver states are float32 or float64 whatever the model's dtype. A
 bfloat16 / float16 model is called in its own dtype: x is cast to it for the call and the velocity
-cast back to the state's dtype (``StateDtype``), so tolerances and Hermite interpolation work in
+cast back to the state's dtype (``sampling.executor.StateDtype``), so tolerances and Hermite interpolation work in
 the state's precision. Times stay in the state's dtype (a model that needs them in its own dtype
 casts them itself).
 """
@@ -22,7 +22,7 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "StateDtype", "model_call_dtype", "first_tensor",
+__all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "model_call_dtype", "first_tensor",
            "LOW_PRECISION", "STATE_DTYPES"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -99,20 +99,6 @@ def for_positions(cond: Optional[Mapping], positions: slice, batch: int) -> Rows
         return {}
     p = torch.arange(positions.start, positions.stop)
     return rows_of(cond, p % batch)
-
-
-class StateDtype:
-    """The model as the ground truth and the losses call it: states in float32/float64, a bf16/fp16
-    model called in its own dtype (x cast to ``call_dtype`` for the call, the velocity cast back to x's
-    dtype). With ``call_dtype`` None (or equal to x's dtype) the model is called unchanged."""
-
-    def __init__(self, model: Callable, call_dtype: Optional[torch.dtype] = None):
-        self.model, self.call_dtype = model, call_dtype
-
-    def __call__(self, x: Tensor, t, **kwargs) -> Tensor:
-        if self.call_dtype is None or x.dtype == self.call_dtype:
-            return self.model(x, t, **kwargs)
-        return self.model(x.to(self.call_dtype), t, **kwargs).to(x.dtype)
 
 
 def model_call_dtype(model) -> Optional[torch.dtype]:

@@ -105,7 +105,7 @@ class _FirstEvalCheck:
 class StateDtype:
     """The model with floating-point outputs of another dtype (autocast) cast to the state's; with
     ``call_dtype`` (a bf16/fp16 module, a float32/float64 state) also called in its own dtype, x cast
-    for the call, as training calls it (groundtruth.inputs.StateDtype).
+    for the call: how training calls every model, and sample() a bf16/fp16 module.
 
     One dtype comparison per evaluation; ``network_forwards`` is the model's own counter, so
     SampleStats still counts the network forwards of guided models. Holds the model weakly when
@@ -222,7 +222,7 @@ def run_steps(steps: List[Step], slots: List[Optional[Tensor]], model: Callable,
 
 def _explain_changed_output(terms: List[Tensor], exc: RuntimeError) -> None:
     first = terms[0]
-    for j, t in enumerate(terms[1:], 1):
+    for t in terms[1:]:
         if torch.is_tensor(t) and (t.dtype != first.dtype or t.shape != first.shape):
             raise ValueError(
                 f"a model output changed during sampling: a term of one step is {t.dtype} of shape "

@@ -54,7 +54,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache
-from ..groundtruth.inputs import StateDtype, check_conditions, model_call_dtype, pool_size
+from ..groundtruth.inputs import check_conditions, model_call_dtype, pool_size
+from ..sampling.executor import StateDtype
 from ..models.identity import OpaqueModelError, inputs_tag, model_tag
 from .batches import CachedBatches, OnlineBatches, derive_seed
 from .checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
