@@ -109,7 +109,7 @@ class InterruptAfter(torch.nn.Module):
         return self.inner(x, t)
 
 
-def test_keyboard_interrupt_saves_last_complete_iteration_and_resume_matches(tmp_path, mixture):
+def test_keyboard_interrupt_saves_last_complete_iteration_and_resume_matches(tmp_path, mixture, monkeypatch):
     m = mixture(3, components=4, std=0.15, seed=1)
     kw = dict(shape=(3,), iterations=12, batch_size=8, seed=2, gt="online", val_size=8, val_every=4,
               progress=False, dtype=torch.float64, model_tag="mixture-3d", checkpoint_every=100)
@@ -120,7 +120,15 @@ def test_keyboard_interrupt_saves_last_complete_iteration_and_resume_matches(tmp
         train(InterruptAfter(m, 700), BespokeSolver(2, 1), checkpoint=str(ckpt), **kw)
     state = load_checkpoint(ckpt)
     assert 0 < state["iteration"] < 12
-    resumed = train(m, BespokeSolver(2, 1), checkpoint=str(ckpt), **kw)
+    # The validation set's ground truth comes back from the checkpoint: solving it again would fail here.
+    import bespoke_ext.training.validation as validation
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("the validation ground truth was solved again on resume")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(validation, "solve_trajectories", no_solve)
+        resumed = train(m, BespokeSolver(2, 1), checkpoint=str(ckpt), **kw)
     for pa, pb in zip(ref.parameters(), resumed.parameters()):
         assert torch.equal(pa, pb)
     assert ref.history.loss == resumed.history.loss and ref.history.val_rmse == resumed.history.val_rmse
@@ -156,3 +164,41 @@ def test_checkpoint_never_resumes_into_another_starting_solver(tmp_path, mixture
             train(m, other, **kw)
     resumed = train(m, NonStationarySolver(4, "euler"), **{**kw, "iterations": 3})
     assert resumed.history.iterations == 3
+
+
+def test_resume_with_other_iterations_only_where_the_run_stays_what_was_asked(tmp_path, mixture, monkeypatch):
+    """Fewer iterations than done, or another total for an unfinished cosine run, are refused (the result
+    would be a longer run, or a mix of two learning-rate schedules); extending a finished run and changing
+    the total under the constant schedule resume."""
+    from bespoke_ext.training import trainer
+
+    m = mixture(3, components=4, std=0.15, seed=1)
+    kw = dict(shape=(3,), batch_size=4, gt="online", val_size=4, progress=False, model_tag="mixture-3d",
+              checkpoint_every=2)
+    finished = tmp_path / "finished.ckpt"
+    train(m, BespokeSolver(2, 1), iterations=4, checkpoint=str(finished), **kw)
+    with pytest.raises(ValueError, match=r"already trained 4 iterations, more than iterations=3"):
+        train(m, BespokeSolver(2, 1), iterations=3, checkpoint=str(finished), **kw)
+    assert train(m, BespokeSolver(2, 1), iterations=6, checkpoint=str(finished), **kw).history.iterations == 6
+
+    step = trainer._Run.step
+    for schedule, refused in (("cosine", True), ("constant", False)):
+        ckpt = tmp_path / f"{schedule}.ckpt"
+        calls = []
+
+        def stop_in_third(self, *args, **kwargs):   # Ctrl-C in iteration 3: the checkpoint holds 2 of 6
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return step(self, *args, **kwargs)
+
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(trainer._Run, "step", stop_in_third)
+            train(m, BespokeSolver(2, 1), iterations=6, checkpoint=str(ckpt), lr_schedule=schedule, **kw)
+        assert load_checkpoint(ckpt)["iteration"] == 2
+        if refused:
+            with pytest.raises(ValueError, match=r"unfinished run of iterations=6 \(at iteration 2\).*cosine"):
+                train(m, BespokeSolver(2, 1), iterations=8, checkpoint=str(ckpt), lr_schedule=schedule, **kw)
+        total = 6 if refused else 8
+        resumed = train(m, BespokeSolver(2, 1), iterations=total, checkpoint=str(ckpt), lr_schedule=schedule, **kw)
+        assert resumed.history.iterations == total

@@ -1,13 +1,16 @@
 """Training checkpoints: everything needed to continue a run as if it had never stopped.
 
 A checkpoint holds the solver's parameters, the best solver so far, the optimizer's state, the batch
-generator's state, the iteration count, the history and the accumulated wall-clock, plus a fingerprint
+generator's state, the iteration count, the history, the accumulated wall-clock and the validation set's
+ground truth (a resume does not solve it again), plus a fingerprint
 of the run (model tag, shape, steps, order, batch size, seed, options that change results). It is
 written atomically (temporary file, fsync, rename) by rank 0 only, and read with
 ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only, no code runs.
 
-Resuming with a different fingerprint is refused with the differing fields named; only ``iterations``
-may differ (a finished run can be extended).
+Resuming with a different fingerprint is refused with the differing fields named. ``iterations`` may
+differ only where the result is still the run a fresh call would make, or an explicit extension
+(``check_iterations``): a finished run can be extended, and the learning rate of iteration i always
+follows the schedule of the ``iterations`` asked for now.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from ..groundtruth.atomic import atomic_write
 
-__all__ = ["save_checkpoint", "load_checkpoint", "check_fingerprint", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "check_fingerprint", "check_iterations", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "bespoke_ext.train_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -59,3 +62,21 @@ def check_fingerprint(path, saved_json: str, current: Dict[str, Any]) -> None:
     if diff:
         raise ValueError(f"checkpoint {path} belongs to a different training run ({'; '.join(diff)}); "
                          f"use another checkpoint path or delete this one")
+
+
+def check_iterations(path, saved: int, done: int, current: int, schedule: str) -> None:
+    """Refuse a resume whose ``iterations`` would silently give another run than the one asked for.
+
+    ``saved``: the iterations the checkpoint was made for, ``done``: those it completed, ``current``: this
+    call's. Fewer than ``done`` would return a solver trained longer than asked; an unfinished cosine run
+    resumed with another total would mix two learning-rate schedules (the cosine depends on the total).
+    Extending a finished run, or any change under the constant schedule, is allowed.
+    """
+    if current < done:
+        raise ValueError(f"checkpoint {path} has already trained {done} iterations, more than iterations={current}; "
+                         f"ask for iterations >= {done}, or use another checkpoint path for a shorter run")
+    if current != saved and done < saved and schedule != "constant":
+        raise ValueError(f"checkpoint {path} is an unfinished run of iterations={saved} (at iteration {done}); "
+                         f"resuming it with iterations={current} would switch its {schedule} learning-rate "
+                         f"schedule midway. Resume with iterations={saved} (and extend it once finished), or "
+                         f"use another checkpoint path")

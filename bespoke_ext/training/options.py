@@ -102,6 +102,8 @@ class TrainOptions:
             Memory), for about one more forward pass per evaluation. For large models (transformers).
         progress: tqdm progress bars (rank 0 only).
         checkpoint: file for periodic, atomic training checkpoints; rerunning with the same path resumes.
+            A finished run may be extended with more iterations; fewer than it trained, or another total
+            for an unfinished cosine-schedule run, are refused (checkpoint.check_iterations).
         checkpoint_every: iterations between checkpoints (and at the end, and on KeyboardInterrupt).
     """
 

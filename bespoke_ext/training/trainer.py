@@ -58,7 +58,7 @@ from ..groundtruth.inputs import check_conditions, model_call_dtype, pool_size
 from ..sampling.executor import StateDtype
 from ..models.identity import OpaqueModelError, inputs_tag, model_tag
 from .batches import CachedBatches, OnlineBatches, derive_seed
-from .checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import check_fingerprint, check_iterations, load_checkpoint, save_checkpoint
 from .distributed import DistContext, distributed_context, resolve_device
 from .history import TrainHistory
 from .least_squares_start import least_squares_start, warped
@@ -273,6 +273,8 @@ class _Run:
         state = load_checkpoint(o.checkpoint) if o.checkpoint else None
         if state is not None:
             check_fingerprint(o.checkpoint, state["fingerprint"], fingerprint)
+            check_iterations(o.checkpoint, json.loads(state["fingerprint"])["iterations"], int(state["iteration"]),
+                             self.iterations, o.schedule)
             solver.load_state_dict(state["solver"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
@@ -300,7 +302,8 @@ class _Run:
             save_checkpoint(o.checkpoint, {
                 "iteration": snap["iteration"], "solver": snap["solver"], "optimizer": snap["optimizer"],
                 "generator": snap["generator"], "best_solver": snap["best_solver"] or {},
-                "history": saved.to_json(), "fingerprint": json.dumps(fingerprint), "elapsed": clock()})
+                "history": saved.to_json(), "fingerprint": json.dumps(fingerprint), "elapsed": clock(),
+                "validation_x1": val.x1.cpu()})   # the fingerprint pins what it was solved for
 
         if start < self.iterations or (state is None and self.fits_start):   # iterations=0: the fit alone
             gt_started = time.perf_counter()
@@ -309,7 +312,7 @@ class _Run:
             val = ValidationSet(self.model, self.shape, size=o.val_size, seed=derive_seed(self.seed, "validation"),
                                 dtype=self.dtype, device=self.device, rtol=o.gt_rtol, atol=o.gt_atol,
                                 group_size=o.gt_group_size, extras=self.extras, ctx=self.ctx, progress=self.show,
-                                conditions=self.pool)
+                                conditions=self.pool, solved=state.get("validation_x1") if state else None)
 
             def validate(iteration):
                 nonlocal best_state

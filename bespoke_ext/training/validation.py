@@ -32,12 +32,14 @@ class ValidationSet:
     Args: model, shape, size V, seed (of the validation stream), dtype, device, tolerances, group size,
     model extras, ctx (distributed context), progress bar flag, conditions (the pool {name: Tensor [M, ...]}:
     every validation sample draws its own row from the validation stream, after its noise; ``rows`` [V]
-    and ``cond`` {name: Tensor [V, ...]} hold them).
+    and ``cond`` {name: Tensor [V, ...]} hold them), solved (x(1) of this very set, from a checkpoint of
+    the same run: a resume does not solve it again).
     """
 
     def __init__(self, model: Callable, shape: Sequence[int], *, size: int, seed: int, dtype: torch.dtype,
                  device: torch.device, rtol: float, atol: float, group_size: int, extras: dict,
-                 ctx: DistContext, progress: bool = False, conditions: Optional[dict] = None):
+                 ctx: DistContext, progress: bool = False, conditions: Optional[dict] = None,
+                 solved: Optional[Tensor] = None):
         from tqdm.auto import tqdm
 
         self.ctx = ctx
@@ -45,6 +47,10 @@ class ValidationSet:
         self.x0 = torch.randn(size, *shape, generator=g, dtype=dtype).to(device)
         self.rows = torch.randint(pool_size(conditions), (size,), generator=g) if conditions else None
         self.cond = take(conditions, self.rows, device=device)
+        self.lo, self.hi = local_slice(size, ctx.rank, ctx.world_size)
+        if solved is not None and solved.shape == self.x0.shape:
+            self.x1 = solved.to(device=device, dtype=dtype)
+            return
         x1 = torch.zeros_like(self.x0)
         groups = range(0, size, group_size)
         mine = [a for j, a in enumerate(groups) if j % ctx.world_size == ctx.rank]
@@ -56,7 +62,6 @@ class ValidationSet:
                                                           model_extras=extras, group_size=group_size, progress=bar,
                                                           conditions=rows_of(self.cond, slice(a, a + group_size)))[-1]
         self.x1 = ctx.all_reduce_sum_(x1)  # each sample is non-zero on exactly one rank
-        self.lo, self.hi = local_slice(size, ctx.rank, ctx.world_size)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
