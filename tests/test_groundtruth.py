@@ -168,6 +168,11 @@ def test_cache_refuses_other_spec_and_damage(built, tmp_path):
         TrajectoryCache(d, expect=other)
     with pytest.raises(ValueError, match="rtol"):
         build_cache(m, d, other, progress=False)
+    # Grids of another size or, same size, another spacing: the message says which.
+    with pytest.raises(ValueError, match=r"grid: cache has 65 points, expected 33 \(cache_grid\)"):
+        TrajectoryCache(d, expect=spec_for(m, 6, grid=fine_grid(32, "mixed")))
+    with pytest.raises(ValueError, match=r"grid: both have 65 points but another spacing: point 1 is .*cache_grid_kind"):
+        TrajectoryCache(d, expect=spec_for(m, 6, grid=fine_grid(64, "uniform")))
     # A damaged shard fails its checksum.
     import shutil
     copy = tmp_path / "copy"

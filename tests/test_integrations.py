@@ -9,6 +9,7 @@ import copy
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +132,22 @@ def test_wrong_num_inference_steps_names_the_right_one():
         warnings.simplefilter("error")
         scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])  # the pipelines' default linspace: fine, silent
     assert len(scheduler.timesteps) == 8
+    with pytest.raises(TypeError, match="num_inference_steps must be an integer, got 3.7"):
+        scheduler.set_timesteps(3.7)   # was truncated to 3
+    scheduler.set_timesteps(np.int64(4))
+    with pytest.warns(UserWarning, match="custom sigmas are ignored"):   # other length with the right steps
+        scheduler.set_timesteps(4, sigmas=[1.0, 0.5])
+
+
+def test_from_config_of_another_scheduler_is_refused_not_a_one_step_solver(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="not a BespokeScheduler's .*from_solver"):
+        BespokeScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)
+    # Its own config (what from_pretrained reads) still builds the same solver.
+    scheduler = BespokeScheduler.from_solver(_perturbed(bx.BespokeSolver(3, 2)))
+    again = BespokeScheduler.from_config(scheduler.config)
+    assert again.steps == 3 and torch.equal(again.timesteps, scheduler.timesteps)
 
 
 def test_timesteps_and_sigmas_follow_diffusers_conventions():

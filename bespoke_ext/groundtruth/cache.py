@@ -114,10 +114,22 @@ class CacheSpec:
         out = []
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if a != b:
-                show = (lambda v: f"{len(v)} points" if f.name == "grid" else repr(v))
-                out.append(f"{what.get(f.name, f.name)}: cache has {show(b)}, expected {show(a)}")
+            if a == b:
+                continue
+            if f.name == "grid":
+                out.append(_grid_difference(b, a))
+            else:
+                out.append(f"{what.get(f.name, f.name)}: cache has {b!r}, expected {a!r}")
         return out
+
+
+def _grid_difference(cached: Tuple[float, ...], expected: Tuple[float, ...]) -> str:
+    """The grids' difference in words: their sizes, or (same size, other spacing) the first differing point."""
+    if len(cached) != len(expected):
+        return f"grid: cache has {len(cached)} points, expected {len(expected)} (cache_grid)"
+    i = next(j for j, (x, y) in enumerate(zip(cached, expected)) if x != y)
+    return (f"grid: both have {len(cached)} points but another spacing: point {i} is {cached[i]:.9g} in the cache, "
+            f"expected {expected[i]:.9g} (cache_grid_kind)")
 
 
 def _shard_draws(spec: CacheSpec, s: int) -> Tuple[Tensor, Optional[Tensor]]:

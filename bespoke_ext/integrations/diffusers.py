@@ -22,6 +22,7 @@ absorbs the resolution shift it was trained at, so ``mu`` / ``sigmas`` from a pi
 
 from __future__ import annotations
 
+import operator
 import os
 import tempfile
 import warnings
@@ -132,6 +133,20 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         config.setdefault("model_tag", trained.get("model_tag", solver.metadata.get("model_tag")))
         return cls(steps=solver.steps, solver_order=solver.order, **record, **config)
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """ConfigMixin.from_config for a BespokeScheduler's own config (what from_pretrained reads). Another
+        scheduler's config (a pipeline's FlowMatchEulerDiscreteScheduler) holds no solver and would build a
+        1-step identity solver: refused, pointing to from_solver."""
+        given = dict(config or {})
+        if "steps" not in given and "steps" not in kwargs:
+            other = given.get("_class_name") or "another scheduler's"
+            raise ValueError(f"BespokeScheduler.from_config: this config is not a BespokeScheduler's ({other} "
+                             f"config, no solver in it). Build the scheduler from a trained solver: "
+                             f"BespokeScheduler.from_solver(solver, num_train_timesteps=...), or "
+                             f"BespokeScheduler.from_pretrained(folder) for a saved one")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def to_solver(self):
         """A new solver module with this scheduler's parameters."""
         c = self.config
@@ -159,11 +174,17 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         if n is None and timesteps is not None:
             n = len(timesteps)
         steps = self.config.steps
-        if n is not None and int(n) != steps:
+        if n is not None:
+            try:
+                n = operator.index(n)   # 3.7 steps is a mistake, not 3
+            except TypeError:
+                raise TypeError(f"BespokeScheduler: num_inference_steps must be an integer, got {n!r}") from None
+        if n is not None and n != steps:
             raise ValueError(f"BespokeScheduler: the solver was trained for {steps} steps = {self.nfe} model "
                              f"evaluations; pass num_inference_steps={steps} (got {n})")
-        if sigmas is not None and not np.allclose(np.asarray(sigmas, dtype=np.float64),
-                                                  np.linspace(1.0, 1.0 / steps, steps), atol=1e-6):
+        pipeline_default = np.linspace(1.0, 1.0 / steps, steps)
+        if sigmas is not None and (len(sigmas) != steps or not np.allclose(np.asarray(sigmas, dtype=np.float64),
+                                                                          pipeline_default, atol=1e-6)):
             warnings.warn("BespokeScheduler: custom sigmas are ignored; the solver uses its own learned grid",
                           stacklevel=2)
         if timesteps is not None:

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..solvers.tableaus import TABLEAUS
+from ..solvers.tableaus import TABLEAUS, canonical_method
 from ..solvers.time_grid import as_time_grid
 from .executor import check_velocity
 from .sample import _check_extras, sample
@@ -71,7 +71,6 @@ from .stats import ForwardCounter, SampleStats
 
 __all__ = ["compute_likelihood", "AugmentedVelocity", "divergence", "rademacher_like"]
 
-_ALIASES = {"heun2": "heun"}  # torchdiffeq's name of the executor's "heun"
 _TORCHDIFFEQ_ADAPTIVE = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
 _TORCHDIFFEQ_FIXED = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 
@@ -244,7 +243,7 @@ def _method_name(method) -> str:
     if not isinstance(method, str):
         raise ValueError(f"method must be a string, got {method!r}")
     low = method.lower()
-    name = _ALIASES.get(low, low)
+    name = canonical_method(method)
     if name in TABLEAUS or low in _TORCHDIFFEQ_ADAPTIVE or low in _TORCHDIFFEQ_FIXED:
         return name
     raise ValueError(f"unknown method {method!r} for compute_likelihood; choose one of "

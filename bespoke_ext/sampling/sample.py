@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .adaptive import ADAPTIVE_METHODS, TORCHDIFFEQ_METHODS, solve_adaptive
 from ..solvers.dpm_solver import DPM_METHOD, dpm_solver_program
-from ..solvers.tableaus import TABLEAUS, fixed_step_program
+from ..solvers.tableaus import TABLEAUS, canonical_method, fixed_step_program
 from ..solvers.time_grid import (
     DEFAULT_TIME_GRID, as_time_grid, check_step_size, record_plan, step_size_grid, steps_for_nfe, uniform_grid,
 )
@@ -25,7 +25,6 @@ __all__ = ["sample", "METHODS", "DEFAULT_METHOD", "SOLVER_LIKE_EXTRAS"]
 
 METHODS = (*TABLEAUS, DPM_METHOD, *TORCHDIFFEQ_METHODS)
 DEFAULT_METHOD = "euler"  # flow_matching's default
-_ALIASES = {"heun2": "heun"}  # torchdiffeq's name
 
 
 def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = None,
@@ -227,7 +226,7 @@ def _method_name(method) -> str:
         return DEFAULT_METHOD
     if not isinstance(method, str):
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    name = _ALIASES.get(method.lower(), method.lower())
+    name = canonical_method(method)
     if name not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS} (or pass solver=)")
     return name

@@ -6,7 +6,7 @@ On a learned grid 0 = t_0 < ... < t_n = 1 every step may use every earlier veloc
 
 Free numbers: t_1..t_{n-1}, a_i, the lower triangle b_ij: n(n+5)/2 - 1 (74 at NFE 10). Every explicit
 linear method with strictly increasing model times below 1 is a member (``from_solver``): Euler,
-midpoint, DPM-Solver++(2M), BespokeSolvers of order 1 and 2 (not heun / rk4: repeated times, t = 1).
+midpoint, heun3, DPM-Solver++(2M), BespokeSolvers of order 1 and 2 (not heun / rk4: repeated times, t = 1).
 
 Parametrisation: a *base* member (times T, coefficients A, B; Euler / midpoint converted from the
 program ``bespoke_ext.sample(method=..., nfe=...)`` runs, or any converted solver) plus learned offsets,
@@ -161,7 +161,7 @@ class NonStationarySolver(nn.Module):
     def from_solver(cls, source, nfe: Optional[int] = None, *, time_scale: float = 1.0,
                     coeff_scale: float = 1.0) -> "NonStationarySolver":
         """A fresh solver whose base is ``source`` (samples equal its own to float32 rounding; bitwise for
-        euler / midpoint): a method name ("euler", "midpoint", "dpm++2m"; needs ``nfe``), a learned solver
+        euler / midpoint): a method name ("euler", "midpoint", "heun3", "dpm++2m"; needs ``nfe``), a learned solver
         with ``.program()`` (BespokeSolver, NonStationarySolver) or a Program. ValueError for non-members."""
         if isinstance(source, str):
             if nfe is None:

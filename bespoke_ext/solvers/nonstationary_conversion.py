@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..program import Combine, Eval, Program
 from .dpm_solver import DPM_METHOD, dpm_solver_program
-from .tableaus import TABLEAUS, fixed_step_program
+from .tableaus import TABLEAUS, canonical_method, fixed_step_program
 from .time_grid import steps_for_nfe, uniform_grid
 
 __all__ = ["NonStationaryTables", "convert_program", "method_program"]
@@ -86,9 +86,9 @@ def convert_program(program: Program) -> NonStationaryTables:
 
 def method_program(name: str, nfe: int) -> Program:
     """The program ``bespoke_ext.sample(method=name, nfe=nfe)`` runs (same grid, same arithmetic)."""
-    key = name.lower()
+    key = canonical_method(name)
     if key != DPM_METHOD and key not in TABLEAUS:
-        raise ValueError(f"unknown method {name!r}; convertible fixed methods: euler, midpoint, {DPM_METHOD}")
+        raise ValueError(f"unknown method {name!r}; convertible fixed methods: euler, midpoint, heun3, {DPM_METHOD}")
     grid = uniform_grid(0.0, 1.0, steps_for_nfe(nfe, 1 if key == DPM_METHOD else TABLEAUS[key].stages, key))
     return dpm_solver_program(grid) if key == DPM_METHOD else fixed_step_program(TABLEAUS[key], grid)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..program import Program, ProgramBuilder
 from .time_grid import RecordPlan
 
-__all__ = ["Tableau", "TABLEAUS", "fixed_step_program"]
+__all__ = ["Tableau", "TABLEAUS", "METHOD_ALIASES", "canonical_method", "fixed_step_program"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,14 @@ TABLEAUS: Dict[str, Tableau] = {
     )
 }
 
+
+METHOD_ALIASES = {"heun2": "heun"}  # torchdiffeq's name of the executor's "heun"
+
+
+def canonical_method(name: str) -> str:
+    """``name`` lower-cased, torchdiffeq's aliases mapped to the package's names ("heun2" -> "heun")."""
+    low = name.lower()
+    return METHOD_ALIASES.get(low, low)
 
 def fixed_step_program(tableau: Tableau, grid: Tensor, plan: Optional[RecordPlan] = None) -> Program:
     """The program of ``tableau`` over the float64 step grid t_0..t_n (increasing or decreasing).
