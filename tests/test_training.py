@@ -1,6 +1,7 @@
 """Tests for bespoke_ext.training: the bound loss against a slow reference, gradients against finite
 differences, the identity solver against the base methods' local errors, and training itself."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -387,6 +388,12 @@ def test_options_are_checked_with_clear_errors(mixture):
         train(m, s, shape=(), iterations=1, batch_size=2)
     with pytest.raises(ValueError, match="shape must be a sequence of positive integers"):
         train(m, s, shape=(2.5,), iterations=1, batch_size=2)
+    with pytest.raises(ValueError, match="iterations must be an integer >= 0, got 2.5"):
+        train(m, s, shape=(4,), iterations=2.5, batch_size=2)
+    # Counts of any integer kind (numpy, a 0-dim tensor; from a config or an array) are counts.
+    done = train(m, BespokeSolver(np.int64(2), np.int64(1)), shape=(np.int64(4),), iterations=np.int64(1),
+                 batch_size=torch.tensor(2), seed=np.int32(3), gt="online", val_size=2, progress=False)
+    assert (done.steps, done.order, done.history.iterations) == (2, 1, 1) and type(done.steps) is int
     bad_device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(ValueError, match="no CUDA device|CUDA device\\(s\\) are visible"):
         train(m, s, shape=(4,), iterations=1, batch_size=2, device=bad_device)

@@ -22,7 +22,6 @@ absorbs the resolution shift it was trained at, so ``mu`` / ``sigmas`` from a pi
 
 from __future__ import annotations
 
-import operator
 import os
 import tempfile
 import warnings
@@ -33,6 +32,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
+from ..integers import as_int
 from ..solvers import BespokeSolver, NonStationarySolver, read_solver_file, write_solver_file
 from .pipelines import pipeline_velocity
 from .stepping import ProgramStepper, state_dtype
@@ -175,10 +175,9 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
             n = len(timesteps)
         steps = self.config.steps
         if n is not None:
-            try:
-                n = operator.index(n)   # 3.7 steps is a mistake, not 3
-            except TypeError:
-                raise TypeError(f"BespokeScheduler: num_inference_steps must be an integer, got {n!r}") from None
+            if as_int(n) is None:   # 3.7 steps is a mistake, not 3
+                raise TypeError(f"BespokeScheduler: num_inference_steps must be an integer, got {n!r}")
+            n = as_int(n)
         if n is not None and n != steps:
             raise ValueError(f"BespokeScheduler: the solver was trained for {steps} steps = {self.nfe} model "
                              f"evaluations; pass num_inference_steps={steps} (got {n})")

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..integers import as_int
 from ..program import Program, ProgramBuilder
 from .files import read_solver_file, write_solver_file
 
@@ -117,12 +118,13 @@ class BespokeSolver(nn.Module):
 
     def __init__(self, steps: int, order: int = 2):
         super().__init__()
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if as_int(steps) is None or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        steps = as_int(steps)
         if isinstance(order, bool) or order not in (1, 2):
             raise ValueError(f"order must be 1 (Euler base) or 2 (midpoint base), got {order!r}")
         self.steps = steps
-        self.order = order
+        self.order = int(order)   # checked above: 1 or 2 (numpy integers included)
         f64 = dict(dtype=torch.float64)
         self.time_logits = nn.Parameter(torch.zeros(steps * order - 1, **f64))
         # Columns: order 1: (grid point i); order 2: (grid point i, half point of step i).

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..integers import as_int
 from ..program import Program, ProgramBuilder
 from .bespoke import _BOUND, _SOFTPLUS_ONE, _clamp, _relative_softplus
 from .files import SolverFileError, read_solver_file, write_solver_file
@@ -99,9 +100,10 @@ def _dense(t: Tensor) -> Tensor:
 
 
 def _check_nfe(nfe) -> int:
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+    value = as_int(nfe)
+    if value is None or value < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
-    return nfe
+    return value
 
 
 def _check_scale(name: str, value) -> float:

@@ -12,10 +12,11 @@ interpolation of the step's two ends, as torchdiffeq's fixed-grid solvers report
 from __future__ import annotations
 
 import math
-import operator
 from typing import List, Optional, Tuple
 
 import torch
+
+from ..integers import as_int
 from torch import Tensor
 
 __all__ = [
@@ -103,18 +104,10 @@ def _short(t: Tensor, limit: int = 12) -> str:
     return str(values) if len(values) <= limit else f"{values[:limit]} ... ({len(values)} points)"
 
 
-def _as_int(v) -> Optional[int]:
-    """v as a Python int if it is an integer of any kind (numpy, a 0-dim integer tensor), else None."""
-    try:
-        return operator.index(v)
-    except TypeError:
-        return None
-
-
 def steps_for_nfe(nfe, evals_per_step: int, method: str) -> int:
     """The step count that makes exactly ``nfe`` model evaluations, or a ValueError saying which
     NFEs the method can make."""
-    value = None if isinstance(nfe, bool) else _as_int(nfe)
+    value = as_int(nfe)
     if value is None or value < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
     nfe = value

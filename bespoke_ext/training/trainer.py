@@ -44,7 +44,6 @@ import copy
 import hashlib
 import json
 import math
-import operator
 import os
 import time
 import warnings
@@ -53,6 +52,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from ..integers import as_int
 from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache
 from ..groundtruth.inputs import check_conditions, model_call_dtype, pool_size
 from ..sampling.executor import StateDtype
@@ -112,10 +112,11 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
     shape = _check_shape(shape)
     for name, value, low in (("iterations", iterations, 0), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        if as_int(value) is None or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if as_int(seed) is None:
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    iterations, batch_size, seed = as_int(iterations), as_int(batch_size), as_int(seed)
     for attr in ("step_coefficients", "program", "times", "lipschitz", "steps", "order", "nfe"):
         if not hasattr(solver, attr):
             raise TypeError(f"solver must be a BespokeSolver (lacks .{attr}), got {type(solver).__name__}")
@@ -147,14 +148,14 @@ def _identity(model, opts: TrainOptions) -> str:
 
 def _check_shape(shape) -> Tuple[int, ...]:
     try:
-        dims = tuple(shape)
-        # operator.index: integers of any kind (numpy, a 0-dim integer tensor) but not 2.5, which int() truncates
-        shape = tuple(operator.index(s) for s in dims)
+        dims = tuple(as_int(s) for s in shape)
     except TypeError:
-        raise ValueError(f"shape must be a sequence of positive integers (per-sample shape), got {shape!r}") from None
-    if not shape or min(shape) < 1:
+        dims = (None,)
+    if None in dims:
+        raise ValueError(f"shape must be a sequence of positive integers (per-sample shape), got {shape!r}")
+    if not dims or min(dims) < 1:
         raise ValueError(f"shape must be a non-empty sequence of positive integers, got {shape!r}")
-    return shape
+    return dims
 
 
 def default_cache_root() -> Path:
