@@ -454,6 +454,26 @@ def test_cli_train_nonstationary_from_a_trained_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--solver nonstationary"):
         run_train(parser.parse_args(common + ["--init", str(second), "-o", str(tmp_path / "x.safetensors")]))
 
+
+def test_cli_train_nfe_sets_the_bespoke_solvers_steps():
+    """--nfe means model evaluations for both families (it was ignored for --solver bespoke: NFE 10 came out)."""
+    import argparse
+
+    from bespoke_ext.cli.train import _initial_solver, add_train_arguments
+
+    parser = add_train_arguments(argparse.ArgumentParser())
+    made = lambda *extra: _initial_solver(parser.parse_args(["m", *extra]))
+    assert (made("--nfe", "4").steps, made("--nfe", "4").nfe) == (2, 4)
+    assert made("--nfe", "3", "--order", "1").steps == 3 and made().nfe == 10 and made("--steps", "3").nfe == 6
+    assert made("--steps", "2", "--nfe", "4").nfe == 4
+    assert made("--solver", "nonstationary", "--nfe", "7").nfe == 7
+    with pytest.raises(ValueError, match="--nfe must be a positive multiple of 2"):
+        made("--nfe", "5")
+    with pytest.raises(ValueError, match="makes NFE 6, not --nfe 4"):
+        made("--steps", "3", "--nfe", "4")
+    with pytest.raises(ValueError, match="--steps is for --solver bespoke"):
+        made("--solver", "nonstationary", "--steps", "4")
+
 def test_cli_model_specs_resolve():
     from pathlib import Path
 

@@ -1,6 +1,6 @@
 """``bespoke-ext train``: train a Bespoke solver for a model from the command line.
 
-    bespoke-ext train moons2d --steps 5 --order 2 --iterations 300
+    bespoke-ext train moons2d --steps 5 --order 2 --iterations 300      (NFE 10; --nfe 10 says the same)
     bespoke-ext train moons2d --solver nonstationary --nfe 10 --batch-size 64 --iterations 600
     bespoke-ext train moons2d --solver nonstationary --init bespoke-moons2d-rk2-nfe10.safetensors
     bespoke-ext train mypackage.models:make_model --shape 1,28,28 -o solver.safetensors
@@ -35,9 +35,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--solver", choices=SOLVERS, default="bespoke",
                         help="bespoke: the scale-time BespokeSolver (--steps, --order); nonstationary: the non-stationary "
                              "family (method.md §9; --nfe, --base), trained with the log-MSE loss unless --loss says")
-    parser.add_argument("--steps", type=int, default=5, help="bespoke: solver steps n (default 5)")
+    parser.add_argument("--steps", type=int, default=None, help="bespoke: solver steps n (default 5, or --nfe / order)")
     parser.add_argument("--order", type=int, default=2, choices=(1, 2), help="bespoke: 1: Euler base (NFE n); 2: midpoint base (NFE 2n)")
-    parser.add_argument("--nfe", type=int, default=10, help="nonstationary: model evaluations (default 10)")
+    parser.add_argument("--nfe", type=int, default=None,
+                        help="model evaluations (default 10); bespoke: steps = nfe / order")
     parser.add_argument("--base", choices=("euler", "midpoint"), default="euler",
                         help="nonstationary: the method a fresh solver equals (default euler)")
     parser.add_argument("--init", default=None, metavar="FILE",
@@ -123,7 +124,7 @@ def _initial_solver(args: argparse.Namespace):
 
     ns = args.solver == "nonstationary"
     if args.init is None:
-        return NonStationarySolver(args.nfe, args.base) if ns else BespokeSolver(args.steps, order=args.order)
+        return NonStationarySolver(_nfe(args), args.base) if ns else BespokeSolver(_steps(args), order=args.order)
     start = load_solver(args.init)
     if ns:
         return start if isinstance(start, NonStationarySolver) else NonStationarySolver.from_solver(start)
@@ -131,3 +132,23 @@ def _initial_solver(args: argparse.Namespace):
         raise ValueError(f"--init {args.init} holds a {type(start).__name__}; a BespokeSolver cannot start from it "
                          f"(pass --solver nonstationary)")
     return start
+
+
+def _nfe(args: argparse.Namespace) -> int:
+    """--nfe of a non-stationary solver (one evaluation per step: --steps would say the same, so it is refused)."""
+    if args.steps is not None:
+        raise ValueError(f"--steps is for --solver bespoke; a non-stationary solver takes --nfe (got --steps {args.steps})")
+    return 10 if args.nfe is None else args.nfe
+
+
+def _steps(args: argparse.Namespace) -> int:
+    """--steps of a BespokeSolver, or --nfe / --order (NFE = steps x order); both must agree when both are given."""
+    if args.nfe is None:
+        return 5 if args.steps is None else args.steps
+    if args.nfe % args.order or args.nfe < args.order:
+        raise ValueError(f"--nfe {args.nfe}: a BespokeSolver of order {args.order} makes {args.order} evaluations per "
+                         f"step, so --nfe must be a positive multiple of {args.order}")
+    if args.steps is not None and args.steps * args.order != args.nfe:
+        raise ValueError(f"--steps {args.steps} with --order {args.order} makes NFE {args.steps * args.order}, "
+                         f"not --nfe {args.nfe}; pass one of them")
+    return args.nfe // args.order
