@@ -174,11 +174,9 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         if n is None and timesteps is not None:
             n = len(timesteps)
         steps = self.config.steps
-        if n is not None:
-            if as_int(n) is None:   # 3.7 steps is a mistake, not 3
-                raise TypeError(f"BespokeScheduler: num_inference_steps must be an integer, got {n!r}")
-            n = as_int(n)
-        if n is not None and n != steps:
+        if n is not None and as_int(n) is None:   # 3.7 steps is a mistake, not 3
+            raise TypeError(f"BespokeScheduler: num_inference_steps must be an integer, got {n!r}")
+        if n is not None and as_int(n) != steps:
             raise ValueError(f"BespokeScheduler: the solver was trained for {steps} steps = {self.nfe} model "
                              f"evaluations; pass num_inference_steps={steps} (got {n})")
         pipeline_default = np.linspace(1.0, 1.0 / steps, steps)

@@ -120,10 +120,9 @@ class BespokeSolver(nn.Module):
         super().__init__()
         if as_int(steps) is None or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        steps = as_int(steps)
         if isinstance(order, bool) or order not in (1, 2):
             raise ValueError(f"order must be 1 (Euler base) or 2 (midpoint base), got {order!r}")
-        self.steps = steps
+        self.steps = as_int(steps)
         self.order = int(order)   # checked above: 1 or 2 (numpy integers included)
         f64 = dict(dtype=torch.float64)
         self.time_logits = nn.Parameter(torch.zeros(steps * order - 1, **f64))

@@ -149,9 +149,9 @@ def _identity(model, opts: TrainOptions) -> str:
 def _check_shape(shape) -> Tuple[int, ...]:
     try:
         dims = tuple(as_int(s) for s in shape)
-    except TypeError:
-        dims = (None,)
-    if None in dims:
+    except TypeError:   # not a sequence
+        dims = None
+    if dims is None or None in dims:
         raise ValueError(f"shape must be a sequence of positive integers (per-sample shape), got {shape!r}")
     if not dims or min(dims) < 1:
         raise ValueError(f"shape must be a non-empty sequence of positive integers, got {shape!r}")
