@@ -76,6 +76,52 @@ def test_update_matches_float64_reference(device, dtype, k, per_sample, strided)
     assert bool((err <= tol).all()), f"max error {err.max().item():.3g}"
 
 
+@pytest.mark.parametrize("k", [2, 4, 5, 8, 9, 12, 17])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_update_sums_terms_left_to_right_in_float32(k, per_sample):
+    # the CPU loops combine groups of terms (eight for shared coefficients, vector intrinsics for float32),
+    # but every element is the float32 sum c_0 T_0 + c_1 T_1 + ... taken left to right, each product and sum
+    # rounded (no FMA): the same bits as that chain of torch ops, whatever the grouping and tile boundaries
+    gen = torch.Generator().manual_seed(50 + k + 100 * per_sample)
+    shape = (7, 1031)  # tiles of 512 cross sample boundaries; 1031 leaves a remainder of 7 below a vector
+    terms = [torch.randn(shape, generator=gen) for _ in range(k)]
+    coeffs = make_coeffs(k, shape[0], per_sample, torch.float64, "cpu", gen)
+    c = coeffs.float()
+    col = (lambda j: c[:, j:j + 1]) if per_sample else (lambda j: c[j])
+    expected = col(0) * terms[0]
+    for j in range(1, k):
+        expected = expected + col(j) * terms[j]
+    assert torch.equal(ops.rk_update(terms, coeffs), expected)
+
+
+@pytest.mark.parametrize("shape", [(70001,), (70001, 1), (3,)], ids=["flat", "column", "tiny"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_residual_of_one_element_samples(shape, per_sample, dtype):
+    # samples of one element take an elementwise path over flat tiles (no per-sample sums): their RMS is
+    # |c_0 T_0 + ... + c_k T_k - y|, the combination in float32 left to right and rounded once to the dtype
+    gen = torch.Generator().manual_seed(7 + 10 * per_sample + len(shape))
+    k = 3
+    terms = [torch.randn(shape, generator=gen).to(dtype) for _ in range(k)]
+    target = torch.randn(shape, generator=gen).to(dtype)
+    coeffs = make_coeffs(k, shape[0], per_sample, torch.float64, "cpu", gen)
+    terms[0].view(-1)[1] = float("nan")
+    terms[1].view(-1)[2] = float("inf")
+    c = coeffs.float()
+    col = (lambda j: c[:, j].reshape((-1,) + (1,) * (len(shape) - 1))) if per_sample else (lambda j: c[j])
+    x = col(0) * terms[0].float()
+    for j in range(1, k):
+        x = x + col(j) * terms[j].float()
+    expected = (x - target.float()).abs().to(dtype).reshape(shape[0])
+    rms = ops.rk_residual(terms, coeffs, target)
+    assert rms.shape == (shape[0],) and rms.dtype == dtype
+    assert torch.isnan(rms[1]) and torch.isinf(rms[2])
+    torch.testing.assert_close(rms, expected, rtol=0, atol=0, equal_nan=True)
+    # the same samples as a strided column of a wider tensor give the same bits
+    wide = [torch.stack([t, torch.zeros_like(t)], -1)[..., 0] for t in terms]
+    torch.testing.assert_close(ops.rk_residual(wide, coeffs, target), rms, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("strided", [False, True])

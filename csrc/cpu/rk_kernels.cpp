@@ -267,6 +267,14 @@ at::Tensor rk_residual(at::TensorList terms, const at::Tensor& coeffs, const at:
     auto a = make_args<scalar_t, acc_t>(p, ts, c);
     a.y = tg.data_ptr<scalar_t>();
     scalar_t* r = rms.data_ptr<scalar_t>();
+    if (p.len == 1) {
+      // one element per sample ([N] or [N, 1]): elementwise over flat tiles (the per-sample sums and their
+      // unit buffers cost as much again as the combination)
+      at::parallel_for(0, (p.n + a.tile - 1) / a.tile, kGrain / kTile, [&](int64_t b, int64_t e) {
+        BX_CPU_ISA(residual_single_range, a, b * a.tile, std::min(p.n, e * a.tile), r);
+      });
+      return;
+    }
     if (u.nb == 1) {
       // every sample lies inside one unit: the unit turns its own sums into RMS, in a scratch
       // buffer of its task (an [N] buffer of partial sums would cost a pass and page faults)

@@ -118,6 +118,14 @@ inline void combine_group(acc_t* x, const acc_t* c, const scalar_t* const* t, in
   }
   int64_t i = 0;
 #ifdef BX_TILES_F16C
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    for (; i + 8 <= r; i += 8) {
+      __m256 v = _mm256_mul_ps(_mm256_set1_ps(cj[0]), _mm256_loadu_ps(tj[0] + i));
+      if (!FIRST) v = _mm256_add_ps(_mm256_loadu_ps(x + i), v);
+      for (int j = 1; j < K; ++j) v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_set1_ps(cj[j]), _mm256_loadu_ps(tj[j] + i)));
+      _mm256_storeu_ps(x + i, v);
+    }
+  }
   if constexpr (std::is_same<scalar_t, c10::Half>::value) {
     // F16C converts 8 at a time, which the compiler does not do for a loop of scalar conversions;
     // the same products and sums in the same order as the loop below
@@ -165,18 +173,25 @@ inline void combine_rows(acc_t* x, const acc_t* c, int64_t stride, const scalar_
   }
 }
 
-// Calls f(K, FIRST, j) for each group of up to four terms j .. j + K - 1 of k, K and FIRST (j == 0) as
-// std::integral_constant, so that f can pass them on as template arguments
-template <typename F>
+// Calls f(K, FIRST, j) for each group of up to G (4 or 8) terms j .. j + K - 1 of k, K and FIRST (j == 0)
+// as std::integral_constant, so that f can pass them on as template arguments
+template <int G, typename F>
 inline void for_groups(int64_t k, const F& f) {
+  static_assert(G == 4 || G == 8, "groups of four or eight terms");
   using std::integral_constant;
-  for (int64_t j = 0; j < k; j += 4) {
-    const bool first = j == 0;
-    switch (std::min<int64_t>(4, k - j)) {
-      case 1: first ? f(integral_constant<int, 1>{}, std::true_type{}, j) : f(integral_constant<int, 1>{}, std::false_type{}, j); break;
-      case 2: first ? f(integral_constant<int, 2>{}, std::true_type{}, j) : f(integral_constant<int, 2>{}, std::false_type{}, j); break;
-      case 3: first ? f(integral_constant<int, 3>{}, std::true_type{}, j) : f(integral_constant<int, 3>{}, std::false_type{}, j); break;
-      default: first ? f(integral_constant<int, 4>{}, std::true_type{}, j) : f(integral_constant<int, 4>{}, std::false_type{}, j); break;
+  const auto call = [&](auto K, int64_t j) {
+    j == 0 ? f(K, std::true_type{}, j) : f(K, std::false_type{}, j);
+  };
+  for (int64_t j = 0; j < k; j += G) {
+    switch (std::min<int64_t>(G, k - j)) {
+      case 1: call(integral_constant<int, 1>{}, j); break;
+      case 2: call(integral_constant<int, 2>{}, j); break;
+      case 3: call(integral_constant<int, 3>{}, j); break;
+      case 4: call(integral_constant<int, 4>{}, j); break;
+      case 5: if constexpr (G == 8) call(integral_constant<int, 5>{}, j); break;
+      case 6: if constexpr (G == 8) call(integral_constant<int, 6>{}, j); break;
+      case 7: if constexpr (G == 8) call(integral_constant<int, 7>{}, j); break;
+      default: if constexpr (G == 8) call(integral_constant<int, 8>{}, j); break;
     }
   }
 }
@@ -185,7 +200,7 @@ inline void for_groups(int64_t k, const F& f) {
 template <int LEN, typename acc_t, typename scalar_t>
 inline void combine_short(acc_t* x, const acc_t* c, int64_t k, const scalar_t* const* t, int64_t a, int64_t m) {
   const acc_t* row = c + (a / LEN) * k;
-  for_groups(k, [&](auto K, auto first, int64_t j) {
+  for_groups<4>(k, [&](auto K, auto first, int64_t j) {
     combine_rows<decltype(K)::value, decltype(first)::value, LEN>(x, row + j, k, t + j, a, m);
   });
 }
@@ -194,7 +209,7 @@ inline void combine_short(acc_t* x, const acc_t* c, int64_t k, const scalar_t* c
 template <typename acc_t, typename scalar_t>
 inline void combine_row(acc_t* x, const acc_t* c, const scalar_t* const* t, int64_t k, int64_t off,
                         int64_t r) {
-  for_groups(k, [&](auto K, auto first, int64_t j) {
+  for_groups<8>(k, [&](auto K, auto first, int64_t j) {
     combine_group<decltype(K)::value, decltype(first)::value>(x, c + j, t + j, off, r);
   });
 }
@@ -239,8 +254,10 @@ inline void scale_samples(acc_t* dst, const acc_t* v, int64_t stride, const acc_
 // r in order, from zero, each product rounded to the math type before it is added (the bits of dot()
 // on runs shorter than 32). The sample length is a template argument, so that the compiler unrolls a
 // sample's few products; the products are not stored, as a loop over all samples per r would need.
-template <int LEN, typename acc_t>
-inline void sum_products_of(const acc_t* x, const acc_t* y, int64_t m, double* sums, int64_t stride) {
+// A stride of 1 (the residual's sums) is passed as a constant: the sums are then contiguous and the loop
+// vectorises (at one element per sample it ran at half torch.compile's speed with a variable stride).
+template <int LEN, typename acc_t, typename stride_t>
+inline void sum_products_of(const acc_t* x, const acc_t* y, int64_t m, double* sums, stride_t stride) {
   const int64_t count = m / LEN;
   for (int64_t s = 0; s < count; ++s) {
     acc_t acc = 0;
@@ -250,7 +267,13 @@ inline void sum_products_of(const acc_t* x, const acc_t* y, int64_t m, double* s
 }
 template <typename acc_t>
 inline void sum_products(const acc_t* x, const acc_t* y, int64_t len, int64_t m, double* sums, int64_t stride) {
-  for_short_len(len, [&](auto L) { sum_products_of<decltype(L)::value>(x, y, m, sums, stride); });
+  for_short_len(len, [&](auto L) {
+    if (stride == 1) {
+      sum_products_of<decltype(L)::value>(x, y, m, sums, std::integral_constant<int64_t, 1>{});
+    } else {
+      sum_products_of<decltype(L)::value>(x, y, m, sums, stride);
+    }
+  });
 }
 
 // x[0:m) = sum_j c[s(i), j] T_j[a + i]: the combination every op starts from.
@@ -319,6 +342,24 @@ void residual_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi, doub
     } else {
       for_runs(p.len, a, m, [&](int64_t s, int64_t o, int64_t r) { sums[s - s0] += dot(x + o, x + o, r); });
     }
+  }
+}
+
+// r[lo:hi) = |sum_j c_j T_j - y| for samples of one element: their RMS, elementwise over whole tiles with
+// no per-sample sums. The same bits as residual_range and rms_from_sums: the square rounded to the math
+// type, then its root (the sum of one product from zero, and its mean over one element, are exact).
+template <typename scalar_t, typename acc_t>
+void residual_single_range(const Args<scalar_t, acc_t>& p, int64_t lo, int64_t hi, scalar_t* r) {
+  acc_t x[kTile], yb[kTile];
+  for (int64_t a = lo; a < hi; a += p.tile) {
+    const int64_t m = std::min(p.tile, hi - a);
+    combine(p, a, m, x);
+    const acc_t* y = math_tile(p.y + a, m, yb);
+    for (int64_t i = 0; i < m; ++i) {
+      const acc_t d = x[i] - y[i];
+      x[i] = std::sqrt(d * d);
+    }
+    store(r + a, x, m);
   }
 }
 
