@@ -264,6 +264,34 @@ def test_an_opaque_model_checkpoint_is_not_resumed_for_another_cache_dir(tmp_pat
         train(make(1), BespokeSolver(2, 1), cache_dir=str(tmp_path / "b"), **kw)
 
 
+_GLOBAL_FIELD = None  # what _reads_a_global computes with: set by the test below
+
+
+def _reads_a_global(x, t):
+    return _GLOBAL_FIELD(x, t)
+
+
+def test_a_function_reading_another_global_model_does_not_reuse_its_cache(tmp_path, mixture):
+    # `def f(x, t): return net(x, t)` with a module-level net: the globals the code names are part of its
+    # tag, so a cache folder solved for one net is refused for another, naming the model tag
+    global _GLOBAL_FIELD
+    kw = dict(shape=(4,), iterations=1, batch_size=4, cache_samples=8, cache_grid=8, val_size=4, progress=False,
+              cache_dir=str(tmp_path / "gt"))
+    try:
+        _GLOBAL_FIELD = mixture(4, seed=0)
+        first = model_tag(_reads_a_global, strict=False)
+        train(_reads_a_global, BespokeSolver(2, 1), **kw)
+        _GLOBAL_FIELD = mixture(4, seed=1)
+        assert model_tag(_reads_a_global, strict=False) != first
+        with pytest.raises(ValueError, match="model_tag"):
+            train(_reads_a_global, BespokeSolver(2, 1), **kw)
+        _GLOBAL_FIELD = mixture(4, seed=0)  # the same weights again: the same tag, the cache is reused
+        assert model_tag(_reads_a_global, strict=False) == first
+        train(_reads_a_global, BespokeSolver(2, 1), **kw)
+    finally:
+        _GLOBAL_FIELD = None
+
+
 # ------------------------------------------------------------------------------ the model probe
 
 class Probe(torch.nn.Module):

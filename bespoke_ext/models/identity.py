@@ -10,7 +10,7 @@ over everything the package can see that shapes the field:
   ``VelocityAdapter.prediction`` and ``t_eps``, and tensors held as plain attributes (neither
   parameter nor buffer, so not in the state dict), e.g. a tensor ``null_value``, by value;
 - plain objects held as attributes (a schedule), through their own settings, and functions held
-  as attributes, through their code, defaults and closure values;
+  as attributes, through their code, defaults, closure values and the globals their code reads;
 - for a bound method, the object it is bound to.
 A class may name attributes that do not shape the field (call counters) in a class attribute
 ``identity_ignore``; they are left out, so the tag does not change as the model is used.
@@ -21,7 +21,9 @@ extras and the whole conditions pool. Cache keys and checkpoint fingerprints use
 A plain function, lambda or ``functools.partial`` wraps state the package cannot see (a model in a
 closure, a global); two such callables may share a qualified name while computing different
 fields. ``model_tag`` therefore refuses them with :class:`OpaqueModelError`, unless ``strict=False``,
-which gives their qualified name only: callers must then have an explicit tag or cache folder.
+which hashes what can be seen (code, constants, defaults, closure values, the values of the globals the
+code names, a partial's arguments) but cannot follow state reached another way (a global read through an
+imported module, a file): callers must then have an explicit tag or cache folder.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import functools
 import hashlib
 import inspect
 import math
+import types
 from typing import Any, Mapping, Optional
 
 import torch
@@ -91,6 +94,10 @@ class _Hasher:
                 self.value(v[key], depth + 1)
         elif isinstance(v, torch.nn.Module):
             self.module(v)
+        elif isinstance(v, types.ModuleType):
+            self.text(f"pymodule|{v.__name__}")  # an imported library, by name: its contents are code
+        elif isinstance(v, type) or inspect.isbuiltin(v):
+            self.text(f"named|{_qualname(v)}")
         elif depth < _MAX_DEPTH:
             self.obj(v, depth)
         else:
@@ -136,7 +143,9 @@ class _Hasher:
             self.value([c for c in code.co_consts if not inspect.iscode(c)], depth + 1)
             self.value(list(v.__defaults__ or ()), depth + 1)
             self.value([cell.cell_contents for cell in (v.__closure__ or ())], depth + 1)
-        elif hasattr(v, "to_dict") and callable(v.to_dict):
+            # `def f(x, t): return net(x, t)` with a module-level `net`: the global's weights shape the field
+            self.value(_globals_read(v), depth + 1)
+        elif callable(getattr(v, "to_dict", None)) and _has_no_required_args(v.to_dict):
             self.text(f"object|{_qualname(v)}")
             self.value(v.to_dict(), depth + 1)
         else:
@@ -150,12 +159,32 @@ class _Hasher:
         return self.h.hexdigest()[:16]
 
 
+def _has_no_required_args(fn) -> bool:
+    try:
+        return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                   for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin): not called
+        return False
+
+
+def _globals_read(fn) -> dict:
+    """{name: value} of the module globals that fn's code (nested functions and comprehensions included)
+    names; attribute names that happen to match a global are included too, which can only over-separate."""
+    names, codes = set(), [fn.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if inspect.iscode(c))
+    scope = getattr(fn, "__globals__", {})
+    return {n: scope[n] for n in sorted(names) if n in scope}
+
+
 def model_tag(model, *, strict: bool = True) -> str:
     """``<module.Class>:<sha256 of weights and settings, 16 hex digits>``.
 
     Raises OpaqueModelError for a plain function, lambda or partial (see the module note); with
-    ``strict=False`` such a callable gets ``<module.function>~<sha256 of its code, constants, defaults
-    and closure values>``, which does not cover the globals it reads.
+    ``strict=False`` such a callable gets ``<module.function>~<sha256 of its code, constants, defaults,
+    closure values and the globals it names>``, which does not cover state reached another way.
     """
     name = _qualname(model.func if isinstance(model, functools.partial) else model)
     if _is_opaque(model):
@@ -166,8 +195,9 @@ def model_tag(model, *, strict: bool = True) -> str:
                 f"global), so cached ground truth could be reused for a different field. Pass "
                 f"model_tag='<a name that changes with the model>' or an explicit cache_dir, or pass the "
                 f"torch.nn.Module itself")
-        # what can be seen (code, constants, defaults, closure values, a partial's arguments), after "~":
-        # not a full identity (globals are unseen), but two closures over different modules differ
+        # what can be seen (code, constants, defaults, closure values, named globals, a partial's arguments),
+        # after "~": not a full identity (state reached through an imported module is unseen), but two
+        # closures over different modules, or functions reading different global modules, differ
         h = _Hasher()
         h.value(model)
         return f"{name}~{h.hexdigest()}"

@@ -31,7 +31,8 @@ model is called in its own dtype, x cast to it and the velocity cast back (groun
 
 Identity: caches and checkpoints are keyed by ``model_tag(model)`` (weights and settings of the module
 and its submodules) and ``inputs_tag(model_extras, conditions)``; a plain function, lambda or partial
-needs an explicit ``model_tag`` or ``cache_dir``.
+needs an explicit ``model_tag`` or ``cache_dir`` (then its code, closure values and named globals still
+enter the tag: a folder solved for another closure or global model is refused).
 
 Non-finite steps: a loss or gradient that is not finite skips the step (``history.skipped``, one
 warning); ``max_nonfinite_steps`` in a row stop training with NonFiniteTrainingError, after saving the
