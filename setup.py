@@ -62,7 +62,8 @@ def _extension():
     if _use_cuda():
         _default_cuda_arch_list()
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-lineinfo"]
+        # --fmad=false: no fused multiply-add either, so CUDA sums have the CPU's bits (elementwise ops)
+        nvcc = ["-O3", "-lineinfo", "--fmad=false"]
         return cpp_extension.CUDAExtension(
             "bespoke_ext._C",
             sources,

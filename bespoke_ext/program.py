@@ -118,12 +118,18 @@ class ProgramBuilder:
         return self._num_slots - 1
 
     def eval(self, dst: int, src: int, time: Optional[float] = None) -> None:
+        # a model output is rebound to its slot: into a buffer it would replace the tensor that later
+        # combinations (and a captured CUDA graph) write in place
+        if dst == Program.INPUT or dst in self._buffers or not 0 < dst < self._num_slots:
+            raise ValueError(f"eval: slot {dst} is not a velocity slot (from velocity())")
         self._instructions.append(Eval(dst, src, len(self._times)))
         self._times.append(time)
 
     def combine(self, dst: int, srcs: Sequence[int], coeffs: Optional[Sequence[float]] = None) -> None:
         if coeffs is not None and len(coeffs) != len(srcs):
             raise ValueError(f"combine: {len(srcs)} sources but {len(coeffs)} coefficients")
+        if dst >= 0 and dst not in self._buffers:  # negative: a record slot (record())
+            raise ValueError(f"combine: slot {dst} is not a buffer slot (from buffer())")
         self._instructions.append(Combine(dst, tuple(srcs), len(self._coeffs)))
         self._coeffs.extend(coeffs if coeffs is not None else [None] * len(srcs))
 

@@ -78,20 +78,31 @@ def test_update_matches_float64_reference(device, dtype, k, per_sample, strided)
 
 @pytest.mark.parametrize("k", [2, 4, 5, 8, 9, 12, 17])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
-def test_update_sums_terms_left_to_right_in_float32(k, per_sample):
+def test_update_sums_terms_left_to_right_in_float32(device, k, per_sample):
     # the CPU loops combine groups of terms (eight for shared coefficients, vector intrinsics for float32),
-    # but every element is the float32 sum c_0 T_0 + c_1 T_1 + ... taken left to right, each product and sum
-    # rounded (no FMA): the same bits as that chain of torch ops, whatever the grouping and tile boundaries
+    # the CUDA kernels vectors of elements, but every element is the float32 sum c_0 T_0 + c_1 T_1 + ...
+    # taken left to right, each product and sum rounded (no FMA): the same bits as that chain of torch ops,
+    # whatever the grouping and tile boundaries, on every device
     gen = torch.Generator().manual_seed(50 + k + 100 * per_sample)
     shape = (7, 1031)  # tiles of 512 cross sample boundaries; 1031 leaves a remainder of 7 below a vector
-    terms = [torch.randn(shape, generator=gen) for _ in range(k)]
-    coeffs = make_coeffs(k, shape[0], per_sample, torch.float64, "cpu", gen)
+    terms = [torch.randn(shape, generator=gen).to(device) for _ in range(k)]
+    coeffs = make_coeffs(k, shape[0], per_sample, torch.float64, "cpu", gen).to(device)
     c = coeffs.float()
     col = (lambda j: c[:, j:j + 1]) if per_sample else (lambda j: c[j])
     expected = col(0) * terms[0]
     for j in range(1, k):
         expected = expected + col(j) * terms[j]
-    assert torch.equal(ops.rk_update(terms, coeffs), expected)
+    out = ops.rk_update(terms, coeffs)
+    assert torch.equal(out, expected)
+    # a perfect fit has a residual of exactly 0: the residual combines in the update's order
+    assert torch.equal(ops.rk_residual(terms, coeffs, out), torch.zeros(shape[0], device=device))
+
+
+def test_update_keeps_the_sign_of_zero(device):
+    # the sum starts from the first product, not from +0: -0.0 * 1 stays -0.0 as in torch's own ops
+    x = torch.tensor([-0.0, 0.0, -0.0], device=device)
+    out = ops.rk_update([x], torch.tensor([1.0], dtype=torch.float64, device=device))
+    assert torch.equal(torch.signbit(out), torch.signbit(x))
 
 
 @pytest.mark.parametrize("shape", [(70001,), (70001, 1), (3,)], ids=["flat", "column", "tiny"])

@@ -588,3 +588,22 @@ def test_sample_command_errors_are_one_line_and_a_foreign_solver_is_warned(tmp_p
     own.save(path)
     assert main(["sample", "moons2d", "-n", "3", "--solver", str(path), "-o", str(tmp_path / "s.safetensors")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_program_builder_refuses_evaluations_into_buffers_and_combinations_into_velocities():
+    # model outputs are rebound to their slots, combinations write preallocated buffers in place (and a
+    # captured CUDA graph keeps writing them): a program mixing the two would lose a buffer mid-run
+    from bespoke_ext.program import ProgramBuilder
+
+    b = ProgramBuilder("check")
+    y, u = b.buffer(), b.velocity()
+    with pytest.raises(ValueError, match="not a velocity slot"):
+        b.eval(y, b.input, 0.0)
+    with pytest.raises(ValueError, match="not a velocity slot"):
+        b.eval(b.input, b.input, 0.0)
+    with pytest.raises(ValueError, match="not a buffer slot"):
+        b.combine(u, (b.input,), [1.0])
+    b.eval(u, b.input, 0.0)
+    b.combine(y, (b.input, u), [1.0, 0.5])
+    program = b.build(output=y)
+    assert program.nfe == 1 and program.buffers == (y,)

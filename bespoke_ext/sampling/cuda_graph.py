@@ -140,8 +140,11 @@ class _GraphedRun:
             # Own copies: replays overwrite them with each call's tables.
             times, coeffs = device_tables(program, x0)
             self.times, self.coeffs = times.clone(), coeffs.clone()
-            # Kept for the graph's lifetime: the graph writes every buffer slot on each replay.
+            # Kept for the graph's lifetime: the graph writes every buffer slot on each replay. The buffers
+            # are also held apart from the slot list, which capture rebinds (an evaluation into a buffer
+            # slot would otherwise drop the last reference to a tensor the replays keep writing).
             self.slots, steps, self.traj = prepare(program, self.x0, tables=(self.times, self.coeffs))
+            self.buffers = [self.slots[s] for s in program.buffers]
 
             def first_eval(v, x, t, model):  # the model casts its outputs itself (StateDtype)
                 check_velocity(v, x, t, program.method)

@@ -95,8 +95,15 @@ template <typename scalar_t, typename acc_t, bool RESID, int W>
 __device__ __forceinline__ void combine_at(const Params<scalar_t, acc_t>& p, int64_t i) {
   const int64_t s = (p.cstride != 0 || RESID) ? i / p.len : 0;
   const acc_t* cs = p.c + s * p.cstride;
-  acc_t acc[W] = {};
-  for (int j = 0; j < p.k; ++j) {
+  // c_0 T_0 + c_1 T_1 + ... left to right from the first product, as the CPU loops (k >= 1 is checked):
+  // with no fused multiply-add (setup.py: --fmad=false) the same bits, -0.0 included
+  acc_t acc[W];
+  {
+    const Pack<scalar_t, W> t = load_pack<W>(p.term[0] + i);
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] = cs[0] * static_cast<acc_t>(t.v[e]);
+  }
+  for (int j = 1; j < p.k; ++j) {
     const Pack<scalar_t, W> t = load_pack<W>(p.term[j] + i);
     const acc_t cj = cs[j];
 #pragma unroll
@@ -206,8 +213,11 @@ template <typename scalar_t, typename acc_t, Mode MODE>
 __device__ __forceinline__ void reduce_element(const Params<scalar_t, acc_t>& p, const acc_t* cs,
                                                int j0, bool need_sums, int64_t i, acc_t* sums) {
   if constexpr (MODE == Mode::kResidual) {
-    acc_t r = -static_cast<acc_t>(p.y[i]);
-    for (int j = 0; j < p.k; ++j) r += cs[j] * static_cast<acc_t>(p.term[j][i]);
+    // (sum_j c_j T_j) - y, in the forward combination's order: a target equal to rk_update's output
+    // (a perfect fit) gives exactly 0, as on the CPU and in the residual backward (combine_at)
+    acc_t x = cs[0] * static_cast<acc_t>(p.term[0][i]);
+    for (int j = 1; j < p.k; ++j) x += cs[j] * static_cast<acc_t>(p.term[j][i]);
+    const acc_t r = x - static_cast<acc_t>(p.y[i]);
     sums[0] += r * r;
   } else {
     const acc_t g = MODE == Mode::kGradDot ? static_cast<acc_t>(p.grad[i]) : p.gacc[i];
@@ -269,10 +279,11 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 // Stage 2: out[row * P + j] = finish(sum_b partial[(row * per_row + b) * P + j]), added in
-// double in a fixed order; finish is sqrt(sum / len) for the RMS, the sum itself otherwise.
-template <typename out_t, bool RMS>
+// double in a fixed order; finish is sqrt(sum / len) for the RMS (the mean in double, the root in the
+// math type, as the CPU's rms_from_sums), the sum itself otherwise.
+template <typename acc_t, typename out_t, bool RMS>
 __device__ __forceinline__ void finish_output(out_t* out, int64_t o, double v, double len) {
-  out[o] = RMS ? static_cast<out_t>(sqrt(v / len)) : static_cast<out_t>(v);
+  out[o] = RMS ? static_cast<out_t>(sqrt(static_cast<acc_t>(v / len))) : static_cast<out_t>(v);
 }
 
 template <typename acc_t, typename out_t, bool RMS>
@@ -284,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = o / P, j = o - row * P;
     double v = 0;
     for (int64_t b = 0; b < per_row; ++b) v += static_cast<double>(partial[(row * per_row + b) * P + j]);
-    finish_output<out_t, RMS>(out, o, v, len);
+    finish_output<acc_t, out_t, RMS>(out, o, v, len);
   }
 }
 
@@ -304,7 +315,7 @@ __global__ void __launch_bounds__(kThreads)
       if (threadIdx.x < off) sh[threadIdx.x] += sh[threadIdx.x + off];
       __syncthreads();
     }
-    if (threadIdx.x == 0) finish_output<out_t, RMS>(out, o, sh[0], len);
+    if (threadIdx.x == 0) finish_output<acc_t, out_t, RMS>(out, o, sh[0], len);
     __syncthreads();  // sh is reused by the next output
   }
 }
