@@ -181,6 +181,24 @@ def test_sigmas_node_denoise_is_a_suffix_sample_bespoke_resumes_on(fake_comfy, f
     assert none.numel() == 0
 
 
+def test_sigmas_node_refuses_a_denoise_a_nonstationary_solver_cannot_start_from(tmp_path):
+    """The error shows on BespokeSigmas, the node that made the cut, not later on the sampler."""
+    solver = _perturbed(bx.NonStationarySolver(8, "euler"), 0.05)
+    path = tmp_path / "ns.safetensors"
+    solver.save(path)
+    with pytest.raises(ValueError, match="NonStationarySolver cannot resume at step 4 of 8"):  # the sampler's error
+        sample_bespoke(lambda x, s: x * 0, torch.randn(2, 2), solver_sigmas(solver)[4:], solver=solver, disable=True)
+    with pytest.raises(ValueError, match="NonStationarySolver cannot resume at step 4 of 8"):
+        comfyui.BespokeSigmasNode().get_sigmas(str(path), denoise=0.5)
+    with pytest.raises(ValueError, match="NonStationarySolver cannot resume at step 7 of 8"):
+        comfyui.bespoke_sigmas(solver, denoise=0.1)
+    # no cut (denoise 1, or one that rounds to every step) is the whole grid, which it starts from
+    for denoise in (1.0, 0.97):
+        assert torch.equal(comfyui.bespoke_sigmas(solver, denoise), solver_sigmas(solver))
+    (none,) = comfyui.BespokeSigmasNode().get_sigmas(str(path), denoise=0.0)
+    assert none.numel() == 0
+
+
 def test_without_comfyui_import_works_and_the_sampler_node_names_comfyui(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "comfy", None)  # `import comfy` raises ImportError
     monkeypatch.setitem(sys.modules, "comfy.samplers", None)

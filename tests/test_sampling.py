@@ -607,3 +607,30 @@ def test_program_builder_refuses_evaluations_into_buffers_and_combinations_into_
     b.combine(y, (b.input, u), [1.0, 0.5])
     program = b.build(output=y)
     assert program.nfe == 1 and program.buffers == (y,)
+
+
+def test_sample_command_step_options_follow_the_method_kind(tmp_path, capsys):
+    # --nfe for fixed-step methods, --tol for adaptive ones, --step-size for multistep ones: every listed
+    # method runs (bosh3 failed with "drop nfe=10" although no --nfe was given)
+    from safetensors import safe_open
+
+    from bespoke_ext.cli import main
+
+    for extra, method in ((["--method", "bosh3", "--tol", "1e-4"], "bosh3"), (["--method", "dopri5"], "dopri5"),
+                          (["--method", "explicit_adams", "--step-size", "0.25"], "explicit_adams"),
+                          (["--method", "fixed_adams"], "fixed_adams")):
+        out = tmp_path / "new" / f"{method}.safetensors"  # a folder that does not exist yet is made first
+        assert main(["sample", "moons2d", "-n", "3", "-o", str(out), *extra]) == 0, capsys.readouterr().err
+        with safe_open(str(out), "pt") as f:
+            assert f.get_tensor("samples").shape == (3, 2) and f.metadata()["method"] == method
+    for extra, message in ((["--method", "dopri5", "--nfe", "4"], "--nfe does not apply to --method dopri5"),
+                           (["--method", "euler", "--tol", "1e-3"], "--tol does not apply to --method euler"),
+                           (["--method", "bosh3", "--step-size", "0.1"], "it takes --tol"),
+                           (["--shape", "2,x"], "--shape must be sizes"),
+                           (["--shape", "2,,"], "--shape must be sizes")):
+        assert main(["sample", "moons2d", "-n", "3", "-o", str(tmp_path / "x.safetensors"), *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert main(["sample", "moons2d", "-n", "3", "--device", "cuda"]) == 1
+        assert "sees no CUDA device" in capsys.readouterr().err

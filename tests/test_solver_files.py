@@ -446,12 +446,44 @@ def test_map_location(saved):
         BespokeSolver.load(path, map_location={"cuda:0": "cpu"})
 
 
+def test_map_location_nonstationary_and_load_solver(saved, tmp_path):
+    """NonStationarySolver.load and load_solver take BespokeSolver.load's map_location, with its meaning."""
+    from bespoke_ext.solvers import NonStationarySolver, load_solver
+
+    bespoke_path, solver = saved
+    ns = NonStationarySolver(6, "midpoint")
+    with torch.no_grad():
+        ns.b_delta.add_(0.01)
+    ns_path = tmp_path / "ns.safetensors"
+    ns.save(ns_path)
+    for where in (None, "cpu", torch.device("cpu")):
+        for loaded in (NonStationarySolver.load(ns_path, map_location=where), load_solver(ns_path, map_location=where),
+                       load_solver(bespoke_path, map_location=where)):
+            assert all(t.device.type == "cpu" for t in (*loaded.parameters(), *loaded.buffers()))
+    meta_ns = NonStationarySolver.load(ns_path, map_location="meta")  # a device other than the default CPU
+    assert all(t.device.type == "meta" for t in (*meta_ns.parameters(), *meta_ns.buffers())) and meta_ns.nfe == 6
+    for path, cls in ((ns_path, NonStationarySolver), (bespoke_path, BespokeSolver)):
+        loaded = load_solver(path, map_location="meta")
+        assert type(loaded) is cls and all(p.device.type == "meta" for p in loaded.parameters())
+    assert torch.equal(load_solver(ns_path, map_location="cpu").b_delta, ns.b_delta)
+    with pytest.raises(ValueError, match="map_location 'gpu:0' is not a device"):
+        NonStationarySolver.load(ns_path, map_location="gpu:0")
+    with pytest.raises(TypeError, match="map_location must be a torch.device, a device string"):
+        load_solver(ns_path, map_location={"cuda:0": "cpu"})
+
+
 @pytest.mark.cuda
 def test_map_location_cuda(saved):
     path, solver = saved
     loaded = BespokeSolver.load(path, map_location="cuda")
     assert all(p.is_cuda for p in loaded.parameters())
     torch.testing.assert_close(loaded.ds.cpu(), solver.ds, rtol=0, atol=0)
+    from bespoke_ext.solvers import NonStationarySolver, load_solver
+
+    ns_path = path.with_name("ns.safetensors")
+    NonStationarySolver(4, "euler").save(ns_path)
+    for loaded in (load_solver(ns_path, map_location="cuda"), load_solver(path, map_location="cuda")):
+        assert all(t.is_cuda for t in (*loaded.parameters(), *loaded.buffers()))
 
 
 def test_metadata_must_be_json(tmp_path):

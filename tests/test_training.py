@@ -474,6 +474,33 @@ def test_cli_train_nfe_sets_the_bespoke_solvers_steps():
     with pytest.raises(ValueError, match="--steps is for --solver bespoke"):
         made("--solver", "nonstationary", "--steps", "4")
 
+def test_cli_train_init_refuses_sizes_the_file_contradicts(tmp_path):
+    """--init's solver decides NFE, steps and order: --nfe 12 with a 10-evaluation file was ignored and
+    wrote an NFE-10 solver under the name the user chose; now refused, equal values accepted."""
+    import argparse
+
+    from bespoke_ext.cli.train import _initial_solver, add_train_arguments
+    from bespoke_ext.solvers import NonStationarySolver
+
+    init = tmp_path / "init.safetensors"
+    BespokeSolver(5, order=2).save(str(init))
+    parser = add_train_arguments(argparse.ArgumentParser())
+    made = lambda *extra: _initial_solver(parser.parse_args(["m", "--init", str(init), *extra]))
+    assert made("--nfe", "10", "--steps", "5", "--order", "2").nfe == 10
+    ns = made("--solver", "nonstationary", "--nfe", "10")
+    assert isinstance(ns, NonStationarySolver) and ns.nfe == 10
+    with pytest.raises(ValueError, match="--nfe 12, but --init .* nfe 10"):
+        made("--solver", "nonstationary", "--nfe", "12")
+    with pytest.raises(ValueError, match="--steps 8, but --init .* steps 5"):
+        made("--steps", "8")
+    with pytest.raises(ValueError, match="--order 1, but --init .* order 2"):
+        made("--order", "1")
+    with pytest.raises(ValueError, match="--base sets a fresh solver"):
+        made("--solver", "nonstationary", "--base", "midpoint")
+    with pytest.raises(ValueError, match="--steps is for --solver bespoke"):
+        made("--solver", "nonstationary", "--steps", "5")
+
+
 def test_cli_model_specs_resolve():
     from pathlib import Path
 

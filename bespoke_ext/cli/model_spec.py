@@ -15,13 +15,14 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["resolve_model", "import_target", "parse_shape", "parse_extras", "DTYPES"]
+__all__ = ["resolve_model", "check_device", "import_target", "parse_shape", "parse_extras", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
 
@@ -76,7 +77,7 @@ def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[
     if dtype is not None:
         kw["dtype"] = dtype
     if device is not None:
-        kw["device"] = device
+        kw["device"] = check_device(device)
     path = Path(spec)
     if path.suffix in (".safetensors", ".json") and (path.is_file() or path.with_suffix(".json").is_file()):
         from ..models.embedded import load_embedded
@@ -104,11 +105,25 @@ def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[
     return m.velocity, tuple(m.shape), spec
 
 
-def parse_shape(text: str) -> Tuple[int, ...]:
+def check_device(device) -> torch.device:
+    """--device as a torch.device that this torch can run on (CUDA-less torch fails with an assertion later)."""
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device "
+                         f"(torch.cuda.is_available() is False); use --device cpu")
+    return dev
+
+
+def parse_shape(text: str) -> Tuple[int, ...]:
+    # every piece between separators must be a size: "2,x" or "2,," is a typo, not the shape (2,)
+    pieces = re.split(r"[,x]", text.strip())
+    try:
+        shape = tuple(int(s) for s in pieces)
     except ValueError:
-        raise ValueError(f"--shape must be sizes separated by commas, e.g. 2 or 1,28,28; got {text!r}") from None
+        raise ValueError(f"--shape must be sizes separated by commas (or x), e.g. 2 or 1,28,28; got {text!r}") from None
     if not shape or min(shape) < 1:
         raise ValueError(f"--shape must hold positive sizes, got {text!r}")
     return shape

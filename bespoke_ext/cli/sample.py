@@ -34,7 +34,12 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     how.add_argument("--solver", default=None, help="a solver file written by `bespoke-ext train`")
     how.add_argument("--method", default=None, choices=METHODS, help="a baseline method (default midpoint)")
     parser.add_argument("--nfe", type=int, default=None,
-                        help="model evaluations for --method (default 10; not for dopri5 or --solver)")
+                        help="model evaluations for a fixed-step --method (default 10; not for --solver, the "
+                             "adaptive or the multistep methods)")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="adaptive methods (dopri5, dopri8, bosh3, ...): rtol = atol (default 1e-5)")
+    parser.add_argument("--step-size", type=float, default=None,
+                        help="multistep methods (explicit_adams, implicit_adams, fixed_adams): the step (default 0.1)")
     parser.add_argument("-n", "--num", type=int, default=16, help="number of samples (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise x0")
     parser.add_argument("--shape", default=None, help="per-sample shape, e.g. 2 or 1,28,28 (default: the model's)")
@@ -60,6 +65,25 @@ def _warn_if_trained_for_another(solver, model) -> None:
               f"schedule is tuned to that model's field, and may sample this one poorly", file=sys.stderr)
 
 
+def _method_options(args: argparse.Namespace, method: str) -> dict:
+    """sample()'s step options for a baseline method: --nfe for fixed-step methods, --tol for adaptive ones,
+    --step-size for multistep ones; an option another kind takes is refused with the kind's own."""
+    from ..sampling.adaptive import ADAPTIVE_METHODS, MULTISTEP_METHODS
+
+    given = {"--nfe": args.nfe, "--tol": args.tol, "--step-size": args.step_size}
+    own = "--tol" if method in ADAPTIVE_METHODS else "--step-size" if method in MULTISTEP_METHODS else "--nfe"
+    kind = {"--tol": "adaptive", "--step-size": "a multistep method", "--nfe": "a fixed-step method"}[own]
+    for flag, value in given.items():
+        if value is not None and flag != own:
+            raise ValueError(f"{flag} does not apply to --method {method} ({kind}: it takes {own})")
+    if own == "--tol":
+        tol = 1e-5 if args.tol is None else args.tol
+        return {"atol": tol, "rtol": tol}
+    if own == "--step-size":
+        return {"step_size": 0.1 if args.step_size is None else args.step_size}
+    return {"nfe": 10 if args.nfe is None else args.nfe}
+
+
 def run_sample(args: argparse.Namespace) -> int:
     """Run the ``sample`` subcommand; returns the exit status."""
     from ..sampling import sample
@@ -74,13 +98,16 @@ def run_sample(args: argparse.Namespace) -> int:
     if not shape:
         raise ValueError(f"model {args.model!r} does not say its per-sample shape: pass --shape (e.g. --shape 2)")
     device = torch.device(args.device or "cpu")
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)  # before sampling: the samples are not lost at the end
     x0 = torch.randn((args.num, *shape), generator=torch.Generator().manual_seed(args.seed),
                      dtype=dtype or torch.float32).to(device)
 
     kwargs: dict = {}
     if args.solver:
-        if args.nfe is not None:
-            raise ValueError("--nfe applies to --method; a solver file fixes its own NFE")
+        if args.nfe is not None or args.tol is not None or args.step_size is not None:
+            raise ValueError("--nfe, --tol and --step-size apply to --method; a solver file fixes its own steps")
         solver = load_solver(args.solver).to(device)
         kwargs["solver"] = solver
         label = f"{solver.method} from {args.solver}"
@@ -90,10 +117,7 @@ def run_sample(args: argparse.Namespace) -> int:
     else:
         method = args.method or "midpoint"
         kwargs["method"] = method
-        if method != "dopri5":
-            kwargs["nfe"] = 10 if args.nfe is None else args.nfe
-        elif args.nfe is not None:
-            raise ValueError("--nfe does not apply to dopri5 (adaptive)")
+        kwargs.update(_method_options(args, method))
         label = method
 
     start = time.perf_counter()
@@ -102,7 +126,7 @@ def run_sample(args: argparse.Namespace) -> int:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
 
-    output = Path(args.output or f"samples-{name}-{stats.method}-nfe{stats.nfe}.safetensors")
+    output = output or Path(f"samples-{name}-{stats.method}-nfe{stats.nfe}.safetensors")
     meta = {"method": stats.method, "nfe": str(stats.nfe), "seed": str(args.seed), "model": str(args.model),
             "solver": str(args.solver or ""), "stats": json.dumps(dataclasses.asdict(stats))}
     save_file({"samples": samples.detach().cpu().contiguous()}, str(output), metadata=meta)

@@ -36,13 +36,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="bespoke: the scale-time BespokeSolver (--steps, --order); nonstationary: the non-stationary "
                              "family (method.md §9; --nfe, --base), trained with the log-MSE loss unless --loss says")
     parser.add_argument("--steps", type=int, default=None, help="bespoke: solver steps n (default 5, or --nfe / order)")
-    parser.add_argument("--order", type=int, default=2, choices=(1, 2), help="bespoke: 1: Euler base (NFE n); 2: midpoint base (NFE 2n)")
+    parser.add_argument("--order", type=int, default=None, choices=(1, 2),
+                        help="bespoke: 1: Euler base (NFE n); 2: midpoint base (NFE 2n) (default 2)")
     parser.add_argument("--nfe", type=int, default=None,
                         help="model evaluations (default 10); bespoke: steps = nfe / order")
-    parser.add_argument("--base", choices=("euler", "midpoint"), default="euler",
+    parser.add_argument("--base", choices=("euler", "midpoint"), default=None,
                         help="nonstationary: the method a fresh solver equals (default euler)")
     parser.add_argument("--init", default=None, metavar="FILE",
-                        help="start from this solver file (a BespokeSolver is converted exactly for --solver nonstationary)")
+                        help="start from this solver file (a BespokeSolver is converted exactly for --solver nonstationary); "
+                             "--steps, --order, --nfe, when given, must match it, and --base is for fresh solvers")
     parser.add_argument("--iterations", type=int, default=300, help="optimizer steps (default 300)")
     parser.add_argument("--batch-size", type=int, default=256, help="noise samples per iteration (default 256)")
     parser.add_argument("--seed", type=int, default=0)
@@ -104,9 +106,12 @@ def run_train(args: argparse.Namespace) -> int:
     solver.save(output, metadata={"model": args.model})
     base = solver.metadata.get("initialised_from") or getattr(solver, "base", None) or \
         ("midpoint" if solver.order == 2 else "Euler")
-    print(f"validation RMSE vs ground truth at NFE {solver.nfe}: {base} {h.base_rmse:.5g}, "
-          f"bespoke {h.best_rmse:.5g} ({h.best_rmse / h.base_rmse:.3f}x; iteration {h.best_iteration})"
-          if h.base_rmse else f"validation RMSE: bespoke {h.best_rmse:.5g}")
+    if not h.val_rmse:  # --iterations 0 without a fit: nothing was solved or measured
+        print(f"not validated (--iterations {args.iterations}: the solver is written as it started)")
+    else:
+        print(f"validation RMSE vs ground truth at NFE {solver.nfe}: {base} {h.base_rmse:.5g}, "
+              f"bespoke {h.best_rmse:.5g} ({h.best_rmse / h.base_rmse:.3f}x; iteration {h.best_iteration})"
+              if h.base_rmse else f"validation RMSE: bespoke {h.best_rmse:.5g}")
     print(f"wrote {output}")
     try:
         what = "non-stationary" if ns else f"bespoke order {solver.order}, {solver.steps} steps"
@@ -124,14 +129,35 @@ def _initial_solver(args: argparse.Namespace):
 
     ns = args.solver == "nonstationary"
     if args.init is None:
-        return NonStationarySolver(_nfe(args), args.base) if ns else BespokeSolver(_steps(args), order=args.order)
+        return NonStationarySolver(_nfe(args), args.base or "euler") if ns else BespokeSolver(_steps(args), order=_order(args))
     start = load_solver(args.init)
     if ns:
-        return start if isinstance(start, NonStationarySolver) else NonStationarySolver.from_solver(start)
+        solver = start if isinstance(start, NonStationarySolver) else NonStationarySolver.from_solver(start)
+        _check_init(args, solver, nfe=args.nfe, steps=args.steps)
+        return solver
     if not isinstance(start, BespokeSolver):
         raise ValueError(f"--init {args.init} holds a {type(start).__name__}; a BespokeSolver cannot start from it "
                          f"(pass --solver nonstationary)")
+    _check_init(args, start, nfe=args.nfe, steps=args.steps, order=args.order)
     return start
+
+
+def _check_init(args: argparse.Namespace, solver, **given) -> None:
+    """The solver of --init decides its size: a flag that says otherwise is refused (it was ignored, and the
+    output file then held another NFE than its name said)."""
+    if args.base is not None:
+        raise ValueError(f"--base sets a fresh solver's base; --init {args.init} starts from that file's solver "
+                         f"({solver!r}): drop --base or --init")
+    if given.get("steps") is not None and args.solver == "nonstationary":
+        raise ValueError(f"--steps is for --solver bespoke; a non-stationary solver takes --nfe (got --steps {args.steps})")
+    for flag, value in given.items():
+        if value is not None and value != getattr(solver, flag):
+            raise ValueError(f"--{flag} {value}, but --init {args.init} holds a solver with {flag} "
+                             f"{getattr(solver, flag)} ({solver!r}): drop --{flag}, or start fresh without --init")
+
+
+def _order(args: argparse.Namespace) -> int:
+    return 2 if args.order is None else args.order
 
 
 def _nfe(args: argparse.Namespace) -> int:
@@ -143,12 +169,13 @@ def _nfe(args: argparse.Namespace) -> int:
 
 def _steps(args: argparse.Namespace) -> int:
     """--steps of a BespokeSolver, or --nfe / --order (NFE = steps x order); both must agree when both are given."""
+    order = _order(args)
     if args.nfe is None:
         return 5 if args.steps is None else args.steps
-    if args.nfe % args.order or args.nfe < args.order:
-        raise ValueError(f"--nfe {args.nfe}: a BespokeSolver of order {args.order} makes {args.order} evaluations per "
-                         f"step, so --nfe must be a positive multiple of {args.order}")
-    if args.steps is not None and args.steps * args.order != args.nfe:
-        raise ValueError(f"--steps {args.steps} with --order {args.order} makes NFE {args.steps * args.order}, "
+    if args.nfe % order or args.nfe < order:
+        raise ValueError(f"--nfe {args.nfe}: a BespokeSolver of order {order} makes {order} evaluations per "
+                         f"step, so --nfe must be a positive multiple of {order}")
+    if args.steps is not None and args.steps * order != args.nfe:
+        raise ValueError(f"--steps {args.steps} with --order {order} makes NFE {args.steps * order}, "
                          f"not --nfe {args.nfe}; pass one of them")
-    return args.nfe // args.order
+    return args.nfe // order

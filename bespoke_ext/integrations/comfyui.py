@@ -5,7 +5,8 @@
   callback=..., disable=..., solver=solver)`` (integrations/kdiffusion.py).
 - ``BespokeSigmas``: the same file -> SIGMAS, ``solver_sigmas(solver)`` = [1 - t_0, ..., 1 - t_{n-1}, 0],
   the only grid ``sample_bespoke`` accepts (or, with ``denoise`` < 1, its last steps, as AYS's node cuts
-  its sigmas; a BespokeSolver resumes at any step, a NonStationarySolver only from the start).
+  its sigmas; a BespokeSolver resumes at any step, a NonStationarySolver only from the start, so for it
+  BespokeSigmas refuses denoise < 1 itself).
 
 Wire both into SamplerCustom (model, cfg, positive, negative, sampler, sigmas, latent_image) with a flow
 model (ComfyUI model_sampling CONST: Flux, SD3, ...). Install: a folder ``ComfyUI/custom_nodes/
@@ -24,7 +25,7 @@ from typing import Tuple
 import torch
 
 from ..solvers import load_solver
-from .kdiffusion import sample_bespoke, solver_sigmas
+from .kdiffusion import resume_point, sample_bespoke, solver_sigmas
 
 __all__ = ["BespokeSamplerNode", "BespokeSigmasNode", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
            "load_node_solver", "bespoke_sigmas"]
@@ -56,13 +57,17 @@ def load_node_solver(solver_path: str):
 
 def bespoke_sigmas(solver, denoise: float = 1.0) -> torch.Tensor:
     """The SIGMAS ``sample_bespoke`` takes for ``solver``: its whole grid, or for ``denoise`` < 1 the last
-    round(steps * denoise) steps of it (AYS's rule), float32 on the CPU."""
+    round(steps * denoise) steps of it (AYS's rule), float32 on the CPU. A ValueError where the solver
+    cannot start at that step (a NonStationarySolver, for any denoise that cuts its grid)."""
     sigmas = solver_sigmas(solver)
     denoise = float(denoise)
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
     if denoise < 1.0:
         steps = max(1, round(solver.steps * denoise))
+        # sample_bespoke's own check, made here so that ComfyUI shows the error on this node rather
+        # than on the sampler that receives the sigmas
+        resume_point(solver, solver.steps - steps, "use denoise = 1, its whole grid")
         sigmas = sigmas[-(steps + 1):]
     return sigmas
 

@@ -21,7 +21,7 @@ The callback gets k-diffusion's dict {'x', 'i', 'sigma', 'sigma_hat', 'denoised'
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -84,6 +84,18 @@ def _check_sigmas(sig: Tensor) -> None:
                          f"sampling); sigma_max > 1 means a diffusion (VE / VP, eps / v) model")
 
 
+def resume_point(solver, start: int, remedy: str) -> Tuple[ProgramStepper, int]:
+    """(the solver's stepper, its first evaluation) for sampling from step ``start`` on; a ValueError ending
+    in ``remedy`` where the solver cannot start there (a NonStationarySolver reads earlier states)."""
+    with torch.no_grad():
+        stepper = ProgramStepper(solver.program())
+    first = start * (stepper.nfe // solver.steps)
+    if not stepper.startable(first):
+        raise ValueError(f"{type(solver).__name__} cannot resume at step {start} of {solver.steps} (it reads earlier "
+                         f"states): {remedy}")
+    return stepper, first
+
+
 def sample_bespoke(model: Callable, x: Tensor, sigmas: Tensor, extra_args: Optional[dict] = None,
                    callback: Optional[Callable] = None, disable: Optional[bool] = None, solver=None) -> Tensor:
     """Sample with ``solver`` from x at sigmas[0] to sigmas[-1] = 0 (module docstring)."""
@@ -100,15 +112,9 @@ def sample_bespoke(model: Callable, x: Tensor, sigmas: Tensor, extra_args: Optio
         shown = [round(v, 5) for v in grid.tolist()]
         raise ValueError(f"sigmas {[round(v, 5) for v in sig.tolist()]} are not this solver's grid {shown} or a "
                          f"suffix of it; use solver_sigmas(solver) (ComfyUI: the BespokeSigmas node)")
-    with torch.no_grad():
-        program = solver.program()
-    stepper = ProgramStepper(program)
-    per_step = stepper.nfe // solver.steps
     start = solver.steps - steps
-    first = start * per_step
-    if not stepper.startable(first):
-        raise ValueError(f"{type(solver).__name__} cannot resume at step {start} of {solver.steps} (it reads earlier "
-                         f"states): pass its whole grid, solver_sigmas(solver)")
+    stepper, first = resume_point(solver, start, "pass its whole grid, solver_sigmas(solver)")
+    per_step = stepper.nfe // solver.steps
     levels = (1.0 - stepper.eval_times).tolist()  # the sigma of every evaluation
     dtype = state_dtype(x.dtype)
     s_in = x.new_ones([x.shape[0]])

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..integers import as_int
 from ..program import Program, ProgramBuilder
-from .bespoke import _BOUND, _SOFTPLUS_ONE, _clamp, _relative_softplus
+from .bespoke import _BOUND, _SOFTPLUS_ONE, _clamp, _map_location, _relative_softplus
 from .files import SolverFileError, read_solver_file, write_solver_file
 from .nonstationary_conversion import NonStationaryTables, convert_program, method_program
 
@@ -330,9 +330,13 @@ class NonStationarySolver(nn.Module):
         write_solver_file(path, kind=self.KIND, config=config, tensors=tensors, info=info)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "NonStationarySolver":
-        """Read a solver written by ``save`` (on the CPU); SolverFileError naming the problem for any
-        other file. Every tensor's shape is checked against the header's nfe before it is used."""
+    def load(cls, path: Union[str, os.PathLike], map_location=None) -> "NonStationarySolver":
+        """Read a solver written by ``save``; SolverFileError naming the problem for any other file.
+        Every tensor's shape is checked against the header's nfe before it is used.
+
+        ``map_location``: where the solver goes, as for ``torch.load`` and ``BespokeSolver.load``: a
+        device or a device string ("cuda:0"); None keeps it on the CPU."""
+        device = _map_location(map_location)  # a bad device fails before the file is read
         f = read_solver_file(path, kind=cls.KIND)
         refuse = lambda why: SolverFileError(f"{os.fspath(path)}: {why}")
         cfg, keys = f.config, {"nfe", "base", "refs", "time_scale", "coeff_scale"}
@@ -368,7 +372,7 @@ class NonStationarySolver(nn.Module):
             for name in ("base_b", *_RAW):
                 getattr(solver, name).copy_(f.tensors[name].to(torch.float64))
         solver.metadata = dict(f.info)
-        return solver
+        return solver if device is None else solver.to(device)
 
 
 def _check_refs(refs, n: int) -> None:

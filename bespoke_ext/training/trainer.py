@@ -86,7 +86,8 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
             ``.velocity`` attribute, such as an embedded model, is accepted too.)
         solver: the solver to train, e.g. ``BespokeSolver(5, order=2)`` (identity-initialised).
         shape: per-sample shape of x, e.g. (2,) or (1, 28, 28).
-        iterations: optimizer steps.
+        iterations: optimizer steps. At 0 a solver with a least-squares start (fit_start) is fitted and
+            validated before and after; any other comes back as given, nothing solved, no validation.
         batch_size: noise samples per iteration (global, split across ranks under torchrun).
         seed: seeds every random stream (batches, validation noise, cache noise, condition rows).
         conditions: None, or a pool {name: Tensor [M, ...]} of per-sample model inputs (class labels, text
