@@ -97,8 +97,11 @@ def divergence(u: Tensor, x: Tensor, z: Optional[Tensor] = None, *, create_graph
         d = uf.shape[1]
         div = 0
         for i in range(d):
+            # create_graph=True always, as flow_matching: autograd then runs the differentiable backward
+            # formulas, whose rounding differs from the plain ones (4.8e-7 in Euler's log-likelihood, and
+            # another step sequence for dopri5); the graph goes with the divergence unless it is kept
             (g,) = torch.autograd.grad(uf[:, i], x, torch.ones_like(uf[:, i]), allow_unused=True,
-                                       retain_graph=create_graph or i < d - 1, create_graph=create_graph)
+                                       retain_graph=True, create_graph=True)
             if g is not None:
                 div = div + g.flatten(1)[:, i]
         if not torch.is_tensor(div):  # u does not depend on x at all
