@@ -1,7 +1,7 @@
 """bespoke_ext: Bespoke solvers for flow and diffusion models.
 
 Learn a few dozen numbers (a re-timing and re-scaling of a model's ODE) and sample in 5-20
-model evaluations at the quality plain solvers need several times more for.
+model evaluations at the quality plain solvers need more for (midpoint about 1.3-2.4x as many).
 
     import bespoke_ext as bx
     x1 = bx.sample(model, x0, method="midpoint", nfe=10)          # a baseline, drop-in for flow_matching
