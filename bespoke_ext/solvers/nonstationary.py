@@ -32,7 +32,8 @@ its order: samples equal the base's bitwise. Above the fused op's term limit (``
 is chained: partial sums go to one scratch slot, which leads the next chunk with coefficient 1
 (reference first, U_i last, so a fresh solver keeps its bits). The coefficient table is one gather from
 an [n, n + 2] matrix (reference, x_0, U_0..U_{n-1}) and a constant 1, differentiable in every raw
-parameter. Training: the end-to-end loss through ``program()`` (the bound loss is for scale-time solvers).
+parameter. Training: through ``program()``, by default with the log-MSE of the final sample (the end-to-end
+loss as an option; the bound loss is for scale-time solvers).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Noise-scale preconditioning of a non-stationary solver (method.md §9, the BNS paper's Eq. 14).
 
 For guided models the paper scales the source noise: the path x_t = t x_1 + (1 - t) x_0 becomes
-x̄_r = r x_1 + sigma_0 (1 - r) x_0, a scale-time change of the same ODE (method.md §3) with
+x̄_r = r x_1 + sigma_0 (1 - r) x_0, a scale-time change of the same ODE (method.md §2) with
 
     t(r) = r / (r + sigma_0 (1 - r)),        s(r) = r + sigma_0 (1 - r)        (x̄_r = s(r) x_{t(r)}),
 
