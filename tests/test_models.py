@@ -119,6 +119,43 @@ def test_adapter_clamps_ends_and_stays_differentiable(prediction):
     assert torch.isfinite(g).all() and bool((g[2:] != 0).all())
 
 
+class _HalfPrecisionNet(torch.nn.Module):
+    """f(x, t) = x cos(3 t) + sin(5 t) in float32, returned in x's dtype: a bf16 network's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones((), dtype=torch.bfloat16))  # makes it a bf16 module
+
+    def forward(self, x, t):
+        t = t.float().reshape(-1, *([1] * (x.dim() - 1))) if t.dim() else t.float()
+        return (x.float() * torch.cos(3 * t) + torch.sin(5 * t)).to(x.dtype)
+
+
+@pytest.mark.parametrize("prediction, schedule", [("noise", "vp"), ("noise", "cosine"), ("data", "ot")])
+def test_adapter_time_and_schedule_math_stays_float32_for_a_bf16_model(prediction, schedule):
+    # in bf16, t = 0.9986 and 1 - t_eps round to 1.0: sigma was 0 and a VP noise predictor's velocity NaN
+    net = _HalfPrecisionNet()
+    low, full = VelocityAdapter(net, prediction=prediction, schedule=schedule), VelocityAdapter(
+        lambda x, t: net(x, t), prediction=prediction, schedule=schedule)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    for t in (0.3, 0.9986, 0.9995, 0.0007):
+        u16 = low(x.bfloat16(), torch.tensor(t)).float()
+        u32 = full(x, torch.tensor(t))
+        assert torch.isfinite(u16).all(), (t, u16)
+        # within bf16's rounding of x and of the network's output, times the coefficients that scale them
+        # (near the ends beta x and gamma f nearly cancel)
+        beta, gamma, _ = full.coefficients(torch.tensor(t))
+        bound = 2e-2 * (beta.abs() + gamma.abs()) * (x.abs().max() + 1)
+        assert (u16 - u32).abs().max() <= bound, (prediction, schedule, t)
+
+
+def test_diffusers_time_adapter_forms_timesteps_in_float32_for_bf16_states():
+    seen = []
+    adapter = DiffusersTimeAdapter(lambda x, ts: seen.append(ts) or x)
+    adapter(torch.zeros(1, 2, dtype=torch.bfloat16), torch.tensor(0.0013))
+    assert seen[0].dtype == torch.float32 and abs(float(seen[0]) - 998.7) < 1e-3  # bf16 gave 1000
+
+
 def test_adapter_bad_arguments_name_them():
     with pytest.raises(ValueError, match="prediction"):
         VelocityAdapter(lambda x, t: x, prediction="score")

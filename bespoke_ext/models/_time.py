@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["as_time", "batch_view", "per_sample_time"]
+__all__ = ["as_time", "math_dtype", "batch_view", "per_sample_time"]
 
 
-def as_time(t, x: torch.Tensor, name: str = "t") -> torch.Tensor:
-    """Return ``t`` as a tensor in ``x``'s dtype and device, 0-dim or ``[B]``.
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of time and schedule arithmetic for states of ``dtype``: at least float32 (in bfloat16,
+    t = 0.9986 and 1 - 1e-3 both round to 1.0, where a noise or data predictor's coefficients divide by 0)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def as_time(t, x: torch.Tensor, name: str = "t", dtype=None) -> torch.Tensor:
+    """Return ``t`` as a tensor in ``dtype`` (default ``x``'s dtype) on x's device, 0-dim or ``[B]``.
 
     Python numbers and 0-dim / one-element tensors become 0-dim tensors. The conversion keeps the
     autograd graph (``Tensor.to`` is differentiable), because training backpropagates through the
@@ -25,7 +31,7 @@ def as_time(t, x: torch.Tensor, name: str = "t") -> torch.Tensor:
             raise ValueError(f"{name} must be a float tensor (0-dim or [B]) or a number, got {type(t).__name__}") from exc
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"{name} must be a real-valued tensor, got dtype {t.dtype}")
-    t = t.to(device=x.device, dtype=x.dtype)
+    t = t.to(device=x.device, dtype=x.dtype if dtype is None else dtype)
     if t.dim() == 0:
         return t
     if t.dim() == 1 and t.shape[0] == x.shape[0]:

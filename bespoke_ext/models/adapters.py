@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._time import as_time, batch_view
+from ._time import as_time, batch_view, math_dtype
 from .schedules import Schedule, get_schedule
 
 __all__ = [
@@ -105,13 +105,18 @@ class VelocityAdapter(nn.Module):
         return beta, da - a * beta, t
 
     def forward(self, x: torch.Tensor, t, **extras) -> torch.Tensor:
-        t = as_time(t, x)
+        # t, the clamp and the schedule in at least float32 (a bf16 model's x is bf16: in bf16, t near 1 and
+        # 1 - t_eps round to 1, sigma to 0, and the coefficients to inf); the model gets that t, as the
+        # package passes the state's time to a bare bf16 model
+        md = math_dtype(x.dtype)
+        t = as_time(t, x, dtype=md)
         if self.prediction == "velocity":  # u = f: no coefficients to form
             tc = t.clamp(self.t_eps, 1.0 - self.t_eps) if self.t_eps > 0 else t
             return _first_output(self.model(x, tc, **extras))
         beta, gamma, tc = self.coefficients(t)
         f = _first_output(self.model(x, tc, **extras))
-        return batch_view(beta, x) * x + batch_view(gamma, x) * f
+        u = batch_view(beta, x) * x.to(md) + batch_view(gamma, x) * f.to(md)
+        return u.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"prediction={self.prediction!r}, schedule={self.schedule!r}, t_eps={self.t_eps}"
@@ -176,7 +181,7 @@ class ClassifierFreeGuidance(nn.Module):
         if self.cond_key not in extras:
             raise ValueError(f"ClassifierFreeGuidance needs the condition as keyword {self.cond_key!r} (cond_key); got extras {sorted(extras)}")
         b = x.shape[0]
-        t = as_time(t, x)
+        t = as_time(t, x, dtype=math_dtype(x.dtype))  # not rounded to a bf16 x's dtype on the way in
         cond = torch.as_tensor(extras.pop(self.cond_key), device=x.device)
         if cond.dim() == 0:
             cond = cond.expand(b)
@@ -190,9 +195,10 @@ class ClassifierFreeGuidance(nn.Module):
         out = _first_output(self.model(x2, t2, **rest))
         self.network_forwards += 2
         self.nfe += 1
-        u_c, u_u = out[:b], out[b:]
+        md = math_dtype(out.dtype)
+        u_c, u_u = out[:b].to(md), out[b:].to(md)
         w = self.guidance_scale
-        return (1.0 + w) * u_c - w * u_u
+        return ((1.0 + w) * u_c - w * u_u).to(out.dtype)  # the difference of two close halves in >= float32
 
     def extra_repr(self) -> str:
         return f"guidance_scale={self.guidance_scale} (g = {1 + self.guidance_scale}), cond_key={self.cond_key!r}"
@@ -236,7 +242,9 @@ class DiffusersTimeAdapter(nn.Module):
         return tm
 
     def forward(self, x: torch.Tensor, t, **extras) -> torch.Tensor:
-        tm = self.model_time(as_time(t, x))
+        # the mapping in at least float32 (a bf16 timestep is quantised to steps of 4 near 1000), passed in
+        # that dtype unless timestep_dtype says otherwise
+        tm = self.model_time(as_time(t, x, dtype=math_dtype(x.dtype)))
         if self.timestep_dtype is not None:
             tm = tm.to(self.timestep_dtype)
         return _first_output(self.model(x, tm, **extras))
@@ -282,7 +290,7 @@ class ScalarTimeAdapter(nn.Module):
         return _first_output(self.model(x, t0, **extras))
 
     def forward(self, x: torch.Tensor, t, **extras) -> torch.Tensor:
-        t = as_time(t, x)
+        t = as_time(t, x, dtype=math_dtype(x.dtype))
         if t.dim() == 0:
             return self._call(x, t, extras)
         b = x.shape[0]
