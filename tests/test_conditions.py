@@ -333,6 +333,24 @@ def test_probe_refuses_a_bad_model_before_any_ground_truth(tmp_path, kind, error
     assert model.calls == 1 and not (tmp_path / "gt").exists()
 
 
+@pytest.mark.parametrize("takes", ["per_sample", "scalar"])
+def test_probe_calls_with_both_time_forms_and_names_the_one_that_fails(tmp_path, takes):
+    # a model indexing t[:, None] failed only at validation (0-dim t), after every ground truth was solved,
+    # with a bare IndexError; one that takes only a scalar time failed the probe without a pointer
+    def per_sample(x, t):
+        return -x * t[:, None]
+
+    def scalar(x, t):
+        return -x * float(t)
+
+    model = per_sample if takes == "per_sample" else scalar
+    form = "a 0-dim t" if takes == "per_sample" else r"t \[2\]"
+    with pytest.raises(RuntimeError, match=f"{form}.*ScalarTimeAdapter"):
+        train(model, BespokeSolver(2, 1), shape=(4,), iterations=2, batch_size=2, cache_dir=str(tmp_path / "gt"),
+              progress=False, dtype=F64)
+    assert not (tmp_path / "gt").exists()
+
+
 def test_probe_and_checks_name_bad_conditions_and_extras(tmp_path, label_flow):
     kw = dict(shape=(4,), iterations=2, batch_size=2, cache_dir=str(tmp_path / "gt"), progress=False, dtype=F64)
     with pytest.raises(TypeError, match=r"model_extras \['colour'\] and conditions \['y'\]"):

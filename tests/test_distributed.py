@@ -80,3 +80,39 @@ def test_two_process_training_matches_single_process(tmp_path):
                 if key == "rows":
                     assert np.array_equal(one, two)                                # each trajectory's condition
                 np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+FAILING = textwrap.dedent("""
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from bespoke_ext.models.oracle import GaussianMixtureFlow
+    from bespoke_ext.solvers import BespokeSolver
+    from bespoke_ext.training import train
+
+    rank = int(os.environ.get("RANK", "0"))
+    m = GaussianMixtureFlow.random(dim=2, components=3, std=0.2, seed=0)
+    calls = [0]
+
+    class FailsOnRank1(torch.nn.Module):
+        def forward(self, x, t):
+            calls[0] += 1
+            if rank == 1 and torch.is_grad_enabled() and calls[0] > 40:
+                raise RuntimeError("the model failed on rank 1")
+            return m(x, t)
+
+    batch = int(sys.argv[1])
+    train(FailsOnRank1(), BespokeSolver(2, 2), shape=(2,), iterations=20, batch_size=batch, gt="online",
+          progress=False, val_size=4, val_every=100, model_tag="fails-on-rank-1")
+""")
+
+
+def test_an_error_on_one_rank_ends_the_job_with_it(tmp_path):
+    # the failing rank used to wait in the exit barrier while the other waited in all_reduce: the job hung
+    # until gloo's timeout; an online batch smaller than the ranks crashed one rank the same way
+    script = tmp_path / "fails.py"
+    script.write_text(FAILING)
+    for batch, message in ((8, "the model failed on rank 1"), (1, "leaves a rank without samples")):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(script), str(batch)], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and message in r.stdout + r.stderr, r.stdout + r.stderr

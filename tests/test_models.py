@@ -535,3 +535,15 @@ def test_model_identity_covers_weights_settings_and_inputs():
     assert inputs_tag({"w": 2.0}) != inputs_tag({"w": 4.0})
     assert inputs_tag(None, {"y": torch.arange(3)}) != inputs_tag(None, {"y": torch.arange(4)})
     assert inputs_tag({"y": torch.arange(3)}) != inputs_tag(None, {"y": torch.arange(3)})
+
+
+def test_model_tag_of_a_buffer_with_stride_zero():
+    # a one-component mixture's stds come from expand(1).clone(): size 1, stride 0 (hashing crashed)
+    from bespoke_ext.models.identity import model_tag
+
+    one = GaussianMixtureFlow(torch.zeros(1, 2), 0.1)
+    m = torch.nn.Module()
+    m.register_buffer("b", torch.ones(()).expand(1, 1).clone())
+    assert m.b.stride() == (0, 0)
+    assert model_tag(one) == model_tag(GaussianMixtureFlow(torch.zeros(1, 2), 0.1)) and ":" in model_tag(m)
+    assert model_tag(one) != model_tag(GaussianMixtureFlow(torch.zeros(1, 2), 0.2))

@@ -68,7 +68,9 @@ class _Hasher:
         self.h.update(b"\x00")
 
     def tensor(self, v: torch.Tensor) -> None:
-        v = v.detach().to("cpu").contiguous()
+        # a real contiguous copy: .contiguous() keeps the stride 0 of a size-1 dimension (expand(1).clone()),
+        # and the byte view below needs stride 1
+        v = v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
         self.text(f"tensor|{v.dtype}|{tuple(v.shape)}")
         if v.numel():
             self.h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())

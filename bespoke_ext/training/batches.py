@@ -59,6 +59,9 @@ class OnlineBatches(_Batches):
     def __init__(self, model: Callable, shape: Sequence[int], *, batch_size: int, generator: torch.Generator,
                  ctx: DistContext, dtype: torch.dtype, device: torch.device, rtol: float, atol: float,
                  group_size: int, chunk_size: int, extras: dict, conditions: Optional[dict] = None):
+        if batch_size < ctx.world_size:  # every rank refuses alike, so no rank waits for another
+            raise ValueError(f"gt='online' with batch_size={batch_size} on {ctx.world_size} processes leaves a "
+                             f"rank without samples to solve: use batch_size >= {ctx.world_size} or gt='cached'")
         super().__init__(batch_size, generator, ctx)
         self.model, self.shape, self.dtype, self.device = model, tuple(shape), dtype, device
         self.conditions = conditions

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Tuple
 
@@ -82,17 +83,32 @@ def distributed_context(device: torch.device) -> DistContext:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     atexit.register(_destroy_at_exit)
+    sys.excepthook = _noting_uncaught(sys.excepthook)
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+_UNCAUGHT = []  # set by the except hook: this rank is exiting on an error
+
+
+def _noting_uncaught(hook):
+    def excepthook(*exc_info):
+        _UNCAUGHT.append(exc_info[0])
+        hook(*exc_info)
+
+    return excepthook
 
 
 def _destroy_at_exit() -> None:
     # Destroy the group while the interpreter is alive (gloo worker threads left to the interpreter's
-    # teardown abort the process: "terminate called without an active exception"), and only once every
-    # rank got here, so that no rank tears its connections down under another's feet. A rank that died
-    # instead makes the launcher stop the others, so this barrier cannot wait forever under torchrun.
+    # teardown abort the process: "terminate called without an active exception"), and, on a normal exit,
+    # only once every rank got here, so that no rank tears its connections down under another's feet.
+    # A rank exiting on an error skips the barrier: the others may be waiting in a collective it will
+    # never join, and its closed connections make that collective fail there too, so the whole job stops
+    # with the error instead of hanging until gloo's timeout.
     if dist.is_initialized():
         try:
-            dist.barrier()
+            if not _UNCAUGHT:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

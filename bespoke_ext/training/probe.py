@@ -48,32 +48,47 @@ def _describe(v) -> str:
     return f"{type(v).__name__} {tuple(v.shape)} {v.dtype} on {v.device}" if torch.is_tensor(v) else type(v).__name__
 
 
+_TIME_HINT = ("training calls the model with one time per sample, t of shape [B], and sampling and validation "
+              "with one 0-dim t for the whole batch: a model that needs [B] can expand a 0-dim t itself "
+              "(t.expand(x.shape[0])); one that takes only a scalar time can be wrapped in "
+              "bespoke_ext.models.adapters.ScalarTimeAdapter")
+
+
 def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, dtype: torch.dtype,
                 extras: Optional[dict] = None, conditions: Optional[dict] = None) -> None:
-    """One call on a batch of 2 before any ground truth, as training will call the model: x [2, *shape] in the
-    model's dtype (``dtype``, or its own bf16/fp16), t [2], conditions rows 0 and 1, model_extras. Raises a
-    clear error unless the model accepts those names and returns a finite floating tensor of x's shape and
-    dtype on ``device``."""
+    """Two calls on a batch of 2 before any ground truth, as training will call the model: x [2, *shape] in
+    the model's dtype (``dtype``, or its own bf16/fp16), t [2] (training's batched steps and ground-truth
+    solves) and a 0-dim t (sampling and validation), conditions rows 0 and 1, model_extras. Raises a clear
+    error unless the model accepts those names and returns a finite floating tensor of x's shape and dtype
+    on ``device`` for both."""
     extras = dict(extras or {})
     call_dtype = model_call_dtype(model) or dtype
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device).to(call_dtype)
-    t = torch.tensor([0.25, 0.75], dtype=dtype, device=device)
     m = pool_size(conditions)
     cond = take(conditions, torch.tensor([0, 1 % m]) if m else None, device=device)
     names = ", ".join([f"{k}=<{_describe(v)}>" for k, v in cond.items()] + [f"{k}=..." for k in extras])
-    call = f"model(x, t{', ' + names if names else ''}) with x [2, {', '.join(map(str, shape))}] {call_dtype} on {device}"
+    for t, form in ((torch.tensor([0.25, 0.75], dtype=dtype, device=device), "t [2]"),
+                    (torch.tensor(0.5, dtype=dtype, device=device), "a 0-dim t")):
+        call = (f"model(x, t{', ' + names if names else ''}) with x [2, {', '.join(map(str, shape))}] {call_dtype} "
+                f"on {device} and {form}")
+        _probe_once(model, x, t, shape, dtype, extras, cond, call)
+
+
+def _probe_once(model, x, t, shape, dtype, extras: dict, cond: dict, call: str) -> None:
     try:
         with torch.no_grad():
             out = model(x, t, **extras, **cond)
     except TypeError as exc:
         raise TypeError(f"the model probe {call} raised TypeError: {exc}. The model must accept x, t and every "
                         f"name in model_extras {sorted(extras)} and conditions {sorted(cond)} as keyword arguments"
-                        ) from exc
+                        f"; {_TIME_HINT}") from exc
     except Exception as exc:
-        raise RuntimeError(f"the model probe {call} failed before training: {type(exc).__name__}: {exc}") from exc
+        raise RuntimeError(f"the model probe {call} failed before training: {type(exc).__name__}: {exc}. "
+                           f"{_TIME_HINT[0].upper()}{_TIME_HINT[1:]}") from exc
     if not torch.is_tensor(out):
         raise TypeError(f"the model probe {call} returned {type(out).__name__}; expected a velocity tensor of "
-                        f"x's shape {tuple(x.shape)}")
+                        f"x's shape {tuple(x.shape)} (a model returning a tuple or an object with .sample can be "
+                        f"wrapped in bespoke_ext.models.adapters.VelocityAdapter, which unwraps it)")
     if out.shape != x.shape:
         raise ValueError(f"the model probe {call} returned shape {tuple(out.shape)}; expected x's shape "
                          f"{tuple(x.shape)} (is shape={tuple(shape)} the per-sample shape the model takes?)")
