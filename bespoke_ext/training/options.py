@@ -75,7 +75,9 @@ class TrainOptions:
             ~/.cache/bespoke_ext/trajectories), reused across runs of the same model and inputs only.
         cache_samples: trajectories in the cache (the training set of "cached" mode).
         cache_grid: intervals of the fine grid; cache_grid_kind: "mixed", "cosine" or "uniform".
-        cache_shard_size: trajectories per shard file (unit of resumption and of parallel building).
+        cache_shard_size: trajectories per shard file (unit of resumption and of parallel building). Each
+            shard draws its noise from (seed, shard index), so that ranks build shards independently: another
+            shard size is another set of trajectories (and another cache), not a storage detail.
         cache_in_memory: bytes up to which the cache is read into memory instead of memory-mapped.
     Validation
         val_size: held-out noise samples whose ground truth x(1) is solved once.
