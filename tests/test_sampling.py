@@ -634,3 +634,28 @@ def test_sample_command_step_options_follow_the_method_kind(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["sample", "moons2d", "-n", "3", "--device", "cuda"]) == 1
         assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_a_module_is_called_in_the_dtype_of_most_of_its_weights():
+    # diffusers keeps a few modules in float32 around a bf16 body: the first parameter said float32, the
+    # body then got float32 x and failed; a float32 network with a small bf16 table was called in bf16
+    from bespoke_ext.groundtruth.inputs import model_call_dtype
+
+    class Mixed(torch.nn.Module):
+        def __init__(self, small, body):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1, dtype=small))      # registered first
+            self.body = torch.nn.Linear(2, 2).to(body)
+            self.more = torch.nn.Linear(2, 64).to(body)
+
+        def forward(self, x, t):
+            return self.body(x) * self.scale.to(x.dtype)
+
+    bf16_body = Mixed(torch.float32, torch.bfloat16)
+    assert model_call_dtype(bf16_body) == torch.bfloat16
+    assert model_call_dtype(Mixed(torch.bfloat16, torch.float32)) is None
+    x1 = sample(bf16_body, torch.randn(4, 2), method="euler", nfe=2)
+    assert x1.dtype == torch.float32 and torch.isfinite(x1).all()
+    bf16_body.float()  # the remembered answer follows the module's conversion
+    assert model_call_dtype(bf16_body) is None
+    assert model_call_dtype(bf16_body.to(torch.float16)) == torch.float16

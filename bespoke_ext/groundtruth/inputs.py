@@ -102,19 +102,38 @@ def for_positions(cond: Optional[Mapping], positions: slice, batch: int) -> Rows
 
 
 def model_call_dtype(model) -> Optional[torch.dtype]:
-    """The dtype a module computes in when that is bf16/fp16 (its first floating parameter; a module without
-    parameters: its first floating buffer); else None."""
+    """The dtype a module computes in when that is bf16/fp16, else None: the dtype holding most of its
+    floating parameter and buffer elements. Most, not the first: a diffusers model keeps a few modules
+    (norms, embeddings) in float32 around a bf16 body, and a float32 network may carry a small bf16
+    table. Counted on every call (sample() asks each time; any tensor may have been converted since),
+    from the module registries: a few microseconds for a small network."""
     if isinstance(model, types.MethodType):        # a bound method: its module (not getattr: on a module
         model = model.__self__                      # nn.Module.__getattr__ would format an AttributeError)
-    if isinstance(model, torch.nn.Module):
-        for kind in ("_parameters", "_buffers"):
-            try:
-                t = first_tensor(model, kind, floating=True)
-            except KeyError:  # passes for a module without its registries (a mock): ask it
-                t = next((t for t in getattr(model, kind[1:])() if t.is_floating_point()), None)
-            if t is not None:
-                return t.dtype if t.dtype in LOW_PRECISION else None
-    return None
+    if not isinstance(model, torch.nn.Module):
+        return None
+    counts: Dict[torch.dtype, int] = {}
+    try:
+        _count_floating(model, counts, set())
+    except KeyError:  # passes for a module without its registries (a mock): ask it
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    if not counts:
+        return None
+    most = max(counts, key=lambda d: counts[d])
+    return most if most in LOW_PRECISION else None
+
+
+def _count_floating(module: torch.nn.Module, counts: Dict[torch.dtype, int], seen: set) -> None:
+    registries = vars(module)
+    for kind in ("_parameters", "_buffers"):
+        for t in registries[kind].values():
+            if t is not None and t.is_floating_point() and id(t) not in seen:  # shared weights once
+                seen.add(id(t))
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    for child in registries["_modules"].values():
+        if child is not None:
+            _count_floating(child, counts, seen)
 
 
 def first_tensor(module: torch.nn.Module, kind: str, floating: bool = False) -> Optional[Tensor]:

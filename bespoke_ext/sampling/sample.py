@@ -78,7 +78,7 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
     output of another dtype, such as the float16 / bfloat16 outputs of a model run under
     ``torch.autocast`` for a float32 state, is cast to the state's dtype (CUDA graphs included);
     the first evaluation decides, so a model's outputs must keep one dtype through the run. A
-    bfloat16 / float16 module (its first floating parameter) given a float32 or float64 x0 is called
+    bfloat16 / float16 module (most of its weight elements in that dtype) given a float32 or float64 x0 is called
     in its own dtype, x cast for each call, while the state stays in x0's dtype, as ``bx.train``
     calls it: sample a low-precision model from a float32 x0 (a low-precision x0 keeps the state in
     that precision, rounding every step).

@@ -48,10 +48,14 @@ def _describe(v) -> str:
     return f"{type(v).__name__} {tuple(v.shape)} {v.dtype} on {v.device}" if torch.is_tensor(v) else type(v).__name__
 
 
-_TIME_HINT = ("training calls the model with one time per sample, t of shape [B], and sampling and validation "
-              "with one 0-dim t for the whole batch: a model that needs [B] can expand a 0-dim t itself "
-              "(t.expand(x.shape[0])); one that takes only a scalar time can be wrapped in "
-              "bespoke_ext.models.adapters.ScalarTimeAdapter")
+_TIME_HINTS = {
+    "a 0-dim t": "it accepts t [2]: training calls it with one time per sample, but sampling and validation "
+                 "with one 0-dim t for the whole batch; a model that needs [B] can expand it itself "
+                 "(t.expand(x.shape[0]))",
+    "t [2]": "it accepts a 0-dim t, as sampling passes it, but training calls it with one time per sample, "
+             "t of shape [B]; a model that takes only a scalar time can be wrapped in "
+             "bespoke_ext.models.adapters.ScalarTimeAdapter",
+}
 
 
 def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, dtype: torch.dtype,
@@ -67,24 +71,47 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
     m = pool_size(conditions)
     cond = take(conditions, torch.tensor([0, 1 % m]) if m else None, device=device)
     names = ", ".join([f"{k}=<{_describe(v)}>" for k, v in cond.items()] + [f"{k}=..." for k in extras])
-    for t, form in ((torch.tensor([0.25, 0.75], dtype=dtype, device=device), "t [2]"),
-                    (torch.tensor(0.5, dtype=dtype, device=device), "a 0-dim t")):
+    forms = {"t [2]": torch.tensor([0.25, 0.75], dtype=dtype, device=device),
+             "a 0-dim t": torch.tensor(0.5, dtype=dtype, device=device)}
+
+    def calls_with(form: str) -> bool:  # whether the model runs at all with this time form
+        try:
+            with torch.no_grad():
+                model(x, forms[form], **extras, **cond)
+            return True
+        except Exception:
+            return False
+
+    for form, t in forms.items():
         call = (f"model(x, t{', ' + names if names else ''}) with x [2, {', '.join(map(str, shape))}] {call_dtype} "
                 f"on {device} and {form}")
-        _probe_once(model, x, t, shape, dtype, extras, cond, call)
+        other = "a 0-dim t" if form == "t [2]" else "t [2]"
+        _probe_once(model, x, t, shape, dtype, extras, cond, call,
+                    hint=lambda: f" ({_TIME_HINTS[form]})" if calls_with(other) else _mixed_dtypes(model, call_dtype))
 
 
-def _probe_once(model, x, t, shape, dtype, extras: dict, cond: dict, call: str) -> None:
+def _mixed_dtypes(model, call_dtype) -> str:
+    module = getattr(model, "__self__", model)
+    if not isinstance(module, torch.nn.Module):
+        return ""
+    kinds = sorted({str(t.dtype) for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()})
+    if len(kinds) < 2:
+        return ""
+    return (f" (the module holds {', '.join(kinds)} tensors; it is called in {call_dtype}, the dtype of most of "
+            f"their elements: its forward must accept x in that dtype)")
+
+
+def _probe_once(model, x, t, shape, dtype, extras: dict, cond: dict, call: str, hint) -> None:
     try:
         with torch.no_grad():
             out = model(x, t, **extras, **cond)
     except TypeError as exc:
-        raise TypeError(f"the model probe {call} raised TypeError: {exc}. The model must accept x, t and every "
-                        f"name in model_extras {sorted(extras)} and conditions {sorted(cond)} as keyword arguments"
-                        f"; {_TIME_HINT}") from exc
+        raise TypeError(f"the model probe {call} raised TypeError: {exc}{hint()}. The model must accept x, t and "
+                        f"every name in model_extras {sorted(extras)} and conditions {sorted(cond)} as keyword "
+                        f"arguments") from exc
     except Exception as exc:
-        raise RuntimeError(f"the model probe {call} failed before training: {type(exc).__name__}: {exc}. "
-                           f"{_TIME_HINT[0].upper()}{_TIME_HINT[1:]}") from exc
+        raise RuntimeError(f"the model probe {call} failed before training: {type(exc).__name__}: {exc}{hint()}"
+                           ) from exc
     if not torch.is_tensor(out):
         raise TypeError(f"the model probe {call} returned {type(out).__name__}; expected a velocity tensor of "
                         f"x's shape {tuple(x.shape)} (a model returning a tuple or an object with .sample can be "
