@@ -313,6 +313,42 @@ def test_sd3_euler_with_cfg_through_bx_sample_equals_the_pipeline(sd3):
         velocity(latents, torch.tensor(0.0), **positive)
 
 
+def test_sd3_with_cfg_trains_with_one_time_per_sample_and_its_time_input_carries_gradient(sd3, tmp_path):
+    # training calls the field with t [B]: SD3's CFG doubles the batch, and t [B] did not expand to 2B (every
+    # guided SD3 training crashed in the probe); the timestep was detached, so no loss reached the time grid
+    pipe, embeds = sd3
+    velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=4.0)
+    latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(8))
+    t = torch.tensor([0.3, 0.6], requires_grad=True)
+    per_sample = velocity(latents, t, **embeds)
+    for i in range(2):  # t [B] means each sample at its own time
+        alone = velocity(latents[i:i + 1], t[i].detach(), **{k: v[i:i + 1] for k, v in embeds.items()})
+        assert torch.allclose(per_sample[i:i + 1], alone, atol=1e-5, rtol=0)
+    (g,) = torch.autograd.grad(per_sample.square().sum(), t)
+    assert bool((g != 0).all())
+    conditions = {k: torch.cat([v, v]) for k, v in embeds.items()}  # a pool of 4 rows
+    solver = bx.train(velocity, bx.BespokeSolver(2, 2), shape=velocity.latent_shape, iterations=2, batch_size=2,
+                      conditions=conditions, loss="end_to_end", cache_samples=4, val_size=2, val_every=2,
+                      progress=False, keep_best=False, cache_dir=str(tmp_path / "gt"))
+    assert solver.time_logits.abs().max() > 0  # the grid moved: its gradient came through the timestep
+
+
+def test_a_bf16_flux_transformer_takes_float32_prompt_encodings(flux):
+    # a float32 text encoder's encodings with a bf16 transformer failed inside it ("mat1 and mat2 must have
+    # the same dtype"); they are cast to the dtype the transformer is called in
+    pipe32, embeds = flux
+    pipe16 = make_flux_pipe()
+    pipe16.transformer.to(torch.bfloat16)
+    positive = {k: v for k, v in embeds.items() if not k.startswith("negative")}
+    v16 = pipeline_velocity(pipe16, height=H, width=W, guidance_scale=2.5)
+    v32 = pipeline_velocity(pipe32, height=H, width=W, guidance_scale=2.5)
+    x = torch.randn(2, *v32.latent_shape, generator=torch.Generator().manual_seed(9))
+    got = bx.sample(v16, x, method="midpoint", nfe=4, **positive)
+    want = bx.sample(v32, x, method="midpoint", nfe=4, **positive)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()  # bf16's rounding, not another field
+
+
 def test_bespoke_scheduler_inside_sd3_after_save_and_load(sd3, tmp_path):
     pipe, embeds = sd3
     solver = _perturbed(bx.BespokeSolver(3, 2), 0.2)

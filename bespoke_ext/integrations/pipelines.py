@@ -35,9 +35,29 @@ def _call_default(pipe, name: str, fallback):
     return fallback if param is None or param.default is inspect.Parameter.empty else param.default
 
 
+class _Timestep(torch.autograd.Function):
+    """sigma * 1000 = (1 - t) * 1000 in float32, rounded through float64 exactly as BespokeScheduler forms
+    its timesteps (so pipeline and bx.sample see the same bits), with the gradient of (1 - t) * 1000: the
+    learned time grid trains through the transformer's time input, as with any other model."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, scale: float) -> Tensor:
+        ctx.scale, ctx.dtype = scale, t.dtype
+        return ((1.0 - t.to(torch.float64)) * scale).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (-ctx.scale * grad).to(ctx.dtype), None
+
+
 def _timestep(t: Tensor, num_train_timesteps: float = 1000.0) -> Tensor:
-    """sigma * 1000 in float32 from the model time t, computed as BespokeScheduler computes its timesteps."""
-    return ((1.0 - t.detach().to(torch.float64)) * num_train_timesteps).to(torch.float32)
+    return _Timestep.apply(t, float(num_train_timesteps))
+
+
+def _embeds(e: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """Prompt encodings in the dtype the transformer is called in (x's: a bf16 transformer gets bf16 x,
+    while a float32 text encoder gave float32 encodings)."""
+    return e.to(x.dtype) if e is not None and e.is_floating_point() and e.dtype != x.dtype else e
 
 
 def _rows(e: Optional[Tensor], batch: int, name: str) -> Optional[Tensor]:
@@ -83,11 +103,11 @@ class FluxVelocity(nn.Module):
         _check_shape(x, self.latent_shape, "Flux (packed)")
         b = x.shape[0]
         timestep = _timestep(t).expand(b).to(x.dtype)
-        out = self._forward(x, timestep, _rows(prompt_embeds, b, "prompt_embeds"),
-                            _rows(pooled_prompt_embeds, b, "pooled_prompt_embeds"))
+        out = self._forward(x, timestep, _embeds(_rows(prompt_embeds, b, "prompt_embeds"), x),
+                            _embeds(_rows(pooled_prompt_embeds, b, "pooled_prompt_embeds"), x))
         if self.true_cfg_scale > 1 and negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None:
-            neg = self._forward(x, timestep, _rows(negative_prompt_embeds, b, "negative_prompt_embeds"),
-                                _rows(negative_pooled_prompt_embeds, b, "negative_pooled_prompt_embeds"))
+            neg = self._forward(x, timestep, _embeds(_rows(negative_prompt_embeds, b, "negative_prompt_embeds"), x),
+                                _embeds(_rows(negative_pooled_prompt_embeds, b, "negative_pooled_prompt_embeds"), x))
             out = neg + self.true_cfg_scale * (out - neg)
         return (-out).to(x.dtype)
 
@@ -118,9 +138,10 @@ class SD3Velocity(nn.Module):
             x_in = torch.cat([x, x])
         else:
             x_in = x
-        timestep = _timestep(t).expand(x_in.shape[0])
-        out = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=embeds,
-                               pooled_projections=pooled, return_dict=False)[0]
+        timestep = _timestep(t).expand(b)  # 0-dim (sampling) or one per sample (training)
+        timestep = torch.cat([timestep, timestep]) if cfg else timestep
+        out = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=_embeds(embeds, x),
+                               pooled_projections=_embeds(pooled, x), return_dict=False)[0]
         if cfg:
             uncond, text = out.chunk(2)
             out = uncond + self.guidance_scale * (text - uncond)
