@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..training.options import LOSSES, TrainOptions
-from .model_spec import import_target
+from .model_spec import check_device, import_target
 
 __all__ = ["add_train_pipeline_arguments", "run_train_pipeline", "load_pipeline", "load_embeddings",
            "PipelineTrainingError"]
@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dtype is not None:
         velocity.transformer.to(MODEL_DTYPES[args.dtype])
     if args.device is not None:
-        velocity.to(args.device)
+        velocity.to(check_device(args.device))
     conditions = load_embeddings(args.embeddings, velocity, dtype=velocity.transformer.dtype)
     solver = _solver(args)
     ns = args.solver == "nonstationary"
