@@ -271,6 +271,29 @@ def _reads_a_global(x, t):
     return _GLOBAL_FIELD(x, t)
 
 
+_CALLS = 0
+
+
+def _counts_its_calls(x, t):
+    global _CALLS
+    _CALLS += 1
+    return _GLOBAL_FIELD(x, t)
+
+
+def test_a_global_the_function_writes_is_not_part_of_its_tag(mixture):
+    # a call counter is state the function keeps, not an input of the field: the tag stays as it is used
+    global _GLOBAL_FIELD
+    try:
+        _GLOBAL_FIELD = mixture(4, seed=0)
+        before = model_tag(_counts_its_calls, strict=False)
+        _counts_its_calls(torch.zeros(2, 4), torch.tensor(0.5))
+        assert model_tag(_counts_its_calls, strict=False) == before
+        _GLOBAL_FIELD = mixture(4, seed=1)  # what it reads still counts
+        assert model_tag(_counts_its_calls, strict=False) != before
+    finally:
+        _GLOBAL_FIELD = None
+
+
 def test_a_function_reading_another_global_model_does_not_reuse_its_cache(tmp_path, mixture):
     # `def f(x, t): return net(x, t)` with a module-level net: the globals the code names are part of its
     # tag, so a cache folder solved for one net is refused for another, naming the model tag

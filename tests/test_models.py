@@ -120,23 +120,27 @@ def test_adapter_clamps_ends_and_stays_differentiable(prediction):
 
 
 class _HalfPrecisionNet(torch.nn.Module):
-    """f(x, t) = x cos(3 t) + sin(5 t) in float32, returned in x's dtype: a bf16 network's output."""
+    """f(x, t) = x cos(3 t) + sin(5 t) in float32, returned in x's dtype: a bf16 network's output. Its time
+    also goes through a bf16 layer (zero weights), so t must reach it in x's dtype."""
 
     def __init__(self):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.ones((), dtype=torch.bfloat16))  # makes it a bf16 module
+        self.temb = torch.nn.Linear(1, 1).to(torch.bfloat16)
+        torch.nn.init.zeros_(self.temb.weight), torch.nn.init.zeros_(self.temb.bias)
 
     def forward(self, x, t):
+        zero = self.temb(t.reshape(-1, 1)).reshape(-1, *([1] * (x.dim() - 1)))  # t in x's dtype, or this fails
         t = t.float().reshape(-1, *([1] * (x.dim() - 1))) if t.dim() else t.float()
-        return (x.float() * torch.cos(3 * t) + torch.sin(5 * t)).to(x.dtype)
+        return (x.float() * torch.cos(3 * t) + torch.sin(5 * t) + zero.float()).to(x.dtype)
 
 
 @pytest.mark.parametrize("prediction, schedule", [("noise", "vp"), ("noise", "cosine"), ("data", "ot")])
 def test_adapter_time_and_schedule_math_stays_float32_for_a_bf16_model(prediction, schedule):
     # in bf16, t = 0.9986 and 1 - t_eps round to 1.0: sigma was 0 and a VP noise predictor's velocity NaN
     net = _HalfPrecisionNet()
+    # the reference: the adapter's arithmetic in float32 around the same bf16 network call
     low, full = VelocityAdapter(net, prediction=prediction, schedule=schedule), VelocityAdapter(
-        lambda x, t: net(x, t), prediction=prediction, schedule=schedule)
+        lambda x, t: net(x.bfloat16(), t.bfloat16()).float(), prediction=prediction, schedule=schedule)
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
     for t in (0.3, 0.9986, 0.9995, 0.0007):
         u16 = low(x.bfloat16(), torch.tensor(t)).float()
@@ -154,6 +158,17 @@ def test_diffusers_time_adapter_forms_timesteps_in_float32_for_bf16_states():
     adapter = DiffusersTimeAdapter(lambda x, ts: seen.append(ts) or x)
     adapter(torch.zeros(1, 2, dtype=torch.bfloat16), torch.tensor(0.0013))
     assert seen[0].dtype == torch.float32 and abs(float(seen[0]) - 998.7) < 1e-3  # bf16 gave 1000
+    DiffusersTimeAdapter(lambda x, ts: seen.append(ts) or x, timestep_dtype=torch.bfloat16)(
+        torch.zeros(1, 2, dtype=torch.bfloat16), torch.tensor(0.0013))
+    assert seen[1].dtype == torch.bfloat16
+
+
+def test_guidance_and_scalar_time_adapters_pass_t_in_a_bf16_states_dtype():
+    net = _HalfPrecisionNet()
+    x = torch.randn(4, 3).bfloat16()
+    guided = ClassifierFreeGuidance(lambda x, t, label: net(x, t), guidance_scale=1.0)
+    assert guided(x, torch.tensor(0.5), label=torch.zeros(4)).dtype == torch.bfloat16
+    assert ScalarTimeAdapter(net)(x, torch.tensor([0.1, 0.1, 0.5, 0.5])).dtype == torch.bfloat16
 
 
 def test_adapter_bad_arguments_name_them():

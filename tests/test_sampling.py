@@ -659,3 +659,16 @@ def test_a_module_is_called_in_the_dtype_of_most_of_its_weights():
     bf16_body.float()  # the remembered answer follows the module's conversion
     assert model_call_dtype(bf16_body) is None
     assert model_call_dtype(bf16_body.to(torch.float16)) == torch.float16
+
+
+def test_a_lazy_module_samples():
+    # uninitialised (lazy) parameters have no elements to count yet: the call dtype ignores them
+    class Lazy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.LazyLinear(2)
+
+        def forward(self, x, t):
+            return self.lin(x)
+
+    assert sample(Lazy(), torch.randn(3, 2), method="euler", nfe=2).shape == (3, 2)

@@ -17,10 +17,12 @@ casts them itself).
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Callable, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 __all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "model_call_dtype", "first_tensor",
            "LOW_PRECISION", "STATE_DTYPES"]
@@ -105,35 +107,73 @@ def model_call_dtype(model) -> Optional[torch.dtype]:
     """The dtype a module computes in when that is bf16/fp16, else None: the dtype holding most of its
     floating parameter and buffer elements. Most, not the first: a diffusers model keeps a few modules
     (norms, embeddings) in float32 around a bf16 body, and a float32 network may carry a small bf16
-    table. Counted on every call (sample() asks each time; any tensor may have been converted since),
-    from the module registries: a few microseconds for a small network."""
+    table. sample() asks on every call: the count (a walk over every submodule, ~1 ms for thousands of
+    them) is remembered per module and redone when its first or last floating parameter (buffer, for a
+    module without parameters) was replaced or changed dtype, as ``.to()``, ``.half()`` and ``.float()`` do. Uninitialised (lazy) parameters count 0."""
     if isinstance(model, types.MethodType):        # a bound method: its module (not getattr: on a module
         model = model.__self__                      # nn.Module.__getattr__ would format an AttributeError)
     if not isinstance(model, torch.nn.Module):
         return None
-    counts: Dict[torch.dtype, int] = {}
     try:
-        _count_floating(model, counts, set())
-    except KeyError:  # passes for a module without its registries (a mock): ask it
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point():
-                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        kind = "_parameters"
+        first = first_tensor(model, kind, floating=True)
+        if first is None:
+            kind, first = "_buffers", first_tensor(model, "_buffers", floating=True)
+        stamp = tuple((t.dtype, t.data_ptr(), t.device) if t is not None and not is_lazy(t) else None
+                      for t in (first, last_tensor(model, kind) if first is not None else None))
+    except KeyError:  # passes for a module without its registries (a mock): count every time
+        return _majority([*model.parameters(), *model.buffers()])
+    known = _CALL_DTYPES.get(model)
+    if known is None or known[0] != stamp:
+        seen: set = set()
+        tensors: list = []
+        _collect_floating(model, tensors, seen)
+        known = (stamp, _majority(tensors))
+        try:
+            _CALL_DTYPES[model] = known
+        except TypeError:  # not weak-referenceable: counted again next time
+            pass
+    return known[1]
+
+
+_CALL_DTYPES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> (stamp, call dtype)
+
+
+def _majority(tensors) -> Optional[torch.dtype]:
+    counts: Dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.is_floating_point() and not is_lazy(t):
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     if not counts:
         return None
     most = max(counts, key=lambda d: counts[d])
     return most if most in LOW_PRECISION else None
 
 
-def _count_floating(module: torch.nn.Module, counts: Dict[torch.dtype, int], seen: set) -> None:
+def _collect_floating(module: torch.nn.Module, out: list, seen: set) -> None:
     registries = vars(module)
     for kind in ("_parameters", "_buffers"):
         for t in registries[kind].values():
             if t is not None and t.is_floating_point() and id(t) not in seen:  # shared weights once
                 seen.add(id(t))
-                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+                out.append(t)
     for child in registries["_modules"].values():
         if child is not None:
-            _count_floating(child, counts, seen)
+            _collect_floating(child, out, seen)
+
+
+def last_tensor(module: torch.nn.Module, kind: str) -> Optional[Tensor]:
+    """The last floating tensor ``module.parameters()`` / ``.buffers()`` would yield (registries, reversed)."""
+    registries = vars(module)
+    for child in reversed(registries["_modules"].values()):
+        if child is not None:
+            t = last_tensor(child, kind)
+            if t is not None:
+                return t
+    for t in reversed(registries[kind].values()):
+        if t is not None and t.is_floating_point():
+            return t
+    return None
 
 
 def first_tensor(module: torch.nn.Module, kind: str, floating: bool = False) -> Optional[Tensor]:

@@ -106,15 +106,15 @@ class VelocityAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, t, **extras) -> torch.Tensor:
         # t, the clamp and the schedule in at least float32 (a bf16 model's x is bf16: in bf16, t near 1 and
-        # 1 - t_eps round to 1, sigma to 0, and the coefficients to inf); the model gets that t, as the
-        # package passes the state's time to a bare bf16 model
+        # 1 - t_eps round to 1, sigma to 0, and the coefficients to inf); the model itself gets t in x's
+        # dtype, as before (a bf16 network may feed t to a bf16 layer)
         md = math_dtype(x.dtype)
         t = as_time(t, x, dtype=md)
         if self.prediction == "velocity":  # u = f: no coefficients to form
             tc = t.clamp(self.t_eps, 1.0 - self.t_eps) if self.t_eps > 0 else t
-            return _first_output(self.model(x, tc, **extras))
+            return _first_output(self.model(x, tc.to(x.dtype), **extras))
         beta, gamma, tc = self.coefficients(t)
-        f = _first_output(self.model(x, tc, **extras))
+        f = _first_output(self.model(x, tc.to(x.dtype), **extras))
         u = batch_view(beta, x) * x.to(md) + batch_view(gamma, x) * f.to(md)
         return u.to(x.dtype)
 
@@ -181,7 +181,7 @@ class ClassifierFreeGuidance(nn.Module):
         if self.cond_key not in extras:
             raise ValueError(f"ClassifierFreeGuidance needs the condition as keyword {self.cond_key!r} (cond_key); got extras {sorted(extras)}")
         b = x.shape[0]
-        t = as_time(t, x, dtype=math_dtype(x.dtype))  # not rounded to a bf16 x's dtype on the way in
+        t = as_time(t, x)
         cond = torch.as_tensor(extras.pop(self.cond_key), device=x.device)
         if cond.dim() == 0:
             cond = cond.expand(b)
@@ -216,7 +216,9 @@ class DiffusersTimeAdapter(nn.Module):
     Timesteps stay real-valued by default so the model stays differentiable in t; with
     ``round_timesteps=True`` they are rounded to integers, with a straight-through gradient.
     The output is unwrapped (``.sample`` or first tuple element). The prediction type is not
-    changed: wrap this in VelocityAdapter (e.g. prediction="noise", schedule="vp").
+    changed: wrap this in VelocityAdapter (e.g. prediction="noise", schedule="vp"). The timestep is formed
+    in at least float32 and passed in float32 for bf16/fp16 states too (in bf16 it moves in steps of 4 near
+    1000), or in ``timestep_dtype`` when given (a network that feeds it to a bf16 layer: torch.bfloat16).
     """
 
     def __init__(self, model, num_train_timesteps: int = 1000, timestep_scale: Optional[float] = None,
@@ -243,7 +245,8 @@ class DiffusersTimeAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, t, **extras) -> torch.Tensor:
         # the mapping in at least float32 (a bf16 timestep is quantised to steps of 4 near 1000), passed in
-        # that dtype unless timestep_dtype says otherwise
+        # that dtype unless timestep_dtype says otherwise: diffusers models take float32 timesteps and cast
+        # their time embedding to their own dtype
         tm = self.model_time(as_time(t, x, dtype=math_dtype(x.dtype)))
         if self.timestep_dtype is not None:
             tm = tm.to(self.timestep_dtype)
@@ -290,7 +293,7 @@ class ScalarTimeAdapter(nn.Module):
         return _first_output(self.model(x, t0, **extras))
 
     def forward(self, x: torch.Tensor, t, **extras) -> torch.Tensor:
-        t = as_time(t, x, dtype=math_dtype(x.dtype))
+        t = as_time(t, x)
         if t.dim() == 0:
             return self._call(x, t, extras)
         b = x.shape[0]

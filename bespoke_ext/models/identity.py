@@ -28,16 +28,18 @@ imported module, a file): callers must then have an explicit tag or cache folder
 
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import inspect
 import math
+import os
 import types
 from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["model_tag", "inputs_tag", "OpaqueModelError"]
+__all__ = ["model_tag", "training_tag", "inputs_tag", "OpaqueModelError"]
 
 _MAX_DEPTH = 6  # nested plain objects followed this deep (cycles are cut by an id set)
 
@@ -171,14 +173,17 @@ def _has_no_required_args(fn) -> bool:
 
 def _globals_read(fn) -> dict:
     """{name: value} of the module globals that fn's code (nested functions and comprehensions included)
-    names; attribute names that happen to match a global are included too, which can only over-separate."""
-    names, codes = set(), [fn.__code__]
+    names; attribute names that happen to match a global are included too, which can only over-separate.
+    Globals the code assigns (``global calls; calls += 1``) are left out: state the function writes, such
+    as a call counter, is not an input of the field, and would change the tag at every call."""
+    names, written, codes = set(), set(), [fn.__code__]
     while codes:
         code = codes.pop()
         names.update(code.co_names)
+        written.update(i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
         codes.extend(c for c in code.co_consts if inspect.iscode(c))
     scope = getattr(fn, "__globals__", {})
-    return {n: scope[n] for n in sorted(names) if n in scope}
+    return {n: scope[n] for n in sorted(names - written) if n in scope}
 
 
 def model_tag(model, *, strict: bool = True) -> str:
@@ -206,6 +211,21 @@ def model_tag(model, *, strict: bool = True) -> str:
     h = _Hasher()
     h.value(model)
     return f"{name}:{h.hexdigest()}"
+
+
+def training_tag(model, model_tag_option=None, cache_dir=None) -> str:
+    """The model's tag in bx.train's cache keys, checkpoint fingerprints and solver metadata: the given
+    ``model_tag`` option, else ``model_tag(model)``; a callable the package cannot see needs the option or
+    an explicit ``cache_dir``, which then enters the tag (a checkpoint made with another folder, another
+    model, is refused)."""
+    if model_tag_option is not None:
+        return str(model_tag_option)
+    try:
+        return model_tag(model)
+    except OpaqueModelError as exc:
+        if cache_dir is not None:
+            return f"{model_tag(model, strict=False)}@{os.path.abspath(cache_dir)}"
+        raise OpaqueModelError(f"train(): {exc} (options of train: model_tag=..., cache_dir=...)") from None
 
 
 def inputs_tag(extras: Optional[Mapping] = None, conditions: Optional[Mapping] = None) -> str:

@@ -27,7 +27,7 @@ from typing import Iterable, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "distributed_context", "local_slice", "launched_by_torchrun", "resolve_device"]
+__all__ = ["DistContext", "distributed_context", "local_slice", "launched_by_torchrun", "resolve_device", "note_failure"]
 
 
 @dataclass
@@ -87,12 +87,17 @@ def distributed_context(device: torch.device) -> DistContext:
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
-_UNCAUGHT = []  # set by the except hook: this rank is exiting on an error
+_FAILED = []  # this rank failed: train() raised here (caught or not: the CLI catches it), or an uncaught error
+
+
+def note_failure(exc_type) -> None:
+    """Record that this rank failed, so that its exit skips the barrier the other ranks will never reach."""
+    _FAILED.append(exc_type)
 
 
 def _noting_uncaught(hook):
     def excepthook(*exc_info):
-        _UNCAUGHT.append(exc_info[0])
+        note_failure(exc_info[0])
         hook(*exc_info)
 
     return excepthook
@@ -107,7 +112,7 @@ def _destroy_at_exit() -> None:
     # with the error instead of hanging until gloo's timeout.
     if dist.is_initialized():
         try:
-            if not _UNCAUGHT:
+            if not _FAILED:
                 dist.barrier()
         finally:
             dist.destroy_process_group()

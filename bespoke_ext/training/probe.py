@@ -87,7 +87,8 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
                 f"on {device} and {form}")
         other = "a 0-dim t" if form == "t [2]" else "t [2]"
         _probe_once(model, x, t, shape, dtype, extras, cond, call,
-                    hint=lambda: f" ({_TIME_HINTS[form]})" if calls_with(other) else _mixed_dtypes(model, call_dtype))
+                    hint=lambda exc: f" ({_TIME_HINTS[form]})" if calls_with(other) else
+                    _mixed_dtypes(model, call_dtype) if "dtype" in str(exc).lower() else "")
 
 
 def _mixed_dtypes(model, call_dtype) -> str:
@@ -106,11 +107,11 @@ def _probe_once(model, x, t, shape, dtype, extras: dict, cond: dict, call: str, 
         with torch.no_grad():
             out = model(x, t, **extras, **cond)
     except TypeError as exc:
-        raise TypeError(f"the model probe {call} raised TypeError: {exc}{hint()}. The model must accept x, t and "
+        raise TypeError(f"the model probe {call} raised TypeError: {exc}{hint(exc)}. The model must accept x, t and "
                         f"every name in model_extras {sorted(extras)} and conditions {sorted(cond)} as keyword "
                         f"arguments") from exc
     except Exception as exc:
-        raise RuntimeError(f"the model probe {call} failed before training: {type(exc).__name__}: {exc}{hint()}"
+        raise RuntimeError(f"the model probe {call} failed before training: {type(exc).__name__}: {exc}{hint(exc)}"
                            ) from exc
     if not torch.is_tensor(out):
         raise TypeError(f"the model probe {call} returned {type(out).__name__}; expected a velocity tensor of "

@@ -57,10 +57,10 @@ from ..integers import as_int
 from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache
 from ..groundtruth.inputs import check_conditions, model_call_dtype, pool_size
 from ..sampling.executor import StateDtype
-from ..models.identity import OpaqueModelError, inputs_tag, model_tag
+from ..models.identity import inputs_tag, training_tag
 from .batches import CachedBatches, OnlineBatches, derive_seed
 from .checkpoint import check_fingerprint, check_iterations, load_checkpoint, save_checkpoint
-from .distributed import DistContext, distributed_context, resolve_device
+from .distributed import DistContext, distributed_context, note_failure, resolve_device
 from .history import TrainHistory
 from .least_squares_start import least_squares_start, warped
 from .loss import Recomputed, bound_loss, end_to_end_loss, solver_table
@@ -127,25 +127,16 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     pool = check_conditions(conditions, opts.model_extras)
     if pool:
         pool = {name: v.to(device) for name, v in pool.items()}
-    tag = _identity(model, opts)
+    tag = training_tag(model, opts.model_tag, opts.cache_dir)
     ctx = distributed_context(device)
-    with frozen(model):
-        probe_model(model, shape, device=device, dtype=dtype, extras=opts.model_extras, conditions=pool)
-        return _Run(model, solver, shape, iterations, batch_size, seed, opts, device, dtype, ctx, pool, tag).run()
-
-
-def _identity(model, opts: TrainOptions) -> str:
-    """The model's tag in cache keys, checkpoint fingerprints and solver metadata."""
-    if opts.model_tag is not None:
-        return str(opts.model_tag)
     try:
-        return model_tag(model)
-    except OpaqueModelError as exc:
-        if opts.cache_dir is not None:
-            # the caller's cache folder identifies the model: in the tag, so that a checkpoint made with
-            # another folder (another model) is refused
-            return f"{model_tag(model, strict=False)}@{os.path.abspath(opts.cache_dir)}"
-        raise OpaqueModelError(f"train(): {exc} (options of train: model_tag=..., cache_dir=...)") from None
+        with frozen(model):
+            probe_model(model, shape, device=device, dtype=dtype, extras=opts.model_extras, conditions=pool)
+            return _Run(model, solver, shape, iterations, batch_size, seed, opts, device, dtype, ctx, pool, tag).run()
+    except BaseException as exc:
+        if ctx.enabled:  # the other ranks may wait in a collective this one will never join: skip the exit barrier
+            note_failure(type(exc))
+        raise
 
 
 def _check_shape(shape) -> Tuple[int, ...]:

@@ -107,7 +107,8 @@ inline void finish_tile(scalar_t* dst, const acc_t* x, int64_t m) {
 }
 
 // x[0:r) = sum_{j < K} c[j] t_j[off : off + r)   (FIRST)   or   x[0:r) += the same:
-// up to four terms per pass over the local buffer, summed left to right.
+// up to eight terms per pass over the local buffer (combine_row: eight, combine_short: four), summed
+// left to right.
 template <int K, bool FIRST, typename acc_t, typename scalar_t>
 inline void combine_group(acc_t* x, const acc_t* c, const scalar_t* const* t, int64_t off, int64_t r) {
   acc_t cj[K];
