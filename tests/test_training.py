@@ -455,14 +455,18 @@ def test_cli_train_nonstationary_from_a_trained_file(tmp_path, monkeypatch):
         run_train(parser.parse_args(common + ["--init", str(second), "-o", str(tmp_path / "x.safetensors")]))
 
 
-def test_cli_train_nfe_sets_the_bespoke_solvers_steps():
-    """--nfe means model evaluations for both families (it was ignored for --solver bespoke: NFE 10 came out)."""
+def _cli_solver(*argv):
+    """The solver `bespoke-ext train m <argv>` starts from."""
     import argparse
 
     from bespoke_ext.cli.train import _initial_solver, add_train_arguments
 
-    parser = add_train_arguments(argparse.ArgumentParser())
-    made = lambda *extra: _initial_solver(parser.parse_args(["m", *extra]))
+    return _initial_solver(add_train_arguments(argparse.ArgumentParser()).parse_args(["m", *argv]))
+
+
+def test_cli_train_nfe_sets_the_bespoke_solvers_steps():
+    """--nfe means model evaluations for both families (it was ignored for --solver bespoke: NFE 10 came out)."""
+    made = _cli_solver
     assert (made("--nfe", "4").steps, made("--nfe", "4").nfe) == (2, 4)
     assert made("--nfe", "3", "--order", "1").steps == 3 and made().nfe == 10 and made("--steps", "3").nfe == 6
     assert made("--steps", "2", "--nfe", "4").nfe == 4
@@ -477,15 +481,11 @@ def test_cli_train_nfe_sets_the_bespoke_solvers_steps():
 def test_cli_train_init_refuses_sizes_the_file_contradicts(tmp_path):
     """--init's solver decides NFE, steps and order: --nfe 12 with a 10-evaluation file was ignored and
     wrote an NFE-10 solver under the name the user chose; now refused, equal values accepted."""
-    import argparse
-
-    from bespoke_ext.cli.train import _initial_solver, add_train_arguments
     from bespoke_ext.solvers import NonStationarySolver
 
     init = tmp_path / "init.safetensors"
     BespokeSolver(5, order=2).save(str(init))
-    parser = add_train_arguments(argparse.ArgumentParser())
-    made = lambda *extra: _initial_solver(parser.parse_args(["m", "--init", str(init), *extra]))
+    made = lambda *extra: _cli_solver("--init", str(init), *extra)
     assert made("--nfe", "10", "--steps", "5", "--order", "2").nfe == 10
     ns = made("--solver", "nonstationary", "--nfe", "10")
     assert isinstance(ns, NonStationarySolver) and ns.nfe == 10

@@ -106,15 +106,14 @@ def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[
 
 
 def check_device(device) -> torch.device:
-    """--device as a torch.device that this torch can run on (CUDA-less torch fails with an assertion later)."""
+    """--device as a torch.device that this torch can run on (CUDA-less torch fails with an assertion later):
+    training's resolve_device, its message naming the flag."""
+    from ..training.distributed import resolve_device
+
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device "
-                         f"(torch.cuda.is_available() is False); use --device cpu")
-    return dev
+        return resolve_device(device)
+    except ValueError as exc:
+        raise ValueError(f"--device: {exc}") from None
 
 
 def parse_shape(text: str) -> Tuple[int, ...]:

@@ -148,8 +148,8 @@ def _check_init(args: argparse.Namespace, solver, **given) -> None:
     if args.base is not None:
         raise ValueError(f"--base sets a fresh solver's base; --init {args.init} starts from that file's solver "
                          f"({solver!r}): drop --base or --init")
-    if given.get("steps") is not None and args.solver == "nonstationary":
-        raise ValueError(f"--steps is for --solver bespoke; a non-stationary solver takes --nfe (got --steps {args.steps})")
+    if args.solver == "nonstationary":
+        _refuse_steps(args)
     for flag, value in given.items():
         if value is not None and value != getattr(solver, flag):
             raise ValueError(f"--{flag} {value}, but --init {args.init} holds a solver with {flag} "
@@ -162,9 +162,13 @@ def _order(args: argparse.Namespace) -> int:
 
 def _nfe(args: argparse.Namespace) -> int:
     """--nfe of a non-stationary solver (one evaluation per step: --steps would say the same, so it is refused)."""
+    _refuse_steps(args)
+    return 10 if args.nfe is None else args.nfe
+
+
+def _refuse_steps(args: argparse.Namespace) -> None:
     if args.steps is not None:
         raise ValueError(f"--steps is for --solver bespoke; a non-stationary solver takes --nfe (got --steps {args.steps})")
-    return 10 if args.nfe is None else args.nfe
 
 
 def _steps(args: argparse.Namespace) -> int:

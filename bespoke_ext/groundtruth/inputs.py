@@ -109,7 +109,8 @@ def model_call_dtype(model) -> Optional[torch.dtype]:
     (norms, embeddings) in float32 around a bf16 body, and a float32 network may carry a small bf16
     table. sample() asks on every call: the count (a walk over every submodule, ~1 ms for thousands of
     them) is remembered per module and redone when its first or last floating parameter (buffer, for a
-    module without parameters) was replaced or changed dtype, as ``.to()``, ``.half()`` and ``.float()`` do. Uninitialised (lazy) parameters count 0."""
+    module without parameters) was replaced or changed dtype, as ``.to()``, ``.half()`` and ``.float()``
+    do. Uninitialised (lazy) parameters count 0."""
     if isinstance(model, types.MethodType):        # a bound method: its module (not getattr: on a module
         model = model.__self__                      # nn.Module.__getattr__ would format an AttributeError)
     if not isinstance(model, torch.nn.Module):
@@ -120,15 +121,12 @@ def model_call_dtype(model) -> Optional[torch.dtype]:
         if first is None:
             kind, first = "_buffers", first_tensor(model, "_buffers", floating=True)
         stamp = tuple((t.dtype, t.data_ptr(), t.device) if t is not None and not is_lazy(t) else None
-                      for t in (first, last_tensor(model, kind) if first is not None else None))
+                      for t in (first, _last_tensor(model, kind) if first is not None else None))
     except KeyError:  # passes for a module without its registries (a mock): count every time
         return _majority([*model.parameters(), *model.buffers()])
     known = _CALL_DTYPES.get(model)
     if known is None or known[0] != stamp:
-        seen: set = set()
-        tensors: list = []
-        _collect_floating(model, tensors, seen)
-        known = (stamp, _majority(tensors))
+        known = (stamp, _majority([*model.parameters(), *model.buffers()]))  # torch lists shared weights once
         try:
             _CALL_DTYPES[model] = known
         except TypeError:  # not weak-referenceable: counted again next time
@@ -150,24 +148,12 @@ def _majority(tensors) -> Optional[torch.dtype]:
     return most if most in LOW_PRECISION else None
 
 
-def _collect_floating(module: torch.nn.Module, out: list, seen: set) -> None:
-    registries = vars(module)
-    for kind in ("_parameters", "_buffers"):
-        for t in registries[kind].values():
-            if t is not None and t.is_floating_point() and id(t) not in seen:  # shared weights once
-                seen.add(id(t))
-                out.append(t)
-    for child in registries["_modules"].values():
-        if child is not None:
-            _collect_floating(child, out, seen)
-
-
-def last_tensor(module: torch.nn.Module, kind: str) -> Optional[Tensor]:
+def _last_tensor(module: torch.nn.Module, kind: str) -> Optional[Tensor]:
     """The last floating tensor ``module.parameters()`` / ``.buffers()`` would yield (registries, reversed)."""
     registries = vars(module)
     for child in reversed(registries["_modules"].values()):
         if child is not None:
-            t = last_tensor(child, kind)
+            t = _last_tensor(child, kind)
             if t is not None:
                 return t
     for t in reversed(registries[kind].values()):

@@ -54,18 +54,17 @@ def _timestep(t: Tensor, num_train_timesteps: float = 1000.0) -> Tensor:
     return _Timestep.apply(t, float(num_train_timesteps))
 
 
-def _embeds(e: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
-    """Prompt encodings in the dtype the transformer is called in (x's: a bf16 transformer gets bf16 x,
-    while a float32 text encoder gave float32 encodings)."""
-    return e.to(x.dtype) if e is not None and e.is_floating_point() and e.dtype != x.dtype else e
-
-
-def _rows(e: Optional[Tensor], batch: int, name: str) -> Optional[Tensor]:
-    if e is None or e.shape[0] == batch:
+def _rows(e: Optional[Tensor], x: Tensor, name: str) -> Optional[Tensor]:
+    """Prompt encodings for the latents x: one row per sample (a single row is repeated), in the dtype the
+    transformer is called in (x's: a bf16 transformer gets bf16 x, a float32 text encoder gave float32)."""
+    if e is None:
         return e
+    batch = x.shape[0]
     if e.shape[0] == 1:
-        return e.expand(batch, *e.shape[1:])
-    raise ValueError(f"{name} has {e.shape[0]} rows; the latents have {batch} (pass one row, or one per sample)")
+        e = e.expand(batch, *e.shape[1:])
+    elif e.shape[0] != batch:
+        raise ValueError(f"{name} has {e.shape[0]} rows; the latents have {batch} (pass one row, or one per sample)")
+    return e.to(x.dtype) if e.is_floating_point() and e.dtype != x.dtype else e
 
 
 def _check_shape(x: Tensor, shape: tuple, kind: str) -> None:
@@ -103,11 +102,11 @@ class FluxVelocity(nn.Module):
         _check_shape(x, self.latent_shape, "Flux (packed)")
         b = x.shape[0]
         timestep = _timestep(t).expand(b).to(x.dtype)
-        out = self._forward(x, timestep, _embeds(_rows(prompt_embeds, b, "prompt_embeds"), x),
-                            _embeds(_rows(pooled_prompt_embeds, b, "pooled_prompt_embeds"), x))
+        out = self._forward(x, timestep, _rows(prompt_embeds, x, "prompt_embeds"),
+                            _rows(pooled_prompt_embeds, x, "pooled_prompt_embeds"))
         if self.true_cfg_scale > 1 and negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None:
-            neg = self._forward(x, timestep, _embeds(_rows(negative_prompt_embeds, b, "negative_prompt_embeds"), x),
-                                _embeds(_rows(negative_pooled_prompt_embeds, b, "negative_pooled_prompt_embeds"), x))
+            neg = self._forward(x, timestep, _rows(negative_prompt_embeds, x, "negative_prompt_embeds"),
+                                _rows(negative_pooled_prompt_embeds, x, "negative_pooled_prompt_embeds"))
             out = neg + self.true_cfg_scale * (out - neg)
         return (-out).to(x.dtype)
 
@@ -126,22 +125,22 @@ class SD3Velocity(nn.Module):
                 negative_pooled_prompt_embeds: Optional[Tensor] = None) -> Tensor:
         _check_shape(x, self.latent_shape, "SD3")
         b = x.shape[0]
-        embeds = _rows(prompt_embeds, b, "prompt_embeds")
-        pooled = _rows(pooled_prompt_embeds, b, "pooled_prompt_embeds")
+        embeds = _rows(prompt_embeds, x, "prompt_embeds")
+        pooled = _rows(pooled_prompt_embeds, x, "pooled_prompt_embeds")
         cfg = self.guidance_scale > 1
         if cfg:
             if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
                 raise ValueError("SD3 with guidance_scale > 1 applies classifier-free guidance: pass "
                                  "negative_prompt_embeds and negative_pooled_prompt_embeds (e.g. the encoding of '')")
-            embeds = torch.cat([_rows(negative_prompt_embeds, b, "negative_prompt_embeds"), embeds])
-            pooled = torch.cat([_rows(negative_pooled_prompt_embeds, b, "negative_pooled_prompt_embeds"), pooled])
+            embeds = torch.cat([_rows(negative_prompt_embeds, x, "negative_prompt_embeds"), embeds])
+            pooled = torch.cat([_rows(negative_pooled_prompt_embeds, x, "negative_pooled_prompt_embeds"), pooled])
             x_in = torch.cat([x, x])
         else:
             x_in = x
         timestep = _timestep(t).expand(b)  # 0-dim (sampling) or one per sample (training)
         timestep = torch.cat([timestep, timestep]) if cfg else timestep
-        out = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=_embeds(embeds, x),
-                               pooled_projections=_embeds(pooled, x), return_dict=False)[0]
+        out = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=embeds,
+                               pooled_projections=pooled, return_dict=False)[0]
         if cfg:
             uncond, text = out.chunk(2)
             out = uncond + self.guidance_scale * (text - uncond)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
 from dataclasses import dataclass
 from typing import Iterable, Tuple
 
@@ -83,24 +82,15 @@ def distributed_context(device: torch.device) -> DistContext:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     atexit.register(_destroy_at_exit)
-    sys.excepthook = _noting_uncaught(sys.excepthook)
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
-_FAILED = []  # this rank failed: train() raised here (caught or not: the CLI catches it), or an uncaught error
+_FAILED = []  # train() raised on this rank (caught or not: the CLI catches it)
 
 
 def note_failure(exc_type) -> None:
     """Record that this rank failed, so that its exit skips the barrier the other ranks will never reach."""
     _FAILED.append(exc_type)
-
-
-def _noting_uncaught(hook):
-    def excepthook(*exc_info):
-        note_failure(exc_info[0])
-        hook(*exc_info)
-
-    return excepthook
 
 
 def _destroy_at_exit() -> None:
@@ -126,7 +116,7 @@ def resolve_device(device) -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be a torch device or its name ('cpu', 'cuda', 'cuda:1'), got {device!r}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}, but no CUDA device is available "
+        raise ValueError(f"device={str(device)!r}, but this torch ({torch.__version__}) sees no CUDA device "
                          f"({'this torch is built without CUDA' if torch.version.cuda is None else 'none visible'})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device={str(device)!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
