@@ -374,6 +374,32 @@ def test_model_weights_frozen_during_training_and_restored():
     assert h.best_rmse < 0.9 * h.base_rmse, f"the solver did not learn: validation RMSE {h.val_rmse}"
 
 
+def test_plain_function_networks_frozen_too(tmp_path):
+    # a function around a network (in a closure and as a global it reads) and a raw weight tensor: none
+    # collects the gradients of any loss, each keeps its own requires_grad and mode, and the states take
+    # the network's dtype (float64 here) as a module's would
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        inner = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2)).double()
+        scale = torch.ones(2, dtype=F64, requires_grad=True)
+    inner.train()
+    inner[1].eval()   # a submodule's own mode survives the run
+
+    def make(net):
+        def field(x, t):
+            assert x.dtype == F64 and not net.training   # eval: dropout would make the field random
+            t = t.expand(x.shape[0]) if t.dim() == 0 else t
+            return net(torch.cat([x, t[:, None]], dim=1)) * scale
+        return field
+
+    for loss in ("bound", "end_to_end", "log_mse"):
+        train(make(inner), BespokeSolver(2, 1), shape=(2,), iterations=3, batch_size=8, loss=loss, val_size=4,
+              cache_samples=16, cache_dir=str(tmp_path / loss), progress=False)
+        assert all(p.grad is None and p.requires_grad for p in inner.parameters()), loss
+        assert scale.grad is None and scale.requires_grad, loss
+        assert inner.training and inner[0].training and not inner[1].training, loss
+
+
 def test_options_are_checked_with_clear_errors(mixture):
     m, s = mixture(), BespokeSolver(2, 1)
     with pytest.raises(TypeError, match="unknown option"):

@@ -35,11 +35,11 @@ import inspect
 import math
 import os
 import types
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["model_tag", "training_tag", "inputs_tag", "OpaqueModelError"]
+__all__ = ["model_tag", "training_tag", "inputs_tag", "reachable_state", "OpaqueModelError"]
 
 _MAX_DEPTH = 6  # nested plain objects followed this deep (cycles are cut by an id set)
 
@@ -132,35 +132,69 @@ class _Hasher:
             self.text("seen")
             return
         self.seen.add(id(v))
-        if isinstance(v, functools.partial):
-            self.text("partial")
-            self.value(v.func, depth + 1)
-            self.value(list(v.args), depth + 1)
-            self.value(dict(v.keywords), depth + 1)
-        elif inspect.ismethod(v):
-            self.text(f"method|{v.__func__.__qualname__}")
-            self.value(v.__self__, depth + 1)
-        elif inspect.isfunction(v):
-            code = v.__code__
-            self.text(f"function|{_qualname(v)}")
-            self.h.update(code.co_code)
-            self.value([c for c in code.co_consts if not inspect.iscode(c)], depth + 1)
-            self.value(list(v.__defaults__ or ()), depth + 1)
-            self.value([cell.cell_contents for cell in (v.__closure__ or ())], depth + 1)
-            # `def f(x, t): return net(x, t)` with a module-level `net`: the global's weights shape the field
-            self.value(_globals_read(v), depth + 1)
-        elif callable(getattr(v, "to_dict", None)) and _has_no_required_args(v.to_dict):
-            self.text(f"object|{_qualname(v)}")
-            self.value(v.to_dict(), depth + 1)
-        else:
-            self.text(f"object|{_qualname(v)}")
-            state = getattr(v, "__dict__", None)
-            if state is not None:
-                ignore = set(getattr(type(v), "identity_ignore", ()))
-                self.value({k: s for k, s in state.items() if not k.startswith("_") and k not in ignore}, depth + 1)
+        label, code, parts = _object_parts(v)
+        self.text(label)
+        if code:
+            self.h.update(code)
+        for part in parts:
+            self.value(part, depth + 1)
 
     def hexdigest(self) -> str:
         return self.h.hexdigest()[:16]
+
+
+def _object_parts(v) -> Tuple[str, bytes, list]:
+    """(label, code bytes, the values it holds) of an object that is not a primitive, container, tensor or
+    module: what its identity hashes and what ``reachable_state`` follows."""
+    if isinstance(v, functools.partial):
+        return "partial", b"", [v.func, list(v.args), dict(v.keywords)]
+    if inspect.ismethod(v):
+        return f"method|{v.__func__.__qualname__}", b"", [v.__self__]
+    if inspect.isfunction(v):
+        code = v.__code__
+        # `def f(x, t): return net(x, t)` with a module-level `net`: the global's weights shape the field
+        return f"function|{_qualname(v)}", code.co_code, [
+            [c for c in code.co_consts if not inspect.iscode(c)], list(v.__defaults__ or ()),
+            [cell.cell_contents for cell in (v.__closure__ or ())], _globals_read(v)]
+    if callable(getattr(v, "to_dict", None)) and _has_no_required_args(v.to_dict):
+        return f"object|{_qualname(v)}", b"", [v.to_dict()]
+    state = getattr(v, "__dict__", None)
+    if state is None:
+        return f"object|{_qualname(v)}", b"", []
+    ignore = set(getattr(type(v), "identity_ignore", ()))
+    return f"object|{_qualname(v)}", b"", [{k: s for k, s in state.items() if not k.startswith("_") and k not in ignore}]
+
+
+def reachable_state(model) -> Tuple[list, list]:
+    """(modules, tensors): the torch modules a model callable computes with, and the plain tensors that
+    require grad outside them, found along the same edges as the identity (closures, the globals a
+    function reads, a partial's arguments, a bound method's object, plain objects' attributes). A plain
+    function around a network (``lambda x, t: net(x, t)``) reaches ``net``: training freezes its weights
+    and takes its device as a module's."""
+    modules, tensors, seen = [], [], set()
+
+    def walk(v, depth: int) -> None:
+        if v is None or isinstance(v, (bool, int, float, str, bytes, torch.dtype, torch.device, type,
+                                       types.ModuleType)) or id(v) in seen:
+            return
+        seen.add(id(v))
+        if isinstance(v, torch.nn.Module):
+            modules.append(v)
+        elif torch.is_tensor(v):
+            if v.requires_grad and v.is_leaf:
+                tensors.append(v)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                walk(item, depth + 1)
+        elif isinstance(v, Mapping):
+            for item in list(v.values()):
+                walk(item, depth + 1)
+        elif depth < _MAX_DEPTH and not inspect.isbuiltin(v):
+            for part in _object_parts(v)[2]:
+                walk(part, depth + 1)
+
+    walk(model, 0)
+    return modules, tensors
 
 
 def _has_no_required_args(fn) -> bool:

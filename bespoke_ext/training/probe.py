@@ -10,18 +10,18 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..groundtruth.inputs import STATE_DTYPES, model_call_dtype, pool_size, take
+from ..models.identity import reachable_state
 
 __all__ = ["probe_model", "model_device_dtype", "frozen"]
 
 
 def model_device_dtype(model, device=None, dtype: Optional[torch.dtype] = None):
-    """(device, state dtype): the given ones, else the model's (a bound method: its module's); a bf16/fp16
+    """(device, state dtype): the given ones, else those of the modules the model computes with (a module,
+    a bound method's module, the network a plain function calls: ``reachable_state``); a bf16/fp16
     model's states are float32 (it is called in its own dtype, see groundtruth/inputs.py)."""
-    module = getattr(model, "__self__", model)
-    tensors, params = [], []
-    if isinstance(module, torch.nn.Module):
-        tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
-        params = [p for p in module.parameters() if p.is_floating_point()]
+    modules, _ = reachable_state(model)
+    tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
+    params = [p for m in modules for p in m.parameters() if p.is_floating_point()]
     device = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
     own = params[0].dtype if params else torch.float32
     return device, dtype or (own if own in STATE_DTYPES else torch.float32)
@@ -29,19 +29,25 @@ def model_device_dtype(model, device=None, dtype: Optional[torch.dtype] = None):
 
 @contextmanager
 def frozen(model):
-    """Weights frozen and eval mode while training; the caller's settings restored afterwards."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.requires_grad_(False).eval()
+    """Weights frozen and eval mode while training, the caller's settings restored afterwards: those of
+    every module the model reaches (``reachable_state``; a plain function's network too, whose weights
+    would otherwise collect gradients of every loss) and of plain tensors that require grad."""
+    modules, tensors = reachable_state(model)
+    leaves = {id(p): p for m in modules for p in m.parameters()}
+    leaves.update((id(t), t) for t in tensors)
+    flags = [(p, p.requires_grad) for p in leaves.values()]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]   # each one's own mode, restored as it was
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for m in modules:
+        m.eval()
     try:
         yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
+        for sub, mode in modes:
+            sub.training = mode
 
 
 def _describe(v) -> str:
