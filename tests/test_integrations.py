@@ -297,6 +297,30 @@ def test_bespoke_scheduler_inside_flux_makes_nfe_calls_and_equals_bx_sample(flux
         _run(pipe, embeds, latents, solver.steps)
 
 
+def test_flux_shift_settings_travel_with_the_trained_mu(flux, tmp_path):
+    # a scheduler config with its own shift settings: FluxPipeline computes each run's mu from its
+    # scheduler's config, so a BespokeScheduler that only records trained_mu (and keeps the default
+    # settings) sees another mu at the trained resolution and warns; with scheduler_settings it does not
+    pipe, embeds = flux
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=64,
+                                                     max_image_seq_len=1024, base_shift=0.3, max_shift=2.0)
+    velocity = pipeline_velocity(pipe, height=H, width=W)
+    settings = velocity.scheduler_settings
+    assert settings["max_shift"] == 2.0 and settings["base_image_seq_len"] == 64
+    assert settings["trained_seq_len"] == velocity.latent_shape[0]
+    solver = _perturbed(bx.BespokeSolver(2, 2), 0.1)
+    latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(6))
+    pipe.scheduler = BespokeScheduler.from_solver(solver, trained_mu=velocity.mu)
+    with pytest.warns(UserWarning, match="mu="):
+        _run(pipe, embeds, latents, solver.steps)
+    BespokeScheduler.from_solver(solver, **settings).save_pretrained(tmp_path)
+    pipe.scheduler = BespokeScheduler.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _run(pipe, embeds, latents, solver.steps)
+    assert torch.allclose(got, bx.sample(velocity, latents, solver=solver, **embeds), atol=1e-5, rtol=0)
+
+
 def test_sd3_euler_with_cfg_through_bx_sample_equals_the_pipeline(sd3):
     pipe, embeds = sd3
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

@@ -13,7 +13,7 @@ per prompt with one leading dimension M for every name: ``prompt_embeds`` [M, se
 SD3 with guidance > 1 (CFG) or Flux with --true-cfg-scale > 1. Encode them once with ``pipe.encode_prompt``
 and ``safetensors.torch.save_file``. Training is ``bespoke_ext.train(pipeline_velocity(pipe, height=H,
 width=W, guidance_scale=G), solver, conditions=<the file's tensors>)``; DIR gets the scheduler
-(``BespokeScheduler.from_solver(solver, trained_mu=...).save_pretrained(DIR)``) and the solver file
+(``BespokeScheduler.from_solver(solver, **velocity.scheduler_settings).save_pretrained(DIR)``) and the solver file
 ``solver.safetensors`` (for ``bespoke-ext sample`` and the ComfyUI nodes).
 
 Memory (README, Memory): --gradient-checkpointing (end-to-end losses: chosen by default with it),
@@ -206,10 +206,7 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"pipeline": args.pipeline, "height": args.height, "width": args.width, "guidance": velocity.guidance_scale}
     solver.save(out / SOLVER_FILE, metadata={k: str(v) for k, v in meta.items()})
-    mu = getattr(velocity, "mu", None)
-    seq_len = int(velocity.latent_shape[0]) if mu is not None else None  # Flux: packed [L, 4C]
-    BespokeScheduler.from_solver(solver, trained_mu=mu, trained_seq_len=seq_len,
-                                 guidance_scale=velocity.guidance_scale).save_pretrained(out)
+    BespokeScheduler.from_solver(solver, **velocity.scheduler_settings).save_pretrained(out)
     h = solver.history
     if h.base_rmse:
         print(f"validation RMSE vs ground truth at NFE {solver.nfe}: start {h.base_rmse:.5g}, bespoke "

@@ -159,7 +159,7 @@ def _runs(pl: _Pipeline, solvers: Sequence[BespokeSolver], cfg: PipelineSettings
     from ..integrations.diffusers import BespokeScheduler
 
     runs = [_pipeline_run(pl, "bespoke", "Bespoke order 2 (BespokeScheduler)", s.nfe,
-                          lambda s=s: BespokeScheduler.from_solver(s, trained_mu=pl.velocity.mu), s.steps, prompts)
+                          lambda s=s: BespokeScheduler.from_solver(s, **pl.velocity.scheduler_settings), s.steps, prompts)
             for s in solvers]
     for n in sorted(set(cfg.sweep) | set(nfes)):
         runs.append(_pipeline_run(pl, "flowmatch-euler", "FlowMatchEuler (FLUX.1 config)", n, _euler_scheduler, n,
@@ -276,8 +276,8 @@ def _train(pl: _Pipeline, em, nfes, cfg: PipelineSettings, seed: int, cache_dir,
         meta = {"model": em.name, "model_weights_sha256": em.card["weights"]["sha256"], "demo_seed": seed,
                 "pipeline": "FluxPipeline", "height": fm.HEIGHT, "width": fm.WIDTH}
         solver.save(out / "solvers" / solver_file_name(solver), metadata=meta)
-        BespokeScheduler.from_solver(solver, trained_mu=pl.velocity.mu, trained_seq_len=fm.LATENT_SHAPE[0],
-                                     model_tag=em.card["weights"]["sha256"]).save_pretrained(
+        BespokeScheduler.from_solver(solver, model_tag=em.card["weights"]["sha256"],
+                                     **pl.velocity.scheduler_settings).save_pretrained(
             out / "schedulers" / f"bespoke-nfe{n}")
         solvers.append(solver)
     return solvers

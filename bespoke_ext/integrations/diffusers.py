@@ -17,7 +17,8 @@ diffusers' Heun scheduler). The config is JSON data only (the solver file's conf
 metadata), so ``save_pretrained`` / ``from_pretrained`` never unpickle anything. A learned time grid
 absorbs the resolution shift it was trained at, so ``mu`` / ``sigmas`` from a pipeline are not applied;
 ``trained_mu`` records the pipeline's mu at training time and a different mu warns (raises if
-``strict``).
+``strict``). ``from_solver(solver, **pipeline_velocity(...).scheduler_settings)`` records it with the shift
+settings it came from, which Flux pipelines read back from this scheduler's config.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from ..integers import as_int
 from ..solvers import BespokeSolver, NonStationarySolver, read_solver_file, write_solver_file
-from .pipelines import pipeline_velocity
+from .pipelines import FLUX_SHIFT_DEFAULTS, pipeline_velocity
 from .stepping import ProgramStepper, state_dtype
 
 __all__ = ["BespokeScheduler", "pipeline_velocity"]
@@ -86,7 +87,14 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
                  solver_info: Optional[dict] = None, num_train_timesteps: int = 1000, use_flow_sigmas: bool = True,
                  use_dynamic_shifting: bool = False, trained_mu: Optional[float] = None,
                  trained_shift: Optional[float] = None, trained_seq_len: Optional[int] = None,
-                 guidance_scale: Optional[float] = None, model_tag: Optional[str] = None, strict: bool = False):
+                 guidance_scale: Optional[float] = None, model_tag: Optional[str] = None, strict: bool = False,
+                 base_image_seq_len: int = FLUX_SHIFT_DEFAULTS["base_image_seq_len"],
+                 max_image_seq_len: int = FLUX_SHIFT_DEFAULTS["max_image_seq_len"],
+                 base_shift: float = FLUX_SHIFT_DEFAULTS["base_shift"],
+                 max_shift: float = FLUX_SHIFT_DEFAULTS["max_shift"]):
+        # base_/max_image_seq_len, base_/max_shift are not used here: FluxPipeline reads them from its
+        # scheduler's config to compute the mu it passes to set_timesteps, so they must be those trained_mu
+        # was computed from (``pipeline_velocity(...).scheduler_settings`` has them), or mu would differ
         if solver_tensors is None:
             if solver_kind == BespokeSolver.KIND:
                 solver = BespokeSolver(steps, solver_order)
@@ -123,7 +131,8 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
     def from_solver(cls, solver, **config) -> "BespokeScheduler":
         """A scheduler for ``solver`` (BespokeSolver of order 1 or 2, NonStationarySolver). ``config``:
         the other settings (trained_mu, trained_shift, trained_seq_len, guidance_scale, model_tag,
-        strict, num_train_timesteps, ...); model_tag defaults to the solver's metadata's."""
+        strict, num_train_timesteps, Flux's shift settings, ...: for a pipeline,
+        ``**pipeline_velocity(...).scheduler_settings``); model_tag defaults to the solver's metadata's."""
         record = solver_record(solver)
         clash = set(record) & set(config) | ({"steps", "solver_order"} & set(config))
         if clash:

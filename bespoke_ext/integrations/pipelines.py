@@ -27,7 +27,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["pipeline_velocity", "FluxVelocity", "SD3Velocity"]
+__all__ = ["pipeline_velocity", "FluxVelocity", "SD3Velocity", "FLUX_SHIFT_DEFAULTS"]
+
+# The scheduler settings FluxPipeline computes its resolution shift mu from, with the defaults it uses
+# when a scheduler's config lacks them (calculate_shift(image_seq_len, base_seq_len, max_seq_len,
+# base_shift, max_shift): mu linear in the sequence length between the two anchors).
+FLUX_SHIFT_DEFAULTS = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
 
 
 def _call_default(pipe, name: str, fallback):
@@ -77,7 +82,7 @@ class FluxVelocity(nn.Module):
     """FluxPipeline's transformer call (pipeline_flux.py's denoising loop) as a velocity field."""
 
     def __init__(self, transformer, image_ids: Tensor, latent_shape: tuple, guidance_scale: float,
-                 true_cfg_scale: float = 1.0, mu: Optional[float] = None):
+                 true_cfg_scale: float = 1.0, mu: Optional[float] = None, shift_settings: Optional[dict] = None):
         super().__init__()
         self.transformer = transformer
         self.register_buffer("image_ids", image_ids, persistent=False)
@@ -85,6 +90,15 @@ class FluxVelocity(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.true_cfg_scale = float(true_cfg_scale)
         self.mu = mu  # the pipeline's dynamic shift at this resolution (for BespokeScheduler's trained_mu)
+        self.shift_settings = dict(shift_settings or {})   # the scheduler settings mu was computed from
+
+    @property
+    def scheduler_settings(self) -> dict:
+        """BespokeScheduler.from_solver's settings for a solver trained on this field: the trained mu, its
+        sequence length and guidance, and the shift settings FluxPipeline computes a run's mu from (read
+        from the scheduler's config, so a BespokeScheduler must carry the ones this mu came from)."""
+        return dict(trained_mu=self.mu, trained_seq_len=int(self.latent_shape[0]), guidance_scale=self.guidance_scale,
+                    **self.shift_settings)
 
     def _forward(self, x: Tensor, timestep: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
         tr = self.transformer
@@ -119,6 +133,12 @@ class SD3Velocity(nn.Module):
         self.transformer = transformer
         self.latent_shape = tuple(latent_shape)
         self.guidance_scale = float(guidance_scale)
+
+    @property
+    def scheduler_settings(self) -> dict:
+        """BespokeScheduler.from_solver's settings for a solver trained on this field (SD3's shift is fixed:
+        no mu to record)."""
+        return dict(guidance_scale=self.guidance_scale)
 
     def forward(self, x: Tensor, t: Tensor, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor,
                 negative_prompt_embeds: Optional[Tensor] = None,
@@ -164,9 +184,11 @@ def pipeline_velocity(pipe, *, height: int, width: int, guidance_scale: Optional
         ids = pipe._prepare_latent_image_ids(1, lh // 2, lw // 2, torch.device("cpu"), torch.float32)
         seq_len = (lh // 2) * (lw // 2)
         cfg = pipe.scheduler.config if getattr(pipe, "scheduler", None) is not None else {}
-        mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        return FluxVelocity(transformer, ids, (seq_len, channels * 4), g, true_cfg_scale, mu=float(mu))
+        shift = {k: cfg.get(k, default) for k, default in FLUX_SHIFT_DEFAULTS.items()}   # as FluxPipeline reads them
+        mu = calculate_shift(seq_len, shift["base_image_seq_len"], shift["max_image_seq_len"], shift["base_shift"],
+                             shift["max_shift"])
+        return FluxVelocity(transformer, ids, (seq_len, channels * 4), g, true_cfg_scale, mu=float(mu),
+                            shift_settings=shift)
     if isinstance(transformer, SD3Transformer2DModel):
         g = _call_default(pipe, "guidance_scale", 7.0) if guidance_scale is None else guidance_scale
         shape = (transformer.config.in_channels, int(height) // vsf, int(width) // vsf)
