@@ -83,8 +83,9 @@ class TrainOptions:
         val_size: held-out noise samples whose ground truth x(1) is solved once.
         val_every: iterations between validations (also the first and last iteration).
     Execution
-        device: where the model runs (default: the device of the model's weights; the CPU for a callable that
-            is not a torch.nn.Module: pass device= for one that computes elsewhere, the model probe says so).
+        device: where the model runs (default: the device of the model's weights, for a plain function those
+            of the network it calls (models.identity.reachable_state); the CPU for a callable that reaches none: pass
+            device= for one that computes elsewhere, the model probe says so).
         dtype: the precision of ground truth and solver states, torch.float32 or torch.float64 (default: the
             model's own when it is one of those, else float32). A bfloat16 / float16 model is called in its
             own dtype (x cast to it for the call, the velocity cast back to the state's dtype), so ground
