@@ -22,11 +22,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from .extension import _C  # noqa: F401  (checks the torch it was built against, then loads the library, which registers the ops)
 
-__all__ = ["rk_update", "rk_update_out", "rk_residual"]
+__all__ = ["rk_update", "rk_update_out", "rk_residual", "MAX_TERMS"]
+
+MAX_TERMS = 128  # the most terms one call combines: kMaxTerms of csrc/rk_common.h (tests hold the two equal)
 
 _ops = torch.ops.bespoke_ext
 # the overloads looked up once: a sampling loop calls these every step
@@ -39,9 +42,20 @@ def _as_list(terms: Sequence[Tensor]) -> list:
     return terms if type(terms) is list else list(terms)
 
 
+def _refuse_forward_ad(op: str, tensors) -> None:
+    # torch's custom-op autograd has no forward mode: a dual input would come out with a zero tangent
+    if _fwad._current_level >= 0 and any(_fwad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(f"{op}: forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not "
+                           f"supported by the fused ops (the tangent would be lost); reverse mode (backward, "
+                           f"torch.autograd.grad, double backward) is")
+
+
 def rk_update(terms: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     """sum_j coeffs[..., j] * terms[j]; coeffs [k] or [N, k]. Differentiable in terms and coeffs."""
-    return _rk_update(_as_list(terms), coeffs)
+    terms = _as_list(terms)
+    if _fwad._current_level >= 0:
+        _refuse_forward_ad("rk_update", [*terms, coeffs])
+    return _rk_update(terms, coeffs)
 
 
 def rk_update_out(terms: Sequence[Tensor], coeffs: Tensor, out: Tensor) -> Tensor:
@@ -50,6 +64,8 @@ def rk_update_out(terms: Sequence[Tensor], coeffs: Tensor, out: Tensor) -> Tenso
     ``out`` may be one of ``terms`` itself (each output element depends only on the same
     element of every term), which gives in-place updates such as x <- a x + b u. An ``out``
     that overlaps a term in any other way (a shifted or transposed view of it) is refused.
+    As for torch's own ``out=`` ops, inputs that require grad are refused while grad mode is on,
+    and ``out``'s version is bumped (a backward that saved it fails instead of reading the new values).
     """
     _rk_update_out(_as_list(terms), coeffs, out)
     return out
@@ -57,17 +73,37 @@ def rk_update_out(terms: Sequence[Tensor], coeffs: Tensor, out: Tensor) -> Tenso
 
 def rk_residual(terms: Sequence[Tensor], coeffs: Tensor, target: Tensor) -> Tensor:
     """Per-sample RMS of (rk_update(terms, coeffs) - target), shape [N], without forming it."""
-    return _rk_residual(_as_list(terms), coeffs, target)
+    terms = _as_list(terms)
+    if _fwad._current_level >= 0:
+        _refuse_forward_ad("rk_residual", [*terms, coeffs, target])
+    return _rk_residual(terms, coeffs, target)
 
 
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: the same sizes, strides and dtypes as the real kernels (outputs contiguous).
 
 
-def _check_fake(terms: Sequence[Tensor], coeffs: Tensor) -> None:
-    # Real kernels check everything; fake kernels check what decides output shapes.
+def _check_fake(terms: Sequence[Tensor], coeffs: Tensor, *others: Tensor) -> None:
+    # The real kernels' checks (csrc/rk_common.h, check_rk_args), so that meta tensors and traced graphs
+    # refuse what eager calls refuse; ``others``: target / out, shaped like the terms.
     torch._check(len(terms) >= 1, lambda: "rk ops: `terms` must hold at least one tensor")
+    t0, k = terms[0], len(terms)
+    torch._check(k <= MAX_TERMS, lambda: f"rk ops: at most {MAX_TERMS} terms, got {k}")
+    torch._check(t0.is_floating_point(), lambda: f"rk ops: terms must be floating point, got {t0.dtype}")
+    for j, t in enumerate([*terms[1:], *others]):
+        name = f"terms[{j + 1}]" if j < k - 1 else "target / out"
+        torch._check(t.shape == t0.shape and t.dtype == t0.dtype and t.device == t0.device,
+                     lambda: f"rk ops: {name} must match terms[0] ({tuple(t0.shape)} {t0.dtype} on {t0.device}), "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    torch._check(coeffs.device == t0.device and coeffs.dtype in (torch.float32, torch.float64),
+                 lambda: f"rk ops: `coeffs` must be float32 or float64 on the terms' device {t0.device}, "
+                         f"got {coeffs.dtype} on {coeffs.device}")
     torch._check(coeffs.dim() in (1, 2), lambda: f"rk ops: `coeffs` must be [k] or [N, k], got {tuple(coeffs.shape)}")
+    torch._check(coeffs.shape[-1] == k, lambda: f"rk ops: `coeffs` must have k = {k} columns, got {tuple(coeffs.shape)}")
+    if coeffs.dim() == 2:
+        torch._check(t0.dim() >= 1 and coeffs.shape[0] == t0.shape[0],
+                     lambda: f"rk ops: per-sample `coeffs` [N, k] need N = the terms' leading size, got "
+                             f"{tuple(coeffs.shape)} for terms {tuple(t0.shape)}")
 
 
 @torch.library.register_fake("bespoke_ext::rk_update")
@@ -78,13 +114,13 @@ def _rk_update_fake(terms, coeffs):
 
 @torch.library.register_fake("bespoke_ext::rk_update_out")
 def _rk_update_out_fake(terms, coeffs, out):
-    _check_fake(terms, coeffs)
+    _check_fake(terms, coeffs, out)
     return None
 
 
 @torch.library.register_fake("bespoke_ext::rk_residual")
 def _rk_residual_fake(terms, coeffs, target):
-    _check_fake(terms, coeffs)
+    _check_fake(terms, coeffs, target)
     torch._check(terms[0].dim() >= 1, lambda: "rk_residual: terms need a leading sample dimension")
     return terms[0].new_empty((terms[0].shape[0],))
 
@@ -124,11 +160,40 @@ def _term_grads(gterms, k: int, need: bool):
     return list(gterms) if need else [None] * k
 
 
+# Under create_graph (grad mode on in backward) the gradients must themselves be differentiable: they
+# are then formed by eager torch ops from the same formulas (the fused backward ops have no autograd),
+# so double backward, Hessian-vector products and gradient penalties work, at eager speed.
+
+
+def _column(coeffs: Tensor, j: int, like: Tensor, math: torch.dtype) -> Tensor:
+    """coeffs[..., j] broadcastable against a term: a scalar when shared, [N, 1, ...] per sample."""
+    c = coeffs[..., j].to(math)
+    return c if coeffs.dim() == 1 else c.reshape(c.shape + (1,) * (like.dim() - 1))
+
+
+def _per_sample_sum(v: Tensor, per_sample: bool) -> Tensor:
+    return v.reshape(v.shape[0], -1).sum(1) if per_sample else v.sum()
+
+
+def _eager_update_grads(g: Tensor, terms, coeffs: Tensor, need_terms: bool, need_coeffs: bool):
+    """dL/dT_j = c_j g and dL/dc_j = sum g T_j (per sample for [N, k] coeffs), in the math type."""
+    math = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
+    g = g.to(math)
+    gterms = [(_column(coeffs, j, g, math) * g).to(t.dtype) for j, t in enumerate(terms)] if need_terms else []
+    gcoeffs = None
+    if need_coeffs:
+        gcoeffs = torch.stack([_per_sample_sum(g * t.to(math), coeffs.dim() == 2) for t in terms], -1).to(coeffs.dtype)
+    return gterms, gcoeffs
+
+
 def _update_backward(ctx, grad):
     saved = ctx.saved_tensors
     terms, coeffs = list(saved[: ctx.k]), saved[ctx.k]
     need_terms, need_coeffs = _needs(ctx.needs_input_grad[0]), _needs(ctx.needs_input_grad[1])
-    gterms, gcoeffs = _ops.rk_update_backward.default(grad.contiguous(), terms, coeffs, need_terms, need_coeffs)
+    if torch.is_grad_enabled():
+        gterms, gcoeffs = _eager_update_grads(grad, terms, coeffs, need_terms, need_coeffs)
+    else:
+        gterms, gcoeffs = _ops.rk_update_backward.default(grad.contiguous(), terms, coeffs, need_terms, need_coeffs)
     return _term_grads(gterms, ctx.k, need_terms), (gcoeffs if need_coeffs else None)
 
 
@@ -143,9 +208,22 @@ def _residual_backward(ctx, grad):
     k = ctx.k
     terms, coeffs, target, rms = list(saved[:k]), saved[k], saved[k + 1], saved[k + 2]
     need_terms, need_coeffs, need_target = (_needs(f) for f in ctx.needs_input_grad)
-    gterms, gcoeffs, gtarget = _ops.rk_residual_backward.default(
-        grad.contiguous(), rms, terms, coeffs, target, need_terms, need_coeffs, need_target
-    )
+    if torch.is_grad_enabled():
+        # rms = sqrt(mean_i r_i^2), r = sum_j c_j T_j - y: d rms / d r_i = r_i / (M rms), 0 where rms = 0
+        math = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
+        r = sum(_column(coeffs, j, t, math) * t.to(math) for j, t in enumerate(terms)) - target.to(math)
+        m = r[0].numel() if r.dim() else 1
+        scale = torch.where(rms > 0, grad.to(math) / (m * rms.to(math)), torch.zeros((), dtype=math))
+        gr = scale.reshape(scale.shape + (1,) * (r.dim() - 1)) * r
+        gterms, gcoeffs = _eager_update_grads(gr, terms, coeffs.unsqueeze(0).expand(r.shape[0], -1)
+                                              if coeffs.dim() == 1 else coeffs, need_terms, need_coeffs)
+        if gcoeffs is not None and coeffs.dim() == 1:
+            gcoeffs = gcoeffs.sum(0)
+        gtarget = (-gr).to(target.dtype) if need_target else None
+    else:
+        gterms, gcoeffs, gtarget = _ops.rk_residual_backward.default(
+            grad.contiguous(), rms, terms, coeffs, target, need_terms, need_coeffs, need_target
+        )
     return (_term_grads(gterms, k, need_terms), (gcoeffs if need_coeffs else None),
             (gtarget if need_target else None))
 

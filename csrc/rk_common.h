@@ -152,9 +152,22 @@ inline at::Tensor coeffs_for_math(const at::Tensor& coeffs, const RkProblem& p) 
   return coeffs.to(acc).contiguous();
 }
 
+// The terms `out` may be, to be updated in place: the CPU kernel combines terms in groups of four or
+// more, reading a group's terms at element i before it writes the partial sum there, so a term of the
+// first group is read before `out` changes and a later one would be read after. (A CUDA thread reads
+// every term of its element before writing it.) Any other term is combined in a buffer first.
+constexpr size_t kInPlaceTerms = 4;
+
+inline bool is_late_term(const at::Tensor& out, const std::vector<at::Tensor>& terms) {
+  for (size_t j = kInPlaceTerms; j < terms.size(); ++j) {
+    if (at::get_overlap_status(out, terms[j]) == at::MemOverlapStatus::Full) return true;
+  }
+  return false;
+}
+
 // Host logic of rk_update_out on every device: checks, then
 // update_into(problem, contiguous terms, math-type coeffs, contiguous destination), writing
-// straight into `out` or, when it is strided, into a buffer then copied into it.
+// straight into `out` or, when it is strided or one of the later terms, into a buffer then copied into it.
 template <typename UpdateInto>
 void update_out(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor& out,
                 const UpdateInto& update_into) {
@@ -164,8 +177,12 @@ void update_out(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor
   check_out_overlap(op, out, terms);
   if (out.numel() == 0) return;
   const auto ts = contiguous_terms(terms);
-  const at::Tensor c = coeffs_for_math(coeffs, p);
-  if (out.is_contiguous()) {
+  // `out` may also hold the coefficients (a caller's buffer reused): they are read per tile, after
+  // earlier tiles were written, so they are copied first
+  const at::Tensor c = at::get_overlap_status(out, coeffs) == at::MemOverlapStatus::No
+                           ? coeffs_for_math(coeffs, p)
+                           : coeffs_for_math(coeffs, p).clone();
+  if (out.is_contiguous() && !is_late_term(out, ts)) {
     update_into(p, ts, c, out);
   } else {
     const at::Tensor dst = at::empty(out.sizes(), out.options());

@@ -38,7 +38,6 @@ loss as an option; the bound loss is for scale-time solvers).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import List, Optional, Tuple, Union
@@ -58,35 +57,16 @@ __all__ = ["NonStationarySolver", "NonStationaryTables", "max_terms", "convert_p
 BASES = ("euler", "midpoint")
 _RAW = ("time_logits", "a_delta", "b_delta")
 _BASE = ("base_times", "base_a", "base_b")
-_PROBE_CAP = 1 << 12
 
 
 # -- the fused op's term limit -------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
 def max_terms() -> int:
-    """The most terms one fused combination takes: ``bespoke_ext.ops.MAX_TERMS`` (or ``ops.max_terms()``)
-    when the ops module states it, else found once by bisecting on the compiled op with tiny CPU
-    tensors (the limit is kMaxTerms of csrc/rk_common.h, shared by the CPU and CUDA kernels)."""
+    """The most terms one fused combination takes: ``bespoke_ext.ops.MAX_TERMS`` (kMaxTerms of
+    csrc/rk_common.h, shared by the CPU and CUDA kernels)."""
     from .. import ops
 
-    stated = getattr(ops, "MAX_TERMS", None)
-    if stated is None and callable(getattr(ops, "max_terms", None)):
-        stated = ops.max_terms()
-    if stated is not None:
-        return int(stated)
-    def fits(k: int) -> bool:
-        try:
-            torch.ops.bespoke_ext.rk_update_out.default([torch.zeros(1)] * k, torch.zeros(k), torch.empty(1))
-            return True
-        except RuntimeError:
-            return False
-
-    lo, hi = 1, _PROBE_CAP + 1  # invariant: fits(lo), not fits(hi) (or hi past the cap)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return ops.MAX_TERMS
 
 
 _op_limit = max_terms  # for program(), whose argument has that name
