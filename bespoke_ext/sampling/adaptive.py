@@ -29,7 +29,7 @@ from torchdiffeq import odeint
 from .executor import check_velocity
 from .stats import ForwardCounter, SampleStats
 
-__all__ = ["ADAPTIVE_METHODS", "MULTISTEP_METHODS", "TORCHDIFFEQ_METHODS", "solve_adaptive"]
+__all__ = ["ADAPTIVE_METHODS", "MULTISTEP_METHODS", "TORCHDIFFEQ_METHODS", "solve_adaptive", "odeint_explained"]
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
 # "fixed_adams" is torchdiffeq's older name of "implicit_adams" (the same solver).
@@ -66,6 +66,27 @@ class _Field:
         return v
 
 
+def odeint_explained(func, y0, time_grid: Tensor, *, method: str, atol, rtol, options: dict, x0: Tensor):
+    """torchdiffeq's odeint(func, y0, time_grid, ...) (y0 a tensor or a tuple of them), except that an empty
+    batch ``x0`` returns its constant trajectory (the step control would underflow on an empty norm) and
+    the step size's underflow (torchdiffeq's bare AssertionError) becomes a ValueError naming its usual
+    causes."""
+    if x0.numel() == 0:
+        def constant(y: Tensor) -> Tensor:
+            return y.unsqueeze(0).expand(len(time_grid), *y.shape).clone()
+        return tuple(constant(y) for y in y0) if isinstance(y0, tuple) else constant(y0)
+    try:
+        return odeint(func, y0, time_grid, method=method, atol=atol, rtol=rtol, options=options)
+    except AssertionError as exc:
+        if "underflow" not in str(exc):
+            raise
+        cause = ("x0 holds NaN or inf" if not bool(torch.isfinite(x0).all()) else
+                 "the model's velocity is probably not finite (NaN or inf) somewhere on the way, or the field is "
+                 "too stiff for these tolerances")
+        raise ValueError(f"method {method!r}: the adaptive step size underflowed to 0 (torchdiffeq: {exc}): "
+                         f"{cause}; atol={atol}, rtol={rtol}") from exc
+
+
 def solve_adaptive(model: Callable, x0: Tensor, time_grid: Tensor, *, atol: float, rtol: float,
                    extras: dict, enable_grad: bool = False, method: str = "dopri5",
                    step_size: Optional[float] = None) -> Tuple[Tensor, SampleStats]:
@@ -81,7 +102,8 @@ def solve_adaptive(model: Callable, x0: Tensor, time_grid: Tensor, *, atol: floa
     field = _Field(model, extras, method)
     options = {"step_size": step_size} if step_size is not None else {}
     with torch.set_grad_enabled(enable_grad):
-        traj = odeint(field, x0, time_grid.to(x0.device), method=method, atol=atol, rtol=rtol, options=options)
+        traj = odeint_explained(field, x0, time_grid.to(x0.device), method=method, atol=atol, rtol=rtol,
+                                options=options, x0=x0)
     steps = field.steps if method in MULTISTEP_METHODS else None
     stats = SampleStats(nfe=field.calls, network_forwards=field.calls * field.counter.per_eval,
                         steps=steps, method=method)

@@ -61,10 +61,10 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
+from .adaptive import odeint_explained
 
 from ..solvers.tableaus import TABLEAUS, canonical_method
-from ..solvers.time_grid import as_time_grid
+from ..solvers.time_grid import as_time_grid, refuse_grid_gradients
 from .executor import check_velocity
 from .sample import _check_extras, sample
 from .stats import ForwardCounter, SampleStats
@@ -207,6 +207,7 @@ def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], 
     if not torch.is_tensor(x_1) or not x_1.is_floating_point() or x_1.dim() < 2:
         raise ValueError(f"x_1 must be a floating-point tensor [batch, ...] (at least 2-D), got "
                          f"{type(x_1).__name__ if not torch.is_tensor(x_1) else f'{x_1.dtype} of shape {tuple(x_1.shape)}'}")
+    refuse_grid_gradients(time_grid, enable_grad)
     grid = as_time_grid(time_grid)
     if float(grid[0]) != 1.0 or float(grid[-1]) != 0.0:
         raise ValueError(f"time_grid must start at 1.0 and end at 0.0 (the reverse ODE from data to source); "
@@ -221,7 +222,7 @@ def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], 
         aug = AugmentedVelocity(model, shape, z=z, differentiable=enable_grad, extras=model_extras,
                                 method=name)
         with torch.set_grad_enabled(enable_grad):  # y1 carries x_1's graph only when asked
-            y1 = torch.cat([x_1.reshape(x_1.shape[0], -1), x_1.new_zeros(x_1.shape[0], 1)], dim=1)
+            y1 = torch.cat([x_1.reshape(x_1.shape[0], math.prod(shape)), x_1.new_zeros(x_1.shape[0], 1)], dim=1)
         out, stats = sample(aug, y1, method=name, step_size=step_size, nfe=nfe, time_grid=grid,
                             return_intermediates=return_intermediates, enable_grad=enable_grad,
                             return_stats=True)
@@ -241,7 +242,14 @@ def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], 
         x_0, log_det = xs_all[-1], log_dets[-1]
         xs = xs_all if return_intermediates else x_0
 
-    log_likelihood = log_p0(x_0) + log_det
+    log_p = log_p0(x_0)
+    # one value per sample: [B] (or [B, 1], a 0-dim value for one sample); a sum over the batch would be
+    # added to every sample, and [B, 1] + [B] would broadcast to [B, B]
+    if not torch.is_tensor(log_p) or log_p.numel() != x_1.shape[0] or (log_p.dim() and log_p.shape[0] != x_1.shape[0]):
+        got = tuple(log_p.shape) if torch.is_tensor(log_p) else type(log_p).__name__
+        raise ValueError(f"log_p0(x_0) must return one log-density per sample, shape [B] = [{x_1.shape[0]}], got "
+                         f"{got} (a sum over the batch?)")
+    log_likelihood = log_p.reshape(x_1.shape[0]) + log_det
     result = (xs, log_likelihood)
     return (*result, stats) if return_stats else result
 
@@ -293,7 +301,7 @@ def _solve_torchdiffeq(model: Callable, x_1: Tensor, z: Optional[Tensor], grid: 
     y_init = (x_1, x_1.new_zeros(x_1.shape[0]))
     options = {"step_size": step_size} if step_size is not None else {}
     with torch.set_grad_enabled(enable_grad):
-        xs, log_dets = odeint(dynamics, y_init, grid.to(x_1.device), method=method, options=options,
-                              atol=atol, rtol=rtol)
+        xs, log_dets = odeint_explained(dynamics, y_init, grid.to(x_1.device), method=method, options=options,
+                                        atol=atol, rtol=rtol, x0=x_1)
     stats = SampleStats(nfe=calls, network_forwards=calls * counter.per_eval, steps=None, method=method)
     return xs, log_dets, stats

@@ -14,11 +14,13 @@ from .adaptive import ADAPTIVE_METHODS, TORCHDIFFEQ_METHODS, solve_adaptive
 from ..solvers.dpm_solver import DPM_METHOD, dpm_solver_program
 from ..solvers.tableaus import TABLEAUS, canonical_method, fixed_step_program
 from ..solvers.time_grid import (
-    DEFAULT_TIME_GRID, as_time_grid, check_step_size, record_plan, step_size_grid, steps_for_nfe, uniform_grid,
+    DEFAULT_TIME_GRID, as_time_grid, check_step_size, record_plan, refuse_grid_gradients, step_size_grid,
+    steps_for_nfe, uniform_grid,
 )
 from .cuda_graph import execute_graphed
 from .executor import StateDtype, execute
 from ..groundtruth.inputs import first_tensor, model_call_dtype
+from ..integers import as_int
 from ..program import Program
 
 __all__ = ["sample", "METHODS", "DEFAULT_METHOD", "SOLVER_LIKE_EXTRAS"]
@@ -98,6 +100,7 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
         model = _cast_outputs(model, low)
     if cuda_graph and enable_grad:
         raise ValueError("cuda_graph=True replays an inference-only run; it cannot be combined with enable_grad=True")
+    refuse_grid_gradients(time_grid, enable_grad)
     if solver is not None:
         program = _solver_program(solver, x0, method=method, nfe=nfe, step_size=step_size,
                                   time_grid=time_grid, intermediates=return_intermediates,
@@ -244,10 +247,26 @@ def _fixed_program(name: str, time_grid, *, nfe, step_size, intermediates: bool)
         key = (name, tuple(grid.tolist()), grid.dtype, nfe, type(nfe), step_size, type(step_size), intermediates)
     try:
         hash(key)
+        memo = _steps_at_most(key[1], nfe, step_size, _MEMO_STEPS)
     except TypeError:  # e.g. a tensor step_size: derive without the memo
+        memo = False
+    if not memo:   # long programs are not kept: a step-size sweep would hold every one of them
         return _derive_fixed_program(name, torch.tensor(key[1], dtype=key[2]), nfe=nfe, step_size=step_size,
-                                     intermediates=intermediates)
+                                     intermediates=intermediates, memo=False)
     return _memo_fixed_program(key)
+
+
+_MEMO_STEPS = 4096  # programs of more steps are built for each call (their build costs little next to their run)
+
+
+def _steps_at_most(grid: Tuple[float, ...], nfe, step_size, bound: int) -> bool:
+    """Whether the program will have at most ``bound`` steps (an upper estimate, before building it)."""
+    if step_size is not None:
+        step = check_step_size(step_size)
+        return abs(grid[-1] - grid[0]) / step + 1 <= bound
+    if nfe is not None:
+        return as_int(nfe) is not None and as_int(nfe) <= bound
+    return len(grid) - 1 <= bound
 
 
 @functools.lru_cache(maxsize=256)
@@ -257,7 +276,7 @@ def _memo_fixed_program(key) -> Program:
                                  intermediates=intermediates)
 
 
-def _derive_fixed_program(name: str, grid: Tensor, *, nfe, step_size, intermediates: bool) -> Program:
+def _derive_fixed_program(name: str, grid: Tensor, *, nfe, step_size, intermediates: bool, memo: bool = True) -> Program:
     step = check_step_size(step_size)
     if nfe is not None and step is not None:
         raise ValueError(f"give nfe or step_size, not both (got nfe={nfe!r}, step_size={step_size!r})")
@@ -273,8 +292,8 @@ def _derive_fixed_program(name: str, grid: Tensor, *, nfe, step_size, intermedia
         raise ValueError(f"method {DPM_METHOD!r} integrates from noise to data: time_grid must increase "
                          f"inside [0, 1], got {grid.tolist()}")
     plan = record_plan(steps_grid, grid) if intermediates else None
-    return _cached_program(name, tuple(steps_grid.tolist()),
-                           None if plan is None else tuple(tuple(step) for step in plan))
+    build = _cached_program if memo else _cached_program.__wrapped__
+    return build(name, tuple(steps_grid.tolist()), None if plan is None else tuple(tuple(step) for step in plan))
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,6 +30,15 @@ DEFAULT_TIME_GRID = (0.0, 1.0)
 RecordPlan = List[List[Tuple[float, float]]]
 
 
+def refuse_grid_gradients(time_grid, enable_grad: bool) -> None:
+    """With enable_grad, a time_grid that requires grad is refused: the grid only places the steps (it is
+    read as numbers), so gradients with respect to it would silently be missing."""
+    if enable_grad and torch.is_tensor(time_grid) and time_grid.requires_grad:
+        raise ValueError("time_grid requires grad, but gradients with respect to the times are not computed (the "
+                         "grid places the steps); pass time_grid.detach(), or learn the times with a solver "
+                         "(bespoke_ext.train)")
+
+
 def as_time_grid(time_grid, name: str = "time_grid") -> Tensor:
     """``time_grid`` as a 1-D float CPU tensor of at least 2 finite, strictly monotone points."""
     if time_grid is None:
@@ -64,6 +73,9 @@ def step_size_grid(time_grid: Tensor, step_size: float) -> Tensor:
     t = t * sign
     start, end = t[0], t[-1]
     niters = int(torch.ceil((end - start) / step_size + 1).item())
+    if niters - 1 > MAX_FIXED_STEPS:
+        raise ValueError(f"step_size={step_size!r} makes {niters - 1} steps over [{float(t[0] * sign)}, "
+                         f"{float(t[-1] * sign)}]; at most {MAX_FIXED_STEPS} (a larger step_size, or nfe)")
     grid = torch.arange(0, niters, dtype=t.dtype) * step_size + start
     grid[-1] = end
     # torchdiffeq can place the second-to-last point on or past the end when (end - start) /
@@ -110,6 +122,8 @@ def steps_for_nfe(nfe, evals_per_step: int, method: str) -> int:
     value = as_int(nfe)
     if value is None or value < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    if value > MAX_FIXED_STEPS * evals_per_step:
+        raise ValueError(f"nfe={value} makes more than {MAX_FIXED_STEPS} steps of method {method!r}")
     nfe = value
     if nfe % evals_per_step:
         below = nfe - nfe % evals_per_step
@@ -121,9 +135,17 @@ def steps_for_nfe(nfe, evals_per_step: int, method: str) -> int:
     return nfe // evals_per_step
 
 
+# The most steps a fixed-step program takes: each is a few Python instructions and tensors, so a
+# step_size of 1e-9 would fill memory while the program is built, before the first model call.
+MAX_FIXED_STEPS = 1_000_000
+
+
 def check_step_size(step_size) -> Optional[float]:
     if step_size is None:
         return None
+    # a number (a 0-dim tensor too), not a string or a bool (True would be one step of 1.0)
+    if isinstance(step_size, (bool, str, bytes)) or (torch.is_tensor(step_size) and step_size.numel() != 1):
+        raise ValueError(f"step_size must be a positive number, got {step_size!r}")
     try:
         value = float(step_size)
     except (TypeError, ValueError) as exc:

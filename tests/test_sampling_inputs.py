@@ -1,0 +1,100 @@
+"""What sample() and compute_likelihood() refuse or handle at the edges: gradients to the time grid,
+step sizes that are not numbers or make too many steps, long programs kept out of the memo, empty
+batches and non-finite fields in the adaptive methods, log_p0's shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bespoke_ext as bx
+import bespoke_ext.sampling.sample  # noqa: F401  (the module, not the function the package exports)
+import sys
+
+from bespoke_ext.solvers.time_grid import MAX_FIXED_STEPS
+
+
+def field(x, t):
+    return -x + torch.sin(t)
+
+
+def log_p0(z):
+    return -0.5 * z.pow(2).flatten(1).sum(1)
+
+
+def test_time_grid_gradients_are_refused_not_dropped():
+    grid = torch.tensor([0.0, 0.4, 1.0], requires_grad=True)
+    x0 = torch.randn(3, 2)
+    for method in ("euler", "dopri5"):
+        with pytest.raises(ValueError, match="time_grid requires grad"):
+            bx.sample(field, x0, method=method, time_grid=grid, step_size=0.1 if method == "euler" else None,
+                      enable_grad=True)
+    with pytest.raises(ValueError, match="time_grid requires grad"):
+        bx.compute_likelihood(field, x0, log_p0, time_grid=grid.flip(0).detach().requires_grad_(), step_size=0.25,
+                              enable_grad=True)
+    out = bx.sample(field, x0, method="euler", time_grid=grid, step_size=0.1)   # no gradients asked: fine
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bad", ["0.1", True, torch.tensor([0.1, 0.2])])
+def test_step_size_must_be_a_number(bad):
+    with pytest.raises(ValueError, match="step_size must be a positive number"):
+        bx.sample(field, torch.randn(2, 2), method="euler", step_size=bad)
+
+
+def test_too_many_steps_are_refused_before_building():
+    with pytest.raises(ValueError, match=f"at most {MAX_FIXED_STEPS}"):
+        bx.sample(field, torch.randn(2, 2), method="euler", step_size=1e-9)
+    with pytest.raises(ValueError, match=f"more than {MAX_FIXED_STEPS} steps"):
+        bx.sample(field, torch.randn(2, 2), method="euler", nfe=10 ** 9)
+
+
+def test_long_programs_are_not_memoised():
+    module = sys.modules["bespoke_ext.sampling.sample"]
+    memo, programs = module._memo_fixed_program, module._cached_program
+    memo.cache_clear()
+    programs.cache_clear()
+    x0 = torch.randn(2, 2)
+    bx.sample(field, x0, method="rk4", step_size=1e-4)            # 10^4 steps
+    assert memo.cache_info().currsize == 0 and programs.cache_info().currsize == 0
+    short = bx.sample(field, x0, method="rk4", step_size=0.1)
+    assert memo.cache_info().currsize == 1
+    assert torch.equal(bx.sample(field, x0, method="rk4", step_size=0.1), short)
+    assert memo.cache_info().hits == 1
+
+
+@pytest.mark.parametrize("method", ["dopri5", "euler"])
+def test_empty_batches(method):
+    x0 = torch.randn(0, 3)
+    step = None if method == "dopri5" else 0.25
+    assert bx.sample(field, x0, method=method, step_size=step).shape == (0, 3)
+    xs, ll = bx.compute_likelihood(field, x0, log_p0, method=method, step_size=step, exact_divergence=True)
+    assert xs.shape == (0, 3) and ll.shape == (0,)
+
+
+def test_adaptive_underflow_names_its_cause():
+    def nan_field(x, t):
+        return x * float("nan")
+
+    with pytest.raises(ValueError, match="underflowed.*velocity is probably not finite"):
+        bx.sample(nan_field, torch.randn(2, 3), method="dopri5")
+    x0 = torch.randn(2, 3)
+    x0[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="underflowed.*x0 holds NaN or inf"):
+        bx.sample(field, x0, method="dopri5")
+    with pytest.raises(ValueError, match="underflowed.*not finite"):
+        bx.compute_likelihood(nan_field, torch.randn(2, 3), log_p0, method="dopri5", step_size=None)
+
+
+@pytest.mark.parametrize("bad", [lambda z: -0.5 * z.pow(2).sum(), lambda z: -0.5 * z.pow(2)[:2].sum(1)],
+                         ids=["batch-sum", "too-few"])
+def test_log_p0_must_give_one_value_per_sample(bad):
+    with pytest.raises(ValueError, match=r"log_p0\(x_0\) must return one log-density per sample, shape \[B\] = \[4\]"):
+        bx.compute_likelihood(field, torch.randn(4, 3), bad, step_size=0.25)
+
+
+def test_log_p0_with_keepdim_gives_per_sample_values():
+    x1 = torch.randn(4, 3)
+    _, want = bx.compute_likelihood(field, x1, log_p0, step_size=0.25)
+    _, got = bx.compute_likelihood(field, x1, lambda z: log_p0(z)[:, None], step_size=0.25)   # [B, 1], not [B, B]
+    assert got.shape == (4,) and torch.equal(got, want)
