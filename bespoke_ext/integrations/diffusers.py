@@ -63,11 +63,18 @@ def solver_from_record(kind: str, config: dict, tensors: dict, info: Optional[di
     """The solver a :func:`solver_record` describes, checked by the solver file reader."""
     if kind not in SOLVER_KINDS:
         raise ValueError(f"unknown solver kind {kind!r}; known: {sorted(SOLVER_KINDS)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "solver.safetensors")
-        write_solver_file(path, kind=kind, config=dict(config), info=dict(info or {}),
-                          tensors={k: torch.tensor(v, dtype=torch.float64) for k, v in tensors.items()})
-        return SOLVER_KINDS[kind].load(path)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "solver.safetensors")
+            write_solver_file(path, kind=kind, config=dict(config), info=dict(info or {}),
+                              tensors={k: torch.tensor(v, dtype=torch.float64) for k, v in tensors.items()})
+            return SOLVER_KINDS[kind].load(path)
+    except (ValueError, TypeError, RuntimeError) as exc:   # the reader's message names a temporary file
+        shapes = {k: list(torch.tensor(v).shape) if isinstance(v, (list, int, float)) else type(v).__name__
+                  for k, v in tensors.items()}
+        raise ValueError(f"BespokeScheduler config (scheduler_config.json): its {kind} solver_tensors are not a "
+                         f"valid solver (shapes {shapes}, solver_config {dict(config)}): "
+                         f"{str(exc).replace(path, 'solver_tensors')}") from None
 
 
 class BespokeScheduler(SchedulerMixin, ConfigMixin):
@@ -124,6 +131,8 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._returned: Optional[torch.Tensor] = None
+        self._returned_version = 0
+        self._given_sigmas = False
         self._started = False
 
     # -- construction ----------------------------------------------------------------------------------
@@ -197,6 +206,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
             warnings.warn("BespokeScheduler: custom timesteps are ignored; the solver uses its own learned grid",
                           stacklevel=2)
         self._check_mu(mu)
+        self._given_sigmas = sigmas is not None
         self.num_inference_steps = steps
         self.timesteps = self._timesteps.to(device)
         self.sigmas = self._sigmas.to(device)
@@ -233,7 +243,9 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         if k >= self.nfe:
             raise ValueError(f"BespokeScheduler: all {self.nfe} evaluations are done; call set_timesteps again")
         dtype = state_dtype(sample.dtype)
-        mine = sample is self._returned and self._returned is not None  # else a callback edited it: take it
+        # the state returned last, unless a callback replaced it or edited it in place (its version moved):
+        # then the sample is taken as the new state
+        mine = sample is self._returned and self._returned is not None and sample._version == self._returned_version
         x = None if mine else sample.to(dtype)
         if not self._started and not self._stepper.startable(k):
             raise ValueError(f"BespokeScheduler: the solver cannot start at evaluation {k} of {self.nfe} "
@@ -242,7 +254,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         self._started = True
         self._step_index = k + 1
         prev = prev.to(model_output.dtype)
-        self._returned = prev
+        self._returned, self._returned_version = prev, prev._version
         if self._step_index == self.nfe:
             self._stepper.reset()
             self._returned = None
@@ -260,7 +272,22 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
+        """Where img2img / inpainting pipelines start (an evaluation index): refused outside the solver's
+        evaluations. A pipeline that passes ``sigmas`` counts its steps in evaluations (len(timesteps)) but
+        slices them by ``order``, so with an order-2 solver its strength s starts about (2 s - 1) of the way
+        in: warned."""
+        b = as_int(begin_index)
+        if b is None or not 0 <= b < self.nfe:
+            raise ValueError(f"BespokeScheduler: begin index {begin_index!r} is outside the solver's {self.nfe} "
+                             f"evaluations ({self.config.steps} steps of order {self.order}): the img2img strength "
+                             f"leaves no solver step to run; raise the strength")
+        if b and self.order > 1 and self._given_sigmas:
+            warnings.warn(f"BespokeScheduler: this pipeline passed sigmas, so it counts num_inference_steps as the "
+                          f"solver's {self.nfe} evaluations and starts at evaluation {b} = step {b // self.order} of "
+                          f"{self.config.steps}: with an order-{self.order} solver a strength s runs about (2 s - 1) "
+                          f"of the steps, not s. Choose the strength for that, or use an order-1 solver",
+                          stacklevel=2)
+        self._begin_index = b
 
     @property
     def state_in_first_order(self) -> bool:
@@ -290,6 +317,9 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)
         schedule_timesteps = self.timesteps.to(sample.device)
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if timestep.numel() == 0:
+            raise ValueError("BespokeScheduler.scale_noise: no timestep given (the pipeline's img2img strength left "
+                             "no solver step to run); raise the strength")
         if self.begin_index is None:
             indices = [self.index_for_timestep(t, schedule_timesteps) for t in timestep]
         elif self.step_index is not None:

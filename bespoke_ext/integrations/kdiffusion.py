@@ -11,8 +11,9 @@ and D = x - sigma * (noise - data), so with t = 1 - sigma the velocity is
 
 which is finite wherever the solvers evaluate (t < 1). The solver then runs its own program (the one
 ``bespoke_ext.sample`` runs) on u. ``sigmas`` must be the solver's grid, ``solver_sigmas(solver)``
-(1 - t_0, ..., 1 - t_{n-1}, 0), or a suffix of it (ComfyUI's SplitSigmas / denoise < 1; a BespokeSolver
-resumes at any step, a NonStationarySolver only from the start). Sigmas above 1 belong to diffusion (VE /
+(1 - t_0, ..., 1 - t_{n-1}, 0), or a suffix of it (denoise < 1, or the low-noise half of ComfyUI's
+SplitSigmas; a BespokeSolver resumes at any step, a NonStationarySolver only from the start). The
+high-noise half (a prefix, ending above 0) is refused: the solver always runs to sigma = 0. Sigmas above 1 belong to diffusion (VE /
 VP) models: an error, as is a ComfyUI model whose model_sampling is not CONST.
 
 The callback gets k-diffusion's dict {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per solver step
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from ..solvers import BespokeSolver, NonStationarySolver
 from .stepping import ProgramStepper, state_dtype
 
 __all__ = ["sample_bespoke", "solver_sigmas", "flow_velocity", "check_flow_model"]
@@ -99,9 +101,10 @@ def resume_point(solver, start: int, remedy: str) -> Tuple[ProgramStepper, int]:
 def sample_bespoke(model: Callable, x: Tensor, sigmas: Tensor, extra_args: Optional[dict] = None,
                    callback: Optional[Callable] = None, disable: Optional[bool] = None, solver=None) -> Tensor:
     """Sample with ``solver`` from x at sigmas[0] to sigmas[-1] = 0 (module docstring)."""
-    if solver is None:
-        raise TypeError("sample_bespoke needs solver=: a BespokeSolver or NonStationarySolver "
-                        "(ComfyUI: KSAMPLER(sample_bespoke, {'solver': solver}))")
+    if solver is None or not isinstance(solver, (BespokeSolver, NonStationarySolver)):
+        got = "" if solver is None else f", got {type(solver).__name__} (a file? bespoke_ext.load_solver(path))"
+        raise TypeError(f"sample_bespoke needs solver=: a BespokeSolver or NonStationarySolver "
+                        f"(ComfyUI: KSAMPLER(sample_bespoke, {{'solver': solver}})){got}")
     extra_args = {} if extra_args is None else extra_args
     check_flow_model(model)
     sig = torch.as_tensor(sigmas).detach().to(device="cpu", dtype=torch.float64)
