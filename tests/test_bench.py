@@ -483,6 +483,21 @@ def test_cli_parses_bench_options():
         build_parser().parse_args(["bench", "--only", "everything"])
 
 
+def test_cli_bench_checks_its_inputs_before_measuring(tmp_path, monkeypatch):
+    from bespoke_ext.cli import build_parser
+    from bespoke_ext.cli.bench import run_bench
+
+    monkeypatch.setattr("bespoke_ext.bench.run", lambda *a, **k: pytest.fail("measured before the checks"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_bench(build_parser().parse_args(["bench", "--report-only", "--out", str(empty)])) == 2
+    assert not (empty / "REPORT.md").exists()
+    for readme, message in ((tmp_path / "missing.md", "no such file"), (ROOT / "setup.py", "lacks the markers")):
+        with pytest.raises(ValueError, match=message):
+            run_bench(build_parser().parse_args(["bench", "--quick", "--out", str(tmp_path / "o"),
+                                                 "--readme", str(readme)]))
+
+
 def test_gpu_script_refuses_cleanly_without_a_gpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
     spec = importlib.util.spec_from_file_location("gpu_sampling", ROOT / "benchmarks" / "gpu" / "sampling.py")

@@ -10,7 +10,7 @@ from .report_format import fmt_g, fmt_ms, fmt_s, fmt_x, machine_line, md_table, 
 from .report_targets import targets
 from .results import FIXED_ORDER, Results, method_labels, rows_by_method_nfe
 
-__all__ = ["render_readme_section", "insert_readme_section", "README_BEGIN", "README_END"]
+__all__ = ["render_readme_section", "insert_readme_section", "check_readme", "README_BEGIN", "README_END"]
 
 README_BEGIN_PREFIX = "<!-- performance:begin"
 README_BEGIN = (f"{README_BEGIN_PREFIX} (generated from benchmarks/results by `bespoke-ext bench --report-only "
@@ -85,11 +85,26 @@ def insert_readme_section(readme, section: str) -> None:
     so a README still carrying an older wording of the marker is brought up to date."""
     path = Path(readme)
     text = path.read_text()
+    start, marker_end = _markers(path, text)
+    head, rest = text[:start], text[marker_end + len("-->"):]
+    _, tail = rest.split(README_END, 1)
+    path.write_text(f"{head}{README_BEGIN}\n{section.rstrip()}\n{README_END}{tail}")
+
+
+def check_readme(readme) -> None:
+    """ValueError unless ``readme`` is a readable file with the section's markers (checked before a bench
+    run, so that the run's end does not fail on it)."""
+    path = Path(readme)
+    if not path.is_file():
+        raise ValueError(f"--readme {path}: no such file")
+    _markers(path, path.read_text())
+
+
+def _markers(path: Path, text: str):
+    """(start of the begin marker, start of its closing -->), or ValueError."""
     start = text.find(README_BEGIN_PREFIX)
     marker_end = text.find("-->", start) if start >= 0 else -1
     if start < 0 or marker_end < 0 or README_END not in text[marker_end:]:
         raise ValueError(f"{path} lacks the markers; put these two lines where the performance section goes:\n"
                          f"{README_BEGIN}\n{README_END}")
-    head, rest = text[:start], text[marker_end + len("-->"):]
-    _, tail = rest.split(README_END, 1)
-    path.write_text(f"{head}{README_BEGIN}\n{section.rstrip()}\n{README_END}{tail}")
+    return start, marker_end

@@ -64,9 +64,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.readme and args.no_report:
         print("--readme needs the report: drop --no-report", file=sys.stderr)
         return 2
+    if args.readme:
+        from ..bench.readme import check_readme
+
+        check_readme(args.readme)   # before the measurements, not after them
     if args.report_only:
-        if not out.is_dir():
-            print(f"no results folder {out}: run `bespoke-ext bench` first, or name one with --out", file=sys.stderr)
+        if not out.is_dir() or not any(out.glob("*.json")):
+            print(f"no results in {out}: run `bespoke-ext bench` first, or name its folder with --out", file=sys.stderr)
             return 2
         from ..bench.report import write_report
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from ..sampling import METHODS
 from .model_spec import DTYPES, parse_shape, resolve_model
+from .paths import writable_dir, writable_file
 
 __all__ = ["add_sample_arguments", "run_sample"]
 
@@ -99,8 +100,12 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"model {args.model!r} does not say its per-sample shape: pass --shape (e.g. --shape 2)")
     device = torch.device(args.device or "cpu")
     output = Path(args.output) if args.output else None
+    # checked before sampling, so the samples are not lost at the end (the default name, in the current
+    # folder, needs the run's method and NFE)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)  # before sampling: the samples are not lost at the end
+        writable_file(output, "-o")
+    else:
+        writable_dir(Path.cwd(), "the current folder")
     x0 = torch.randn((args.num, *shape), generator=torch.Generator().manual_seed(args.seed),
                      dtype=dtype or torch.float32).to(device)
 
@@ -126,10 +131,17 @@ def run_sample(args: argparse.Namespace) -> int:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
 
+    bad = int((~torch.isfinite(samples.reshape(samples.shape[0], -1))).any(1).sum())
+    if bad:
+        raise ValueError(f"{bad} of {args.num} samples hold NaN or inf ({label}): nothing written; check the model "
+                         f"and the solver file (a solver trained for another model?)")
     output = output or Path(f"samples-{name}-{stats.method}-nfe{stats.nfe}.safetensors")
     meta = {"method": stats.method, "nfe": str(stats.nfe), "seed": str(args.seed), "model": str(args.model),
             "solver": str(args.solver or ""), "stats": json.dumps(dataclasses.asdict(stats))}
-    save_file({"samples": samples.detach().cpu().contiguous()}, str(output), metadata=meta)
+    try:
+        save_file({"samples": samples.detach().cpu().contiguous()}, str(output), metadata=meta)
+    except Exception as exc:   # safetensors' own error type: the path, not a traceback
+        raise ValueError(f"-o {output}: the samples could not be written ({exc})") from None
     print(f"{args.num} samples of shape {tuple(shape)} with {label}: NFE {stats.nfe}, "
           f"network forwards {stats.network_forwards}, {seconds:.3f} s -> {output}")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..training.options import GT_MODES, LOSSES, LR_SCHEDULES, TrainOptions
 from .model_spec import DTYPES, parse_extras, parse_shape, resolve_model
+from .paths import writable_file
 
 __all__ = ["add_train_arguments", "run_train"]
 
@@ -91,6 +92,14 @@ def run_train(args: argparse.Namespace) -> int:
     kind = "ns" if ns else f"rk{solver.order}"
     output = Path(args.output or f"bespoke-{name}-{kind}-nfe{solver.nfe}.safetensors")
     plot = Path(args.plot) if args.plot else output.with_suffix(".png")
+    if not plot.suffix:
+        plot = plot.with_suffix(".png")        # as matplotlib would write it
+    if plot.resolve() == output.resolve():     # -o NAME.png: the plot would replace the solver
+        plot = output.with_name(output.name + ".png")
+    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+    if rank == 0:   # before training, which would otherwise be lost to a bad path at the end
+        writable_file(output, "-o")
+        writable_file(plot, "--plot")
     loss = args.loss or ("log_mse" if ns else _DEFAULTS.loss)
     solver = train(model, solver, shape=shape, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
                    lr=args.lr, L_tau=args.L_tau, loss=loss, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
@@ -98,14 +107,12 @@ def run_train(args: argparse.Namespace) -> int:
                    cache_samples=args.cache_samples, val_size=args.val_size, val_every=args.val_every,
                    device=args.device, dtype=dtype, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                    model_tag=args.model_tag, model_extras=parse_extras(args.extra), progress=not args.no_progress)
-    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
     if rank != 0:
         return 0
     h = solver.history
-    output.parent.mkdir(parents=True, exist_ok=True)
     solver.save(output, metadata={"model": args.model})
-    base = solver.metadata.get("initialised_from") or getattr(solver, "base", None) or \
-        ("midpoint" if solver.order == 2 else "Euler")
+    base = f"--init {args.init}" if args.init is not None else \
+        solver.metadata.get("initialised_from") or getattr(solver, "base", None) or ("midpoint" if solver.order == 2 else "Euler")
     if not h.val_rmse:  # --iterations 0 without a fit: nothing was solved or measured
         print(f"not validated (--iterations {args.iterations}: the solver is written as it started)")
     else:
@@ -128,6 +135,7 @@ def _initial_solver(args: argparse.Namespace):
     from ..solvers import BespokeSolver, NonStationarySolver, load_solver
 
     ns = args.solver == "nonstationary"
+    _refuse_other_family(args)
     if args.init is None:
         return NonStationarySolver(_nfe(args), args.base or "euler") if ns else BespokeSolver(_steps(args), order=_order(args))
     start = load_solver(args.init)
@@ -148,8 +156,6 @@ def _check_init(args: argparse.Namespace, solver, **given) -> None:
     if args.base is not None:
         raise ValueError(f"--base sets a fresh solver's base; --init {args.init} starts from that file's solver "
                          f"({solver!r}): drop --base or --init")
-    if args.solver == "nonstationary":
-        _refuse_steps(args)
     for flag, value in given.items():
         if value is not None and value != getattr(solver, flag):
             raise ValueError(f"--{flag} {value}, but --init {args.init} holds a solver with {flag} "
@@ -162,13 +168,20 @@ def _order(args: argparse.Namespace) -> int:
 
 def _nfe(args: argparse.Namespace) -> int:
     """--nfe of a non-stationary solver (one evaluation per step: --steps would say the same, so it is refused)."""
-    _refuse_steps(args)
     return 10 if args.nfe is None else args.nfe
 
 
-def _refuse_steps(args: argparse.Namespace) -> None:
-    if args.steps is not None:
-        raise ValueError(f"--steps is for --solver bespoke; a non-stationary solver takes --nfe (got --steps {args.steps})")
+def _refuse_other_family(args: argparse.Namespace) -> None:
+    """--steps and --order belong to BespokeSolver, --base to NonStationarySolver: given to the other, they
+    were ignored."""
+    if args.solver == "nonstationary":
+        for flag in ("steps", "order"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} is for --solver bespoke; a non-stationary solver takes --nfe and --base "
+                                 f"(got --{flag} {getattr(args, flag)})")
+    elif args.base is not None:
+        raise ValueError(f"--base is for --solver nonstationary; a BespokeSolver's base is its --order (1: Euler, "
+                         f"2: midpoint) (got --base {args.base})")
 
 
 def _steps(args: argparse.Namespace) -> int:

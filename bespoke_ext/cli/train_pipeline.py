@@ -31,6 +31,7 @@ import torch
 
 from ..training.options import LOSSES, TrainOptions
 from .model_spec import check_device, import_target
+from .paths import writable_dir
 
 __all__ = ["add_train_pipeline_arguments", "run_train_pipeline", "load_pipeline", "load_embeddings",
            "PipelineTrainingError"]
@@ -58,8 +59,9 @@ def add_train_pipeline_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     parser.add_argument("--true-cfg-scale", type=float, default=1.0, help="Flux: true CFG with the negatives (default 1: off)")
     parser.add_argument("--solver", choices=("bespoke", "nonstationary"), default="bespoke")
     parser.add_argument("--nfe", type=int, default=8, help="transformer evaluations per sample (default 8)")
-    parser.add_argument("--order", type=int, choices=(1, 2), default=2, help="bespoke: 2 (midpoint base, steps = nfe/2) or 1")
-    parser.add_argument("--base", choices=("euler", "midpoint"), default="euler", help="nonstationary: the start")
+    parser.add_argument("--order", type=int, choices=(1, 2), default=None,
+                        help="bespoke: 2 (midpoint base, steps = nfe/2; the default) or 1")
+    parser.add_argument("--base", choices=("euler", "midpoint"), default=None, help="nonstationary: the start (default euler)")
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -167,11 +169,18 @@ def _solver(args):
     if args.nfe < 1:
         raise PipelineTrainingError(f"--nfe must be >= 1, got {args.nfe}")
     if args.solver == "nonstationary":
-        return NonStationarySolver(args.nfe, args.base)
-    if args.nfe % args.order:
-        raise PipelineTrainingError(f"--nfe {args.nfe} is not a multiple of --order {args.order} (a bespoke solver "
+        if args.order is not None:
+            raise PipelineTrainingError(f"--order is for --solver bespoke; a non-stationary solver takes --base "
+                                        f"(got --order {args.order})")
+        return NonStationarySolver(args.nfe, args.base or "euler")
+    if args.base is not None:
+        raise PipelineTrainingError(f"--base is for --solver nonstationary; a BespokeSolver's base is its --order "
+                                    f"(got --base {args.base})")
+    order = 2 if args.order is None else args.order
+    if args.nfe % order:
+        raise PipelineTrainingError(f"--nfe {args.nfe} is not a multiple of --order {order} (a bespoke solver "
                                     f"makes order evaluations per step)")
-    return BespokeSolver(args.nfe // args.order, order=args.order)
+    return BespokeSolver(args.nfe // order, order=order)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -191,6 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         velocity.to(check_device(args.device))
     conditions = load_embeddings(args.embeddings, velocity, dtype=velocity.transformer.dtype)
     solver = _solver(args)
+    out = writable_dir(Path(args.output), "-o")   # before training, which a bad folder would otherwise waste
     ns = args.solver == "nonstationary"
     loss = args.loss or ("log_mse" if ns else "end_to_end" if args.gradient_checkpointing else "bound")
     if args.gradient_checkpointing and loss == "bound":
@@ -202,8 +212,6 @@ def _run(args: argparse.Namespace) -> int:
                    gt_rtol=args.gt_tol, gt_atol=args.gt_tol, cache_dir=args.cache_dir, cache_samples=args.cache_samples,
                    val_size=args.val_size, val_every=args.val_every, device=args.device, checkpoint=args.checkpoint,
                    model_tag=args.model_tag, keep_best=not args.keep_last, progress=not args.no_progress)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"pipeline": args.pipeline, "height": args.height, "width": args.width, "guidance": velocity.guidance_scale}
     solver.save(out / SOLVER_FILE, metadata={k: str(v) for k, v in meta.items()})
     BespokeScheduler.from_solver(solver, **velocity.scheduler_settings).save_pretrained(out)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..integers import as_int
 from ..program import Program, ProgramBuilder
-from .files import read_solver_file, write_solver_file
+from .files import SolverFileError, read_solver_file, write_solver_file
 
 __all__ = ["BespokeSolver", "BespokeGrid", "StepCoefficients"]
 
@@ -292,18 +292,35 @@ class BespokeSolver(nn.Module):
             for name in _RAW:
                 getattr(solver, name).copy_(f.tensors[name].to(torch.float64))
         solver.metadata = dict(f.info)
+        check_samples_finitely(solver, path)
         return solver if device is None else solver.to(device)
+
+
+def check_samples_finitely(solver, path) -> None:
+    """Refuse a loaded solver whose program would not sample: finite raw values can still make coefficients
+    or times that overflow float32 (a scale of 1e300), and every sample would be NaN."""
+    with torch.no_grad():
+        program = solver.program()
+    for name in ("coeffs", "times"):
+        table = getattr(program, name).to(torch.float32)
+        if not bool(torch.isfinite(table).all()):
+            raise SolverFileError(f"{os.fspath(path)}: its values give {name} that are not finite in float32 "
+                                  f"(largest magnitude {float(getattr(program, name).abs().max()):.3g}); the "
+                                  f"solver cannot sample")
 
 
 def _map_location(map_location) -> Optional[torch.device]:
     if map_location is None:
         return None
-    if isinstance(map_location, torch.device):
-        return map_location
     if isinstance(map_location, str):
         try:
-            return torch.device(map_location)
+            map_location = torch.device(map_location)
         except RuntimeError as exc:
             raise ValueError(f"map_location {map_location!r} is not a device ({exc})") from None
+    if isinstance(map_location, torch.device):
+        if map_location.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"map_location={str(map_location)!r}, but this torch ({torch.__version__}) sees no "
+                             f"CUDA device")
+        return map_location
     raise TypeError(f"map_location must be a torch.device, a device string such as 'cuda:0', or None; "
                     f"got {type(map_location).__name__}")

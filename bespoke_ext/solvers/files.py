@@ -188,9 +188,16 @@ def write_solver_file(path: PathLike, *, kind: str, config: dict, tensors: Dict[
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write the solver file {path}: its folder {folder} does not exist")
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)   # atomic: a reader sees the old file or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _check_sizes(shapes: Shapes) -> None:
@@ -229,6 +236,8 @@ def _read(path: str, schema: SolverSchema) -> SolverFile:
     def refuse(why: str) -> SolverFileError:
         return SolverFileError(f"{path}: {why}")
 
+    if not stat.S_ISREG(os.stat(path).st_mode):   # before open: opening a FIFO would block
+        raise refuse("not a regular file")
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):

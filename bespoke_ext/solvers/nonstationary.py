@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..integers import as_int
 from ..program import Program, ProgramBuilder
-from .bespoke import _BOUND, _SOFTPLUS_ONE, _clamp, _map_location, _relative_softplus
+from .bespoke import _BOUND, _SOFTPLUS_ONE, _clamp, _map_location, _relative_softplus, check_samples_finitely
 from .files import SolverFileError, read_solver_file, write_solver_file
 from .nonstationary_conversion import NonStationaryTables, convert_program, method_program
 
@@ -308,7 +308,7 @@ class NonStationarySolver(nn.Module):
         tensors = {name: _dense(getattr(self, name).detach()) for name in (*_RAW, *_BASE)}
         config = {"nfe": self._nfe, "base": self.base, "refs": list(self.refs),
                   "time_scale": self.time_scale, "coeff_scale": self.coeff_scale}
-        write_solver_file(path, kind=self.KIND, config=config, tensors=tensors, info=info)
+        write_solver_file(path, kind=self.KIND, config=config, tensors=tensors, info=info, check_schema=True)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location=None) -> "NonStationarySolver":
@@ -353,6 +353,7 @@ class NonStationarySolver(nn.Module):
             for name in ("base_b", *_RAW):
                 getattr(solver, name).copy_(f.tensors[name].to(torch.float64))
         solver.metadata = dict(f.info)
+        check_samples_finitely(solver, path)
         return solver if device is None else solver.to(device)
 
 
