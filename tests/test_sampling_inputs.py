@@ -98,3 +98,23 @@ def test_log_p0_with_keepdim_gives_per_sample_values():
     _, want = bx.compute_likelihood(field, x1, log_p0, step_size=0.25)
     _, got = bx.compute_likelihood(field, x1, lambda z: log_p0(z)[:, None], step_size=0.25)   # [B, 1], not [B, B]
     assert got.shape == (4,) and torch.equal(got, want)
+
+
+def test_tensor_tolerances_and_low_precision_modules_in_the_likelihood():
+    x = torch.randn(4, 3)
+    want = bx.sample(field, x, method="dopri5", atol=1e-5, rtol=1e-5)
+    assert torch.equal(bx.sample(field, x, method="dopri5", atol=torch.tensor(1e-5), rtol=torch.tensor(1e-5)), want)
+    with pytest.raises(ValueError, match="atol must be a positive number"):
+        bx.sample(field, x, method="dopri5", atol=torch.tensor([1e-5, 1e-5]))
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = torch.nn.Linear(3, 3)
+
+        def forward(self, x, t):
+            return self.l(x)
+
+    m = Lin().bfloat16()   # called in bf16, the state kept in float32, as sample() does
+    xs, ll = bx.compute_likelihood(m, x, log_p0, step_size=0.25)
+    assert xs.dtype == ll.dtype == torch.float32 and torch.isfinite(ll).all()

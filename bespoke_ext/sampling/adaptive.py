@@ -20,6 +20,8 @@ run as executor programs (solvers/tableaus.py), with the same arithmetic.
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -29,7 +31,8 @@ from torchdiffeq import odeint
 from .executor import check_velocity
 from .stats import ForwardCounter, SampleStats
 
-__all__ = ["ADAPTIVE_METHODS", "MULTISTEP_METHODS", "TORCHDIFFEQ_METHODS", "solve_adaptive", "odeint_explained"]
+__all__ = ["ADAPTIVE_METHODS", "MULTISTEP_METHODS", "TORCHDIFFEQ_METHODS", "solve_adaptive", "odeint_explained",
+           "check_tolerances"]
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
 # "fixed_adams" is torchdiffeq's older name of "implicit_adams" (the same solver).
@@ -64,6 +67,16 @@ class _Field:
             self.counter.after_first_eval()
         self.calls += 1
         return v
+
+
+def check_tolerances(atol, rtol) -> None:
+    """atol and rtol must be positive finite numbers (a one-element tensor too, as torchdiffeq takes)."""
+    for label, tol in (("atol", atol), ("rtol", rtol)):
+        value = tol
+        if torch.is_tensor(tol) and tol.numel() == 1 and (tol.is_floating_point() or tol.dtype in (torch.int32, torch.int64)):
+            value = float(tol)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{label} must be a positive number, got {tol!r}")
 
 
 def odeint_explained(func, y0, time_grid: Tensor, *, method: str, atol, rtol, options: dict, x0: Tensor):

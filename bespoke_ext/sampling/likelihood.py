@@ -61,12 +61,13 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from .adaptive import odeint_explained
+from .adaptive import check_tolerances, odeint_explained
 
 from ..solvers.tableaus import TABLEAUS, canonical_method
-from ..solvers.time_grid import as_time_grid, refuse_grid_gradients
+from ..solvers.time_grid import as_time_grid, check_step_size, refuse_grid_gradients
 from .executor import check_velocity
-from .sample import _check_extras, sample
+from ..groundtruth.inputs import model_call_dtype
+from .sample import _cast_outputs, _check_extras, sample
 from .stats import ForwardCounter, SampleStats
 
 __all__ = ["compute_likelihood", "AugmentedVelocity", "divergence", "rademacher_like"]
@@ -208,6 +209,9 @@ def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], 
         raise ValueError(f"x_1 must be a floating-point tensor [batch, ...] (at least 2-D), got "
                          f"{type(x_1).__name__ if not torch.is_tensor(x_1) else f'{x_1.dtype} of shape {tuple(x_1.shape)}'}")
     refuse_grid_gradients(time_grid, enable_grad)
+    low = model_call_dtype(model)
+    if low is not None and x_1.dtype != low:   # a bf16/fp16 module: called in its own dtype, as sample() calls it
+        model = _cast_outputs(model, low)
     grid = as_time_grid(time_grid)
     if float(grid[0]) != 1.0 or float(grid[-1]) != 0.0:
         raise ValueError(f"time_grid must start at 1.0 and end at 0.0 (the reverse ODE from data to source); "
@@ -273,12 +277,9 @@ def _solve_torchdiffeq(model: Callable, x_1: Tensor, z: Optional[Tensor], grid: 
         if step_size is not None:
             raise ValueError(f"method {method!r} is adaptive: step_size applies to fixed-step methods; "
                              f"drop step_size={step_size!r}")
-        for label, tol in (("atol", atol), ("rtol", rtol)):
-            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol > 0 and math.isfinite(tol)):
-                raise ValueError(f"{label} must be a positive number, got {tol!r}")
-    elif step_size is not None and not (isinstance(step_size, (int, float)) and not isinstance(step_size, bool)
-                                        and step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
+        check_tolerances(atol, rtol)
+    else:
+        check_step_size(step_size)
     counter = ForwardCounter(model)
     calls = 0
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .adaptive import ADAPTIVE_METHODS, TORCHDIFFEQ_METHODS, solve_adaptive
+from .adaptive import ADAPTIVE_METHODS, TORCHDIFFEQ_METHODS, check_tolerances, solve_adaptive
 from ..solvers.dpm_solver import DPM_METHOD, dpm_solver_program
 from ..solvers.tableaus import TABLEAUS, canonical_method, fixed_step_program
 from ..solvers.time_grid import (
@@ -321,9 +320,7 @@ def _check_torchdiffeq_args(name: str, *, nfe, step_size, atol, rtol, cuda_graph
     if cuda_graph:
         raise ValueError(f"cuda_graph=True needs a fixed program of steps; method {name!r} ({kind}) runs "
                          f"through torchdiffeq")
-    for label, tol in (("atol", atol), ("rtol", rtol)):
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol > 0 and math.isfinite(tol)):
-            raise ValueError(f"{label} must be a positive number, got {tol!r}")
+    check_tolerances(atol, rtol)
     return step
 
 
