@@ -18,7 +18,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="NFEs to train Bespoke solvers for, each even (order 2 takes 2 per step); default 8 10")
     parser.add_argument("--out", default="bespoke-demo", help="output folder (default ./bespoke-demo)")
     parser.add_argument("--batch", type=int, default=None, help="evaluation batch size (default: the model's preset)")
-    parser.add_argument("--iterations", type=int, default=None, help="training iterations per solver (default: preset)")
+    parser.add_argument("--iterations", type=int, default=None, help="training iterations per scale-time (order 1 / 2) solver (default: preset; the "
+                                                            "non-stationary solvers keep their preset's)")
     parser.add_argument("--loss", choices=LOSSES, default=None,
                         help="Bespoke training loss: end_to_end (the default of most presets), bound (the paper's) "
                              "or log_mse (mnist_cond's preset)")

@@ -103,8 +103,8 @@ def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, guidan
     if em.conditional:
         say(f"classifier-free guidance g = {em.guidance:g}; the evaluation batch cycles through the labels "
             f"0-{em.num_classes - 1}, and the solvers are trained for the whole label pool")
-    say(f"evaluation batch {cfg.batch}, Bespoke NFEs {nfes}, {cfg.iterations} training iterations per solver "
-        f"({cfg.loss.replace('_', '-')} loss)"
+    say(f"evaluation batch {cfg.batch}, Bespoke NFEs {nfes}, {cfg.iterations} training iterations per scale-time "
+        f"solver ({cfg.loss.replace('_', '-')} loss), {cfg.ns_iterations} per non-stationary one"
         f"{' (quick run: numbers not meaningful)' if quick else ''}")
 
     g = torch.Generator().manual_seed(stream_seed(seed, "demo-evaluation"))
