@@ -19,6 +19,7 @@ ops of their own so compiled graphs see them.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -67,7 +68,10 @@ def rk_update_out(terms: Sequence[Tensor], coeffs: Tensor, out: Tensor) -> Tenso
     As for torch's own ``out=`` ops, inputs that require grad are refused while grad mode is on,
     and ``out``'s version is bumped (a backward that saved it fails instead of reading the new values).
     """
-    _rk_update_out(_as_list(terms), coeffs, out)
+    terms = _as_list(terms)
+    if _fwad._current_level >= 0:
+        _refuse_forward_ad("rk_update_out", [*terms, coeffs, out])
+    _rk_update_out(terms, coeffs, out)
     return out
 
 
@@ -165,24 +169,24 @@ def _term_grads(gterms, k: int, need: bool):
 # so double backward, Hessian-vector products and gradient penalties work, at eager speed.
 
 
-def _column(coeffs: Tensor, j: int, like: Tensor, math: torch.dtype) -> Tensor:
+def _column(coeffs: Tensor, j: int, like: Tensor, acc: torch.dtype) -> Tensor:
     """coeffs[..., j] broadcastable against a term: a scalar when shared, [N, 1, ...] per sample."""
-    c = coeffs[..., j].to(math)
+    c = coeffs[..., j].to(acc)
     return c if coeffs.dim() == 1 else c.reshape(c.shape + (1,) * (like.dim() - 1))
 
 
 def _per_sample_sum(v: Tensor, per_sample: bool) -> Tensor:
-    return v.reshape(v.shape[0], -1).sum(1) if per_sample else v.sum()
+    return v.reshape(v.shape[0], math.prod(v.shape[1:])).sum(1) if per_sample else v.sum()
 
 
 def _eager_update_grads(g: Tensor, terms, coeffs: Tensor, need_terms: bool, need_coeffs: bool):
     """dL/dT_j = c_j g and dL/dc_j = sum g T_j (per sample for [N, k] coeffs), in the math type."""
-    math = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
-    g = g.to(math)
-    gterms = [(_column(coeffs, j, g, math) * g).to(t.dtype) for j, t in enumerate(terms)] if need_terms else []
+    acc = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
+    g = g.to(acc)
+    gterms = [(_column(coeffs, j, g, acc) * g).to(t.dtype) for j, t in enumerate(terms)] if need_terms else []
     gcoeffs = None
     if need_coeffs:
-        gcoeffs = torch.stack([_per_sample_sum(g * t.to(math), coeffs.dim() == 2) for t in terms], -1).to(coeffs.dtype)
+        gcoeffs = torch.stack([_per_sample_sum(g * t.to(acc), coeffs.dim() == 2) for t in terms], -1).to(coeffs.dtype)
     return gterms, gcoeffs
 
 
@@ -210,10 +214,10 @@ def _residual_backward(ctx, grad):
     need_terms, need_coeffs, need_target = (_needs(f) for f in ctx.needs_input_grad)
     if torch.is_grad_enabled():
         # rms = sqrt(mean_i r_i^2), r = sum_j c_j T_j - y: d rms / d r_i = r_i / (M rms), 0 where rms = 0
-        math = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
-        r = sum(_column(coeffs, j, t, math) * t.to(math) for j, t in enumerate(terms)) - target.to(math)
-        m = r[0].numel() if r.dim() else 1
-        scale = torch.where(rms > 0, grad.to(math) / (m * rms.to(math)), torch.zeros((), dtype=math))
+        acc = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
+        r = sum(_column(coeffs, j, t, acc) * t.to(acc) for j, t in enumerate(terms)) - target.to(acc)
+        m = math.prod(r.shape[1:])
+        scale = torch.where(rms > 0, grad.to(acc) / (m * rms.to(acc)), torch.zeros((), dtype=acc))
         gr = scale.reshape(scale.shape + (1,) * (r.dim() - 1)) * r
         gterms, gcoeffs = _eager_update_grads(gr, terms, coeffs.unsqueeze(0).expand(r.shape[0], -1)
                                               if coeffs.dim() == 1 else coeffs, need_terms, need_coeffs)

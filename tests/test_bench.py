@@ -492,6 +492,11 @@ def test_cli_bench_checks_its_inputs_before_measuring(tmp_path, monkeypatch):
     empty.mkdir()
     assert run_bench(build_parser().parse_args(["bench", "--report-only", "--out", str(empty)])) == 2
     assert not (empty / "REPORT.md").exists()
+    tables = tmp_path / "tables"          # only a kernel table: a report can be written from it
+    tables.mkdir()
+    (tables / "ops_cpu-test.md").write_text((ROOT / "benchmarks/results/ops_cpu-amd-epyc-2c.md").read_text())
+    assert run_bench(build_parser().parse_args(["bench", "--report-only", "--out", str(tables)])) == 0
+    assert (tables / "REPORT.md").exists()
     for readme, message in ((tmp_path / "missing.md", "no such file"), (ROOT / "setup.py", "lacks the markers")):
         with pytest.raises(ValueError, match=message):
             run_bench(build_parser().parse_args(["bench", "--quick", "--out", str(tmp_path / "o"),

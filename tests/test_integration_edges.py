@@ -25,6 +25,16 @@ def test_begin_index_outside_the_evaluations_is_refused_and_order_two_with_sigma
         s.scale_noise(torch.zeros(2, 3), s.timesteps[8:], torch.zeros(2, 3))
 
 
+def test_scheduler_steps_under_inference_mode():
+    s = BespokeScheduler.from_solver(bx.BespokeSolver(3, 2))
+    s.set_timesteps(3)
+    with torch.inference_mode():   # inference tensors keep no version counter
+        x = torch.ones(1, 4)
+        for t in s.timesteps:
+            x = s.step(-x, t, x, return_dict=False)[0]
+    assert torch.isfinite(x).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_latents_edited_in_place_between_steps_are_taken(dtype):
     def run(inplace):

@@ -77,6 +77,15 @@ def test_double_backward(per_sample):
     assert torch.autograd.gradgradcheck(lambda *a: ops.rk_residual(list(a[:3]), a[3], a[4]), (*terms, c, target))
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_double_backward_of_an_empty_batch(per_sample):
+    terms = [torch.zeros(0, 3, requires_grad=True) for _ in range(2)]
+    c = _coeffs(2, 0, per_sample).requires_grad_()
+    for f in (lambda: ops.rk_update(terms, c).sum(), lambda: ops.rk_residual(terms, c, torch.zeros(0, 3)).sum()):
+        grads = torch.autograd.grad(f(), [*terms, c], create_graph=True)
+        assert [tuple(g.shape) for g in grads] == [(0, 3), (0, 3), tuple(c.shape)]
+
+
 def test_first_order_gradients_agree_with_and_without_create_graph():
     terms = [t.requires_grad_() for t in _terms(4, (6, 30))]
     c = _coeffs(4, 6, True).requires_grad_()

@@ -400,6 +400,58 @@ def test_plain_function_networks_frozen_too(tmp_path):
         assert inner.training and inner[0].training and not inner[1].training, loss
 
 
+def test_an_object_holding_its_solver_and_a_bigger_float32_net_trains_that_solver(tmp_path):
+    # train(flow.velocity, flow.solver): the bound method's object reaches the solver too, which must keep its
+    # gradients (it trained nothing), and the states follow the network (the biggest module), not the
+    # float64 solver reached first
+    class Flow:
+        def __init__(self):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                self.solver = BespokeSolver(2, 1)
+                self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+        def velocity(self, x, t):
+            assert x.dtype == torch.float32
+            t = t.expand(x.shape[0]) if t.dim() == 0 else t
+            return self.net(torch.cat([x, t[:, None]], 1))
+
+    flow = Flow()
+    before = [p.detach().clone() for p in flow.solver.parameters()]
+    out = train(flow.velocity, flow.solver, shape=(2,), iterations=5, batch_size=8, val_size=4, cache_samples=16,
+                cache_dir=str(tmp_path), progress=False, lr=1e-2)
+    assert any(not torch.equal(a, b) for a, b in zip(before, out.parameters()))
+    assert all(p.requires_grad for p in flow.solver.parameters()) and all(p.grad is None for p in flow.net.parameters())
+
+
+def test_modes_are_restored_through_each_modules_train():
+    # a module whose train() does work (loralib merges an adapter in eval() and unmerges it in train()) is
+    # left consistent: its mode restored by train(mode), not by setting .training
+    class Merging(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(3, 2)
+            self.merged = False
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.merged = not mode
+            return self
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = Merging()
+
+        def forward(self, x, t):
+            t = t.expand(x.shape[0]) if t.dim() == 0 else t
+            return self.lin(torch.cat([x, t[:, None]], 1))
+
+    net = Net().train()
+    train(net, BespokeSolver(2, 1), shape=(2,), iterations=2, batch_size=8, val_size=4, cache_samples=16,
+          gt="online", progress=False)
+    assert net.lin.training and not net.lin.merged
+
+
 def test_options_are_checked_with_clear_errors(mixture):
     m, s = mixture(), BespokeSolver(2, 1)
     with pytest.raises(TypeError, match="unknown option"):

@@ -69,7 +69,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
         check_readme(args.readme)   # before the measurements, not after them
     if args.report_only:
-        if not out.is_dir() or not any(out.glob("*.json")):
+        from ..bench.results import load_results
+
+        found = load_results(out) if out.is_dir() else None
+        if found is None or not (found.bench or found.ops_tables or found.sampling_cpu or found.training
+                                 or found.gpu_sampling or found.gpu_ops):
             print(f"no results in {out}: run `bespoke-ext bench` first, or name its folder with --out", file=sys.stderr)
             return 2
         from ..bench.report import write_report

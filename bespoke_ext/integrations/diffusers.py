@@ -77,6 +77,12 @@ def solver_from_record(kind: str, config: dict, tensors: dict, info: Optional[di
                          f"{str(exc).replace(path, 'solver_tensors')}") from None
 
 
+def _version(t: torch.Tensor) -> int:
+    """The tensor's version counter (bumped by in-place edits); inference tensors keep none (an in-place
+    edit of one, possible only inside inference_mode, cannot be seen: 0)."""
+    return 0 if t.is_inference() else t._version
+
+
 class BespokeScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler that samples with a Bespoke solver (module docstring).
 
@@ -245,7 +251,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         dtype = state_dtype(sample.dtype)
         # the state returned last, unless a callback replaced it or edited it in place (its version moved):
         # then the sample is taken as the new state
-        mine = sample is self._returned and self._returned is not None and sample._version == self._returned_version
+        mine = sample is self._returned and self._returned is not None and _version(sample) == self._returned_version
         x = None if mine else sample.to(dtype)
         if not self._started and not self._stepper.startable(k):
             raise ValueError(f"BespokeScheduler: the solver cannot start at evaluation {k} of {self.nfe} "
@@ -254,7 +260,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         self._started = True
         self._step_index = k + 1
         prev = prev.to(model_output.dtype)
-        self._returned, self._returned_version = prev, prev._version
+        self._returned, self._returned_version = prev, _version(prev)
         if self._step_index == self.nfe:
             self._stepper.reset()
             self._returned = None

@@ -165,17 +165,18 @@ def _object_parts(v) -> Tuple[str, bytes, list]:
     return f"object|{_qualname(v)}", b"", [{k: s for k, s in state.items() if not k.startswith("_") and k not in ignore}]
 
 
-def reachable_state(model) -> Tuple[list, list]:
+def reachable_state(model, exclude=None) -> Tuple[list, list]:
     """(modules, tensors): the torch modules a model callable computes with, and the plain tensors that
     require grad outside them, found along the same edges as the identity (closures, the globals a
     function reads, a partial's arguments, a bound method's object, plain objects' attributes). A plain
     function around a network (``lambda x, t: net(x, t)``) reaches ``net``: training freezes its weights
-    and takes its device as a module's."""
-    modules, tensors, seen = [], [], set()
+    and takes its device as a module's. ``exclude`` (the solver being trained, which a user's object may
+    hold next to its network) and optimizers are not followed."""
+    modules, tensors, seen = [], [], {id(exclude)} if exclude is not None else set()
 
     def walk(v, depth: int) -> None:
         if v is None or isinstance(v, (bool, int, float, str, bytes, torch.dtype, torch.device, type,
-                                       types.ModuleType)) or id(v) in seen:
+                                       types.ModuleType, torch.optim.Optimizer)) or id(v) in seen:
             return
         seen.add(id(v))
         if isinstance(v, torch.nn.Module):

@@ -15,28 +15,42 @@ from ..models.identity import reachable_state
 __all__ = ["probe_model", "model_device_dtype", "frozen"]
 
 
-def model_device_dtype(model, device=None, dtype: Optional[torch.dtype] = None):
-    """(device, state dtype): the given ones, else those of the modules the model computes with (a module,
-    a bound method's module, the network a plain function calls: ``reachable_state``); a bf16/fp16
+def model_device_dtype(model, device=None, dtype: Optional[torch.dtype] = None, exclude=None):
+    """(device, state dtype): the given ones, else those of the network the model computes with: of the
+    modules it reaches (a module, a bound method's module, what a plain function calls:
+    ``reachable_state``; ``exclude``, the solver, left out), the one with the most weights; a bf16/fp16
     model's states are float32 (it is called in its own dtype, see groundtruth/inputs.py)."""
-    modules, _ = reachable_state(model)
-    tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
-    params = [p for m in modules for p in m.parameters() if p.is_floating_point()]
+    modules, _ = reachable_state(model, exclude)
+    skip = _ids(exclude)
+
+    def weights(m):
+        return [p for p in m.parameters() if p.is_floating_point() and id(p) not in skip]
+
+    main = max(modules, key=lambda m: sum(p.numel() for p in weights(m)), default=None)
+    params = weights(main) if main is not None else []
+    tensors = params + ([b for b in main.buffers() if b.is_floating_point()] if main is not None else [])
     device = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
     own = params[0].dtype if params else torch.float32
     return device, dtype or (own if own in STATE_DTYPES else torch.float32)
 
 
+def _ids(module) -> set:
+    return {id(p) for p in module.parameters()} if isinstance(module, torch.nn.Module) else set()
+
+
 @contextmanager
-def frozen(model):
+def frozen(model, keep=None):
     """Weights frozen and eval mode while training, the caller's settings restored afterwards: those of
     every module the model reaches (``reachable_state``; a plain function's network too, whose weights
-    would otherwise collect gradients of every loss) and of plain tensors that require grad."""
-    modules, tensors = reachable_state(model)
-    leaves = {id(p): p for m in modules for p in m.parameters()}
-    leaves.update((id(t), t) for t in tensors)
+    would otherwise collect gradients of every loss) and of plain tensors that require grad; ``keep``
+    (the solver being trained, which the model's object may hold too) keeps its gradients. Modes are
+    restored with each module's own ``train(mode)``, parents first, so overrides (LoRA merges) run."""
+    modules, tensors = reachable_state(model, keep)
+    kept = _ids(keep)
+    leaves = {id(p): p for m in modules for p in m.parameters() if id(p) not in kept}
+    leaves.update((id(t), t) for t in tensors if id(t) not in kept)
     flags = [(p, p.requires_grad) for p in leaves.values()]
-    modes = [(sub, sub.training) for m in modules for sub in m.modules()]   # each one's own mode, restored as it was
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]   # parents before their children
     for p, _ in flags:
         p.requires_grad_(False)
     for m in modules:
@@ -47,7 +61,7 @@ def frozen(model):
         for p, flag in flags:
             p.requires_grad_(flag)
         for sub, mode in modes:
-            sub.training = mode
+            sub.train(mode)
 
 
 def _describe(v) -> str:

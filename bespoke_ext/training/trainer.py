@@ -122,7 +122,7 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     for attr in ("step_coefficients", "program", "times", "lipschitz", "steps", "order", "nfe"):
         if not hasattr(solver, attr):
             raise TypeError(f"solver must be a BespokeSolver (lacks .{attr}), got {type(solver).__name__}")
-    device, dtype = model_device_dtype(model, opts.device, opts.dtype)
+    device, dtype = model_device_dtype(model, opts.device, opts.dtype, exclude=solver)
     device = resolve_device(device)          # under torchrun, "cuda" means this process's GPU
     pool = check_conditions(conditions, opts.model_extras)
     if pool:
@@ -130,7 +130,7 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     tag = training_tag(model, opts.model_tag, opts.cache_dir)
     ctx = distributed_context(device)
     try:
-        with frozen(model):
+        with frozen(model, keep=solver):
             probe_model(model, shape, device=device, dtype=dtype, extras=opts.model_extras, conditions=pool)
             return _Run(model, solver, shape, iterations, batch_size, seed, opts, device, dtype, ctx, pool, tag).run()
     except BaseException as exc:
