@@ -46,7 +46,7 @@ def run_training(models: Sequence[QualityModel], *, quick: bool, seed: int, prog
             with tempfile.TemporaryDirectory(prefix="bespoke-bench-train-") as cache_dir:
                 train(qm.velocity, solver, shape=qm.shape, iterations=cfg.iterations, batch_size=cfg.train_batch,
                       seed=seed, loss=cfg.loss, lr=cfg.lr, gt=gt, cache_dir=cache_dir, cache_samples=cfg.cache_samples,
-                      cache_grid=cfg.cache_grid, cache_shard_size=cfg.cache_samples, gt_group_size=cfg.group,
+                      cache_grid=cfg.cache_grid, cache_shard_size=cfg.cache_samples, gt_group_size=cfg.cache_samples,
                       val_size=cfg.val_size, val_every=cfg.iterations, keep_best=False, progress=progress)
             h = solver.history
             tail = h.loss[-max(1, len(h.loss) // 10):]

@@ -39,13 +39,6 @@ class Preset:
         3e-2 0.0030 / 0.0061. 400 at 3e-2: about 15 s a solver at 1 thread.
     cache_samples, cache_grid: ground-truth trajectories (the training pairs) and their grid intervals
         (for MNIST, 128 pairs gained no more than 64 at 60 iterations).
-    gt_group: trajectories per adaptive ground-truth solve (default: all of them in one). Measured per
-        sample of one model call at 1 thread (minimum of 5 rounds): the U-Nets cost the same per sample up
-        to a network batch of 64 and 1.4-1.7x that at 128 (mnist 0.51 -> 0.83 ms; digits_vp 0.135 at 32-64,
-        0.177 at 128; flux_mnist flat, 1.31-1.40 ms from 16 to 128); a guided model calls the network on
-        twice its batch, so mnist_cond's 64 trajectories in one group ran at 1.7 ms a sample against 1.0 in
-        groups of 32. Smaller groups also step for their own hardest sample (mnist_cond g = 4: 332
-        evaluations a trajectory in one group of 64, 320 in groups of 16-32, 303 in groups of 8).
     val_size: noise samples of training's own validation, which is solved anew by every training
         run and only logged: the demo judges every solver on its own evaluation batch instead.
     sweep: baseline NFEs of midpoint and DPM-Solver++(2M), the solvers the targets compare with;
@@ -112,12 +105,6 @@ class Preset:
     ns_fit: bool = True
     loss: str = "end_to_end"
     val_size: int = 1
-    gt_group: Optional[int] = None
-
-    @property
-    def group(self) -> int:
-        """Trajectories per adaptive ground-truth solve."""
-        return self.gt_group or self.cache_samples
 
     def budget(self, family: str) -> Dict[str, object]:
         """Training options of one solver family (bespoke-rk2 / bespoke-rk1, or bespoke-ns): iterations,
@@ -133,11 +120,11 @@ DEMO_PRESETS: Dict[str, Preset] = {
     "mnist": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16,
                     ns_iterations=300, ns_train_batch=1, ns_lr=3e-3, **_SWEEP),
     "mnist_cond": Preset(batch=64, iterations=250, train_batch=4, lr=3e-2, loss="log_mse", cache_samples=64,
-                         cache_grid=16, ns_iterations=300, ns_train_batch=1, ns_lr=3e-3, gt_group=32, **_SWEEP),
+                         cache_grid=16, ns_iterations=300, ns_train_batch=1, ns_lr=3e-3, **_SWEEP),
     "flux_mnist": Preset(batch=64, iterations=100, train_batch=4, lr=2e-2, cache_samples=64, cache_grid=16,
                          ns_iterations=150, ns_train_batch=4, ns_lr=3e-3, **_SWEEP),
     "digits_vp": Preset(batch=256, iterations=60, train_batch=16, lr=1e-2, cache_samples=128, cache_grid=16,
-                        ns_iterations=400, ns_train_batch=8, ns_fit=False, gt_group=64, **_SWEEP),
+                        ns_iterations=400, ns_train_batch=8, ns_fit=False, **_SWEEP),
     "moons2d": Preset(batch=1024, iterations=400, train_batch=128, lr=3e-2, cache_samples=1024, cache_grid=16,
                       ns_iterations=2000, ns_train_batch=64, ns_lr=2e-2, ns_loss="end_to_end", **_SWEEP),
 }

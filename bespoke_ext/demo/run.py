@@ -189,7 +189,7 @@ def train_solvers(em, nfes: Sequence[int], cfg: Preset, seed: int, cache_dir, ou
             budget = cfg.budget(family)
             train(em.velocity, solver, shape=em.shape, seed=seed, **budget, gt="cached",
                   cache_dir=cache_dir, cache_samples=cfg.cache_samples, cache_grid=cfg.cache_grid,
-                  cache_shard_size=cfg.cache_samples, gt_group_size=cfg.group, val_size=cfg.val_size,
+                  cache_shard_size=cfg.cache_samples, gt_group_size=cfg.cache_samples, val_size=cfg.val_size,
                   val_every=budget["iterations"], keep_best=False, progress=progress,
                   **({"conditions": conditions} if conditions else {}))
             wall += solver.history.wall_seconds
