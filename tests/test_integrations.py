@@ -483,6 +483,23 @@ def test_sample_bespoke_resumes_on_a_suffix_of_its_sigmas(field):
         sample_bespoke(_denoiser(field), x0, solver_sigmas(ns)[1:], solver=ns, disable=True)
 
 
+@pytest.mark.parametrize("make", [lambda: _perturbed(bx.BespokeSolver(5, 2)), lambda: _perturbed(bx.NonStationarySolver(5), 0.05)],
+                         ids=["bespoke-rk2", "nonstationary"])
+def test_sample_bespoke_stops_on_a_prefix_of_its_sigmas(field, make):
+    # ComfyUI's SplitSigmas high half (two experts, or two samplers): the state at the last sigma
+    solver = make()
+    x0 = _x0()
+    path = bx.sample(field, x0, solver=solver, return_intermediates=True)  # states at solver.times()
+    sig = solver_sigmas(solver)
+    head = sample_bespoke(_denoiser(field), x0, sig[:3], solver=solver, disable=True)
+    assert torch.allclose(head, path[2], atol=1e-5, rtol=0)
+    if isinstance(solver, bx.BespokeSolver):   # and the low half finishes it
+        tail = sample_bespoke(_denoiser(field), head, sig[2:], solver=solver, disable=True)
+        assert torch.allclose(tail, path[-1], atol=1e-5, rtol=0)
+    middle = sample_bespoke(_denoiser(field), x0, sig[:5], solver=solver, disable=True)
+    assert torch.allclose(middle, path[4], atol=1e-5, rtol=0)
+
+
 def test_sample_bespoke_refuses_non_flow_models_and_foreign_sigmas(field):
     solver = bx.BespokeSolver(4, 1)
     model, x0 = _denoiser(field), _x0()

@@ -11,9 +11,10 @@ and D = x - sigma * (noise - data), so with t = 1 - sigma the velocity is
 
 which is finite wherever the solvers evaluate (t < 1). The solver then runs its own program (the one
 ``bespoke_ext.sample`` runs) on u. ``sigmas`` must be the solver's grid, ``solver_sigmas(solver)``
-(1 - t_0, ..., 1 - t_{n-1}, 0), or a suffix of it (denoise < 1, or the low-noise half of ComfyUI's
-SplitSigmas; a BespokeSolver resumes at any step, a NonStationarySolver only from the start). The
-high-noise half (a prefix, ending above 0) is refused: the solver always runs to sigma = 0. Sigmas above 1 belong to diffusion (VE /
+(1 - t_0, ..., 1 - t_{n-1}, 0), or a contiguous part of it: a suffix (denoise < 1, the low-noise half
+of ComfyUI's SplitSigmas; a BespokeSolver resumes at any step, a NonStationarySolver only from the
+start) or a prefix (the high-noise half, for a second model or sampler to finish: the solver stops at
+the last sigma and returns its state there, x at that noise level, as k-diffusion's samplers do). Sigmas above 1 belong to diffusion (VE /
 VP) models: an error, as is a ComfyUI model whose model_sampling is not CONST.
 
 The callback gets k-diffusion's dict {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} once per solver step
@@ -111,19 +112,22 @@ def sample_bespoke(model: Callable, x: Tensor, sigmas: Tensor, extra_args: Optio
     _check_sigmas(sig)
     grid = solver_sigmas(solver).to(torch.float64)
     steps = sig.numel() - 1
-    if steps > solver.steps or not torch.allclose(sig, grid[grid.numel() - steps - 1:], atol=_SIGMA_ATOL, rtol=0):
+    # the run of the grid's step boundaries that sigmas are (the grid decreases strictly: at most one fits)
+    start = next((i for i in range(solver.steps - steps + 1)
+                  if torch.allclose(sig, grid[i:i + steps + 1], atol=_SIGMA_ATOL, rtol=0)), None)
+    if start is None:
         shown = [round(v, 5) for v in grid.tolist()]
         raise ValueError(f"sigmas {[round(v, 5) for v in sig.tolist()]} are not this solver's grid {shown} or a "
-                         f"suffix of it; use solver_sigmas(solver) (ComfyUI: the BespokeSigmas node)")
-    start = solver.steps - steps
+                         f"contiguous part of it; use solver_sigmas(solver) (ComfyUI: the BespokeSigmas node)")
     stepper, first = resume_point(solver, start, "pass its whole grid, solver_sigmas(solver)")
     per_step = stepper.nfe // solver.steps
+    last = (start + steps) * per_step   # a run ending above 0 stops at its last step boundary
     levels = (1.0 - stepper.eval_times).tolist()  # the sigma of every evaluation
     dtype = state_dtype(x.dtype)
     s_in = x.new_ones([x.shape[0]])
     state = x.to(dtype)
     with torch.no_grad():
-        for k in trange(first, stepper.nfe, disable=disable):
+        for k in trange(first, last, disable=disable):
             sigma = levels[k]
             x_in = state.to(x.dtype)
             denoised = model(x_in, sigma * s_in, **extra_args)
