@@ -118,3 +118,20 @@ def test_tensor_tolerances_and_low_precision_modules_in_the_likelihood():
     m = Lin().bfloat16()   # called in bf16, the state kept in float32, as sample() does
     xs, ll = bx.compute_likelihood(m, x, log_p0, step_size=0.25)
     assert xs.dtype == ll.dtype == torch.float32 and torch.isfinite(ll).all()
+
+
+def test_models_written_in_torchdiffeqs_argument_order_are_refused():
+    def time_first(t, x):
+        return -x
+
+    class TimeFirst(torch.nn.Module):
+        def forward(self, t, x):
+            return -x
+
+    for model in (time_first, TimeFirst()):
+        with pytest.raises(TypeError, match=r"first arguments are \(t, x\), torchdiffeq's order"):
+            bx.sample(model, torch.randn(2, 3))
+        with pytest.raises(TypeError, match="torchdiffeq's order"):
+            bx.train(model, bx.BespokeSolver(2, 1), shape=(3,), iterations=1, batch_size=2, gt="online",
+                     progress=False, model_tag="t-first")
+    assert bx.sample(lambda x, t: -x, torch.ones(2, 3), method="euler", nfe=1).equal(torch.zeros(2, 3))

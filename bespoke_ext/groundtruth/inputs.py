@@ -16,6 +16,8 @@ casts them itself).
 
 from __future__ import annotations
 
+import inspect
+
 import types
 import weakref
 from typing import Callable, Dict, Mapping, Optional
@@ -25,7 +27,7 @@ from torch import Tensor
 from torch.nn.parameter import is_lazy
 
 __all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "model_call_dtype", "first_tensor",
-           "LOW_PRECISION", "STATE_DTYPES"]
+           "check_argument_order", "LOW_PRECISION", "STATE_DTYPES"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -177,3 +179,32 @@ def first_tensor(module: torch.nn.Module, kind: str, floating: bool = False) -> 
             if t is not None:
                 return t
     return None
+
+
+def check_argument_order(model) -> None:
+    """TypeError for a model written in torchdiffeq's order, ``f(t, x)``: the package calls ``model(x, t,
+    **extras)`` (flow_matching's convention), so such a model would get the state as its time and silently
+    compute something else. Decided once per function (its signature's first two positional names)."""
+    target = model.forward if isinstance(model, torch.nn.Module) else model
+    func = getattr(target, "__func__", target)
+    try:
+        names = _FIRST_NAMES.get(func)
+    except TypeError:   # not weak-referenceable / hashable: looked at every time
+        names = None
+    if names is None:
+        try:
+            params = inspect.signature(target).parameters.values()
+            names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:2]
+        except (TypeError, ValueError):   # no signature (a builtin): nothing to check
+            names = ()
+        try:
+            _FIRST_NAMES[func] = names
+        except TypeError:
+            pass
+    if len(names) == 2 and names[0] in ("t", "time", "timestep", "sigma") and names[1] in ("x", "x_t", "xt", "y", "z"):
+        raise TypeError(f"the model's first arguments are ({names[0]}, {names[1]}), torchdiffeq's order, but it is "
+                        f"called as model(x, t, **extras) (flow_matching's): wrap it, e.g. "
+                        f"lambda x, t, **kw: model(t, x, **kw)")
+
+
+_FIRST_NAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # function -> its first two argument names

@@ -18,7 +18,7 @@ from ..solvers.time_grid import (
 )
 from .cuda_graph import execute_graphed
 from .executor import StateDtype, execute
-from ..groundtruth.inputs import first_tensor, model_call_dtype
+from ..groundtruth.inputs import check_argument_order, first_tensor, model_call_dtype
 from ..integers import as_int
 from ..program import Program
 
@@ -198,6 +198,7 @@ def _result(final, traj, stats, intermediates: bool, with_stats: bool):
 def _check_model_and_x0(model: Callable, x0) -> None:
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, **extras), got {type(model).__name__}")
+    check_argument_order(model)
     if not torch.is_tensor(x0):
         raise TypeError(f"x0 must be a tensor [batch, ...], got {type(x0).__name__}")
     if not x0.is_floating_point():

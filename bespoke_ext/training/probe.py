@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..groundtruth.inputs import STATE_DTYPES, model_call_dtype, pool_size, take
+from ..groundtruth.inputs import STATE_DTYPES, check_argument_order, model_call_dtype, pool_size, take
 from ..models.identity import reachable_state
 
 __all__ = ["probe_model", "model_device_dtype", "frozen"]
@@ -85,6 +85,7 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
     solves) and a 0-dim t (sampling and validation), conditions rows 0 and 1, model_extras. Raises a clear
     error unless the model accepts those names and returns a finite floating tensor of x's shape and dtype
     on ``device`` for both."""
+    check_argument_order(model)
     extras = dict(extras or {})
     call_dtype = model_call_dtype(model) or dtype
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device).to(call_dtype)
