@@ -485,8 +485,8 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, mixture):
 # ------------------------------------------------------------------------------ resume with conditions
 
 class InterruptAfter(torch.nn.Module):
-    """Raises KeyboardInterrupt at the n-th loss call (grad enabled): a Ctrl-C in the middle of iteration n
-    (order 1, one chunk: one loss call per iteration)."""
+    """Raises KeyboardInterrupt at the n-th grad-enabled call (the probe's differentiability check is the first, then
+    one loss call per iteration: order 1, one chunk): a Ctrl-C in the middle of iteration n - 1."""
 
     identity_ignore = ("left",)
 
@@ -511,7 +511,7 @@ def test_interrupted_run_with_conditions_resumes_to_the_uninterrupted_result(tmp
     ref = train(label_flow, BespokeSolver(2, 1), **kw)
     ckpt = tmp_path / "c.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        train(InterruptAfter(label_flow, 4), BespokeSolver(2, 1), checkpoint=str(ckpt), **kw)
+        train(InterruptAfter(label_flow, 5), BespokeSolver(2, 1), checkpoint=str(ckpt), **kw)
     state = load_checkpoint(ckpt)
     assert state["iteration"] == 3
     assert json.loads(state["fingerprint"])["inputs_tag"] == inputs_tag({}, pool)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.parameter import is_lazy
 
 __all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "model_call_dtype", "first_tensor",
-           "check_argument_order", "LOW_PRECISION", "STATE_DTYPES"]
+           "check_argument_order", "check_velocity", "LOW_PRECISION", "STATE_DTYPES"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -208,3 +208,18 @@ def check_argument_order(model) -> None:
 
 
 _FIRST_NAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # function -> its first two argument names
+
+
+def check_velocity(v, x: Tensor, time: Tensor, method: str) -> None:
+    """The model's output must be a tensor like its input x (checked once per call, no sync)."""
+    if torch.is_tensor(v) and v.shape == x.shape and v.dtype == x.dtype and v.device == x.device:
+        return
+    # Only now read the time (a host sync on CUDA) to say where it happened.
+    at = f"model(x, t={float(time.detach()):.6g}) while sampling with {method!r}"
+    if not torch.is_tensor(v):
+        raise TypeError(f"{at} returned {type(v).__name__}; expected a velocity tensor of x's shape {tuple(x.shape)}")
+    if v.shape != x.shape:
+        raise ValueError(f"{at} returned shape {tuple(v.shape)}; expected x's shape {tuple(x.shape)}")
+    if v.dtype != x.dtype:
+        raise ValueError(f"{at} returned dtype {v.dtype}; expected x's dtype {x.dtype} (cast inside the model)")
+    raise ValueError(f"{at} returned a tensor on {v.device}; expected x's device {x.device}")

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .inputs import rows_of
+from .inputs import check_velocity, rows_of
 
 __all__ = ["solve_trajectories", "per_sample_max_rms", "check_tolerance", "DEFAULT_TOL"]
 
@@ -55,6 +55,7 @@ class _Field(torch.nn.Module):
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         self.calls += 1
         v = self.model(x, t.to(x.dtype).expand(x.shape[0]), **self.extras, **self.cond)
+        check_velocity(v, x, t, "dopri5 (ground truth)")   # the probe saw a batch of 2; this is every batch
         if torch.is_tensor(v):
             bad = ~torch.isfinite(v).all()
             if self.bad is None:

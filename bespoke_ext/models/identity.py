@@ -9,11 +9,14 @@ over everything the package can see that shapes the field:
   module and of every submodule, e.g. ``ClassifierFreeGuidance.guidance_scale``,
   ``VelocityAdapter.prediction`` and ``t_eps``, and tensors held as plain attributes (neither
   parameter nor buffer, so not in the state dict), e.g. a tensor ``null_value``, by value;
-- plain objects held as attributes (a schedule), through their own settings, and functions held
-  as attributes, through their code, defaults, closure values and the globals their code reads;
+- plain objects held as attributes (a schedule), through their own settings (and a callable object's
+  ``__call__``, as a function), and functions held as attributes, through their code, defaults, closure
+  values and the globals their code reads;
 - for a bound method, the object it is bound to.
 A class may name attributes that do not shape the field (call counters) in a class attribute
-``identity_ignore``; they are left out, so the tag does not change as the model is used.
+``identity_ignore``; they are left out, so the tag does not change as the model is used. A module class
+with ``identity_skip = True`` (the solvers: an object may hold its solver next to its network) is left out
+wherever it is reached, so training that solver does not change the model's tag.
 
 ``inputs_tag(extras, conditions)`` covers what the model is called with: the values of constant
 extras and the whole conditions pool. Cache keys and checkpoint fingerprints use both.
@@ -112,6 +115,9 @@ class _Hasher:
             self.text("seen")
             return
         self.seen.add(id(m))
+        if getattr(type(m), "identity_skip", False):   # a solver held next to the network: not the field
+            self.text(f"skipped|{_qualname(m)}")
+            return
         self.text(f"module|{_qualname(m)}")
         for key, t in sorted(m.state_dict().items()):
             self.text(key)
@@ -158,11 +164,16 @@ def _object_parts(v) -> Tuple[str, bytes, list]:
             [cell.cell_contents for cell in (v.__closure__ or ())], _globals_read(v)]
     if callable(getattr(v, "to_dict", None)) and _has_no_required_args(v.to_dict):
         return f"object|{_qualname(v)}", b"", [v.to_dict()]
+    # a callable object computes with its class's __call__: its code, and the globals that reads (a
+    # module-level network), are part of it as a function's are
+    call = getattr(type(v), "__call__", None)
+    code = [call] if inspect.isfunction(call) else []
     state = getattr(v, "__dict__", None)
     if state is None:
-        return f"object|{_qualname(v)}", b"", []
+        return f"object|{_qualname(v)}", b"", code
     ignore = set(getattr(type(v), "identity_ignore", ()))
-    return f"object|{_qualname(v)}", b"", [{k: s for k, s in state.items() if not k.startswith("_") and k not in ignore}]
+    return f"object|{_qualname(v)}", b"", [{k: s for k, s in state.items() if not k.startswith("_") and k not in ignore},
+                                           *code]
 
 
 def reachable_state(model, exclude=None) -> Tuple[list, list]:
@@ -180,7 +191,8 @@ def reachable_state(model, exclude=None) -> Tuple[list, list]:
             return
         seen.add(id(v))
         if isinstance(v, torch.nn.Module):
-            modules.append(v)
+            if not getattr(type(v), "identity_skip", False):
+                modules.append(v)
         elif torch.is_tensor(v):
             if v.requires_grad and v.is_leaf:
                 tensors.append(v)

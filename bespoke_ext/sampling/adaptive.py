@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .executor import check_velocity
+from ..groundtruth.inputs import check_velocity
 from .stats import ForwardCounter, SampleStats
 
 __all__ = ["ADAPTIVE_METHODS", "MULTISTEP_METHODS", "TORCHDIFFEQ_METHODS", "solve_adaptive", "odeint_explained",

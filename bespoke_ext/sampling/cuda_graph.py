@@ -36,7 +36,8 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ..program import Program
-from .executor import check_velocity, combine_into, device_tables, prepare, run_steps, stats_of
+from ..groundtruth.inputs import check_velocity
+from .executor import combine_into, device_tables, prepare, run_steps, stats_of
 from .stats import ForwardCounter, SampleStats
 
 __all__ = ["execute_graphed", "clear_cuda_graphs"]

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..groundtruth.inputs import check_velocity
 from ..program import Eval, Program
 from .stats import ForwardCounter, SampleStats, network_forwards_of
 
-__all__ = ["execute", "coefficient_dtype", "check_velocity", "device_tables", "StateDtype"]
+__all__ = ["execute", "coefficient_dtype", "device_tables", "StateDtype"]
 
 _rk_update_out = torch.ops.bespoke_ext.rk_update_out.default
 
@@ -38,21 +39,6 @@ Step = Tuple[bool, int, object, Tensor]
 def coefficient_dtype(state_dtype: torch.dtype) -> torch.dtype:
     """The fused ops compute in float32 (float64 for float64 states): hand them that dtype."""
     return torch.float64 if state_dtype == torch.float64 else torch.float32
-
-
-def check_velocity(v, x: Tensor, time: Tensor, method: str) -> None:
-    """The model's output must be a tensor like its input x (checked once per call, no sync)."""
-    if torch.is_tensor(v) and v.shape == x.shape and v.dtype == x.dtype and v.device == x.device:
-        return
-    # Only now read the time (a host sync on CUDA) to say where it happened.
-    at = f"model(x, t={float(time.detach()):.6g}) while sampling with {method!r}"
-    if not torch.is_tensor(v):
-        raise TypeError(f"{at} returned {type(v).__name__}; expected a velocity tensor of x's shape {tuple(x.shape)}")
-    if v.shape != x.shape:
-        raise ValueError(f"{at} returned shape {tuple(v.shape)}; expected x's shape {tuple(x.shape)}")
-    if v.dtype != x.dtype:
-        raise ValueError(f"{at} returned dtype {v.dtype}; expected x's dtype {x.dtype} (cast inside the model)")
-    raise ValueError(f"{at} returned a tensor on {v.device}; expected x's device {x.device}")
 
 
 def execute(program: Program, model: Callable, x0: Tensor, extras: dict, *,

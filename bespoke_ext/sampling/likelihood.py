@@ -65,7 +65,7 @@ from .adaptive import check_tolerances, odeint_explained
 
 from ..solvers.tableaus import TABLEAUS, canonical_method
 from ..solvers.time_grid import as_time_grid, check_step_size, refuse_grid_gradients
-from .executor import check_velocity
+from ..groundtruth.inputs import check_velocity
 from ..groundtruth.inputs import model_call_dtype
 from .sample import _cast_outputs, _check_extras, sample
 from .stats import ForwardCounter, SampleStats

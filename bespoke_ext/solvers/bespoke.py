@@ -115,6 +115,7 @@ class BespokeSolver(nn.Module):
     """
 
     KIND = "BespokeSolver"
+    identity_skip = True  # held next to a network, a solver is not part of the field (models/identity.py)
 
     def __init__(self, steps: int, order: int = 2):
         super().__init__()

@@ -102,6 +102,7 @@ class NonStationarySolver(nn.Module):
     supports_bound_loss = False  # trained on its final sample: loss="log_mse" (or "end_to_end")
     default_loss = "log_mse"  # bx.train's loss when none is given: the paper's
     KIND = "NonStationarySolver"
+    identity_skip = True  # held next to a network, a solver is not part of the field (models/identity.py)
 
     def __init__(self, nfe: int, base: str = "euler", *, time_scale: float = 1.0, coeff_scale: float = 1.0):
         super().__init__()

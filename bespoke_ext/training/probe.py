@@ -4,6 +4,7 @@ naming what was expected, not deep inside an adaptive solve or a kernel."""
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
 
@@ -30,7 +31,8 @@ def model_device_dtype(model, device=None, dtype: Optional[torch.dtype] = None, 
     params = weights(main) if main is not None else []
     tensors = params + ([b for b in main.buffers() if b.is_floating_point()] if main is not None else [])
     device = torch.device(device) if device is not None else (tensors[0].device if tensors else torch.device("cpu"))
-    own = params[0].dtype if params else torch.float32
+    weighted = params or tensors   # a model of buffers only (an analytic field) has its dtype there
+    own = weighted[0].dtype if weighted else torch.float32
     return device, dtype or (own if own in STATE_DTYPES else torch.float32)
 
 
@@ -110,6 +112,12 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
         _probe_once(model, x, t, shape, dtype, extras, cond, call,
                     hint=lambda exc: f" ({_TIME_HINTS[form]})" if calls_with(other) else
                     _mixed_dtypes(model, call_dtype) if "dtype" in str(exc).lower() else "")
+    with torch.enable_grad():   # the losses differentiate through the model: its output must carry x's graph
+        out = model(x.detach().requires_grad_(), forms["t [2]"], **extras, **cond)
+    if not out.requires_grad:
+        warnings.warn("bespoke_ext.train: the model's output does not depend on x through autograd (a forward under "
+                      "torch.no_grad(), or a detached result): the losses differentiate through the model, so "
+                      "training would follow a truncated gradient", RuntimeWarning, stacklevel=3)
 
 
 def _mixed_dtypes(model, call_dtype) -> str:

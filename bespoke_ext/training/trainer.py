@@ -266,6 +266,8 @@ class _Run:
 
         state = load_checkpoint(o.checkpoint) if o.checkpoint else None
         if state is not None:
+            if _solver_start(solver) == _solver_start(solver, state["solver"]):   # this run's solver, interrupted
+                fingerprint["solver_start"] = json.loads(state["fingerprint"]).get("solver_start")
             check_fingerprint(o.checkpoint, state["fingerprint"], fingerprint)
             check_iterations(o.checkpoint, json.loads(state["fingerprint"])["iterations"], int(state["iteration"]),
                              self.iterations, o.schedule)
@@ -376,7 +378,8 @@ class _Run:
                     if o.checkpoint and (done % o.checkpoint_every == 0 or done == self.iterations):
                         save(snapshot(done))
             except KeyboardInterrupt:
-                save(snap)  # the last complete iteration: rerunning resumes exactly there
+                save(snap)  # the last complete iteration: rerunning resumes exactly there, with this object too
+                solver.load_state_dict(snap["solver"])
                 raise
             finally:
                 bar.close()
@@ -422,13 +425,13 @@ class _Run:
         return loss, True
 
 
-def _solver_start(solver) -> str:
+def _solver_start(solver, state: Optional[dict] = None) -> str:
     """Digest of the solver training starts from: every parameter and buffer (a non-stationary solver's base
-    tables, a converted or pre-trained start) and its settings (refs, base, scales), so that a checkpoint
-    never resumes into a solver it was not trained from."""
+    tables, a converted or pre-trained start; ``state`` instead of its own) and its settings (refs, base,
+    scales), so that a checkpoint never resumes into a solver it was not trained from."""
     h = hashlib.sha256(repr({k: getattr(solver, k, None) for k in ("refs", "base", "time_scale", "coeff_scale")})
                        .encode())
-    for name, t in sorted(solver.state_dict().items()):
+    for name, t in sorted((state if state is not None else solver.state_dict()).items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
