@@ -127,3 +127,10 @@ def test_rerun_after_ctrl_c_with_the_same_solver_object_resumes(tmp_path):
     resumed = bx.train(model, solver, **kw)            # the same objects, as a notebook rerun passes them
     ref = bx.train(Interrupting(None), bx.BespokeSolver(2, 1), **{**kw, "checkpoint": str(tmp_path / "r.ckpt")})
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), ref.parameters()))
+
+
+def test_a_low_precision_network_behind_a_function_gets_a_hint(tmp_path):
+    net = _mlp(5).eval().bfloat16()
+    with pytest.raises(RuntimeError, match=r"reaches a network with torch.bfloat16 weights.*pass the module itself"):
+        bx.train(lambda x, t: net(_with_time(x, t)), bx.BespokeSolver(2, 1), shape=(2,), cache_dir=str(tmp_path),
+                 **SMALL)

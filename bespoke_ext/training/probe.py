@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..groundtruth.inputs import STATE_DTYPES, check_argument_order, model_call_dtype, pool_size, take
+from ..groundtruth.inputs import LOW_PRECISION, STATE_DTYPES, check_argument_order, model_call_dtype, pool_size, take
 from ..models.identity import reachable_state
 
 __all__ = ["probe_model", "model_device_dtype", "frozen"]
@@ -123,7 +123,11 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
 def _mixed_dtypes(model, call_dtype) -> str:
     module = getattr(model, "__self__", model)
     if not isinstance(module, torch.nn.Module):
-        return ""
+        # a function around a low-precision network: only a module's own dtype is known to be its call dtype
+        low = sorted({str(p.dtype) for m in reachable_state(model)[0] for p in m.parameters() if p.dtype in LOW_PRECISION})
+        return (f" (the function reaches a network with {', '.join(low)} weights but is called with x in {call_dtype}: "
+                f"pass the module itself, which is called in its own dtype, or cast x inside the function)"
+                if low else "")
     kinds = sorted({str(t.dtype) for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()})
     if len(kinds) < 2:
         return ""
