@@ -107,18 +107,27 @@ inline void check_like_terms(const char* op, const char* name, const at::Tensor&
 }
 
 // `out` is written while the terms are read. Writing straight into a term (out is terms[j],
-// the same elements in the same layout) is safe: each output element depends only on the
-// same element of every term, which is read before it is written. Any other overlap would
-// let a write land on an element that is still to be read, so it is refused. (Strided
-// inputs are copied and a strided `out` is computed in a buffer first, so only dense
-// tensors can overlap here, which get_overlap_status decides exactly.)
-inline void check_out_overlap(const char* op, const at::Tensor& out, at::TensorList terms) {
+// the same elements in the same layout) is safe for the first kInPlaceTerms terms: the CPU kernel
+// combines terms in groups of four or more, reading a group's terms at element i before it writes
+// the partial sum there, so a term of the first group is read before `out` changes and a later one
+// would be read after (a CUDA thread reads every term of its element before writing it). Any other
+// overlap would let a write land on an element that is still to be read, so it is refused. (Strided
+// inputs are copied and a strided `out` is computed in a buffer first, so only dense tensors can
+// overlap here, which get_overlap_status decides exactly.) Returns whether `out` is one of the later
+// terms, which update_out then combines in a buffer first.
+constexpr size_t kInPlaceTerms = 4;
+
+inline bool check_out_overlap(const char* op, const at::Tensor& out, at::TensorList terms) {
+  bool late_term = false;
   for (size_t j = 0; j < terms.size(); ++j) {
-    BX_CHECK(at::get_overlap_status(out, terms[j]) != at::MemOverlapStatus::Partial, op,
+    const at::MemOverlapStatus overlap = at::get_overlap_status(out, terms[j]);
+    BX_CHECK(overlap != at::MemOverlapStatus::Partial, op,
              ": `out` partially overlaps terms[", j, "] in memory (shape ", out.sizes(),
              ", strides ", out.strides(), " against strides ", terms[j].strides(),
              "); pass a separate buffer, or terms[", j, "] itself to update it in place");
+    late_term = late_term || (j >= kInPlaceTerms && overlap == at::MemOverlapStatus::Full);
   }
+  return late_term;
 }
 
 // Per-sample vectors (residual output and its incoming gradient): shape [N].
@@ -152,19 +161,6 @@ inline at::Tensor coeffs_for_math(const at::Tensor& coeffs, const RkProblem& p) 
   return coeffs.to(acc).contiguous();
 }
 
-// The terms `out` may be, to be updated in place: the CPU kernel combines terms in groups of four or
-// more, reading a group's terms at element i before it writes the partial sum there, so a term of the
-// first group is read before `out` changes and a later one would be read after. (A CUDA thread reads
-// every term of its element before writing it.) Any other term is combined in a buffer first.
-constexpr size_t kInPlaceTerms = 4;
-
-inline bool is_late_term(const at::Tensor& out, const std::vector<at::Tensor>& terms) {
-  for (size_t j = kInPlaceTerms; j < terms.size(); ++j) {
-    if (at::get_overlap_status(out, terms[j]) == at::MemOverlapStatus::Full) return true;
-  }
-  return false;
-}
-
 // Host logic of rk_update_out on every device: checks, then
 // update_into(problem, contiguous terms, math-type coeffs, contiguous destination), writing
 // straight into `out` or, when it is strided or one of the later terms, into a buffer then copied into it.
@@ -174,7 +170,7 @@ void update_out(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor
   const char* op = "rk_update_out";
   const RkProblem p = check_rk_args(op, terms, coeffs);
   check_like_terms(op, "out", out, terms[0]);
-  check_out_overlap(op, out, terms);
+  const bool late_term = check_out_overlap(op, out, terms);
   if (out.numel() == 0) return;
   const auto ts = contiguous_terms(terms);
   // `out` may also hold the coefficients (a caller's buffer reused): they are read per tile, after
@@ -182,7 +178,7 @@ void update_out(at::TensorList terms, const at::Tensor& coeffs, const at::Tensor
   const at::Tensor c = at::get_overlap_status(out, coeffs) == at::MemOverlapStatus::No
                            ? coeffs_for_math(coeffs, p)
                            : coeffs_for_math(coeffs, p).clone();
-  if (out.is_contiguous() && !is_late_term(out, ts)) {
+  if (out.is_contiguous() && !late_term) {
     update_into(p, ts, c, out);
   } else {
     const at::Tensor dst = at::empty(out.sizes(), out.options());

@@ -12,6 +12,8 @@ import torch
 
 from bespoke_ext.solvers import BespokeSolver, NonStationarySolver, SolverFileError, load_solver
 
+from test_training import _cli_solver  # noqa: E402  (the solver `bespoke-ext train m <argv>` starts from)
+
 
 @pytest.fixture
 def cli(tmp_path, monkeypatch):
@@ -46,11 +48,7 @@ def test_an_unusable_output_is_refused_before_training(cli, tmp_path):
 
 
 def test_flags_of_the_other_family_are_refused():
-    from bespoke_ext.cli.train import _initial_solver, add_train_arguments
-
-    def made(*argv):
-        return _initial_solver(add_train_arguments(argparse.ArgumentParser()).parse_args(["m", *argv]))
-
+    made = _cli_solver
     with pytest.raises(ValueError, match="--base is for --solver nonstationary"):
         made("--base", "midpoint")
     with pytest.raises(ValueError, match="--order is for --solver bespoke"):
