@@ -120,18 +120,62 @@ def test_tensor_tolerances_and_low_precision_modules_in_the_likelihood():
     assert xs.dtype == ll.dtype == torch.float32 and torch.isfinite(ll).all()
 
 
-def test_models_written_in_torchdiffeqs_argument_order_are_refused():
-    def time_first(t, x):
-        return -x
+def test_models_in_torchdiffeqs_order_under_other_names_are_refused():
+    def time_first(t, y):      # flow_matching's keyword call fails on it; ours would pass the state as t
+        return -y
 
     class TimeFirst(torch.nn.Module):
-        def forward(self, t, x):
-            return -x
+        def forward(self, time, x_t):
+            return -x_t
 
     for model in (time_first, TimeFirst()):
-        with pytest.raises(TypeError, match=r"first arguments are \(t, x\), torchdiffeq's order"):
+        with pytest.raises(TypeError, match=r"first arguments are \((t, y|time, x_t)\), torchdiffeq's order"):
             bx.sample(model, torch.randn(2, 3))
         with pytest.raises(TypeError, match="torchdiffeq's order"):
             bx.train(model, bx.BespokeSolver(2, 1), shape=(3,), iterations=1, batch_size=2, gt="online",
                      progress=False, model_tag="t-first")
+
+
+def test_models_flow_matching_calls_by_keyword_are_called_by_keyword():
+    """flow_matching calls model(x=x, t=t, **extras): forward(t, x) and forward(*, x, t) work there, so here."""
+    w = torch.tensor([[0.5, -1.0, 2.0]])
+
+    def reference(x, t):
+        return w * x + t.reshape(-1, 1)
+
+    class TimeFirst(torch.nn.Module):
+        def forward(self, t, x, scale=1.0):
+            return scale * (w * x + t.reshape(-1, 1))
+
+    def keyword_only(*, x, t, scale=1.0):
+        return scale * (w * x + t.reshape(-1, 1))
+
+    x0 = torch.randn(4, 3)
+    expected = bx.sample(reference, x0, method="midpoint", nfe=8)
+    for model in (TimeFirst(), keyword_only):
+        assert bx.sample(model, x0, method="midpoint", nfe=8).equal(expected)
+        assert bx.sample(model, x0, method="midpoint", nfe=8, scale=2.0).equal(
+            bx.sample(lambda x, t: 2.0 * reference(x, t), x0, method="midpoint", nfe=8))
+        assert torch.allclose(bx.sample(model, x0, method="dopri5"), bx.sample(reference, x0, method="dopri5"))
+        log_p0 = lambda z: -0.5 * z.pow(2).sum(-1)   # noqa: E731
+        assert bx.compute_likelihood(model, x0, log_p0, step_size=0.25)[1].equal(
+            bx.compute_likelihood(reference, x0, log_p0, step_size=0.25)[1])
+        solver = bx.train(model, bx.BespokeSolver(2, 1), shape=(3,), iterations=2, batch_size=4, gt="online",
+                          progress=False, model_tag="keywords")
+        assert torch.isfinite(bx.sample(model, x0, solver=solver)).all()
+    # the original module is what identity sees; the wrapper is one per model, alive as long as it
+    module = TimeFirst()
+    from bespoke_ext.groundtruth.inputs import as_positional
+    assert as_positional(module) is as_positional(module) and as_positional(reference) is reference
+
     assert bx.sample(lambda x, t: -x, torch.ones(2, 3), method="euler", nfe=1).equal(torch.zeros(2, 3))
+
+
+def test_a_function_around_a_bf16_network_gets_the_reason_with_its_dtype_error():
+    net = torch.nn.Linear(3, 3).bfloat16()
+    for method in ("midpoint", "dopri5"):
+        with pytest.raises(RuntimeError, match=r"reaches a network with torch.bfloat16 weights but is called with x in "
+                                               r"torch.float32: pass the module itself"):
+            bx.sample(lambda x, t: net(x), torch.randn(2, 3), method=method, **({"nfe": 4} if method == "midpoint" else {}))
+    # cast inside the function, as the hint says: the state stays float32
+    assert bx.sample(lambda x, t: net(x.bfloat16()).float(), torch.randn(2, 3), method="midpoint", nfe=4).dtype == torch.float32

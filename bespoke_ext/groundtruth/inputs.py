@@ -16,6 +16,7 @@ casts them itself).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import types
@@ -26,8 +27,10 @@ import torch
 from torch import Tensor
 from torch.nn.parameter import is_lazy
 
+from ..models.identity import reachable_state
+
 __all__ = ["check_conditions", "pool_size", "take", "rows_of", "for_positions", "model_call_dtype", "first_tensor",
-           "check_argument_order", "check_velocity", "LOW_PRECISION", "STATE_DTYPES"]
+           "as_positional", "KeywordCall", "dtype_hint", "dtype_hint_on_error", "check_velocity", "LOW_PRECISION", "STATE_DTYPES"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -113,6 +116,8 @@ def model_call_dtype(model) -> Optional[torch.dtype]:
     them) is remembered per module and redone when its first or last floating parameter (buffer, for a
     module without parameters) was replaced or changed dtype, as ``.to()``, ``.half()`` and ``.float()``
     do. Uninitialised (lazy) parameters count 0."""
+    if isinstance(model, KeywordCall):
+        model = model.model
     if isinstance(model, types.MethodType):        # a bound method: its module (not getattr: on a module
         model = model.__self__                      # nn.Module.__getattr__ would format an AttributeError)
     if not isinstance(model, torch.nn.Module):
@@ -181,33 +186,115 @@ def first_tensor(module: torch.nn.Module, kind: str, floating: bool = False) -> 
     return None
 
 
-def check_argument_order(model) -> None:
-    """TypeError for a model written in torchdiffeq's order, ``f(t, x)``: the package calls ``model(x, t,
-    **extras)`` (flow_matching's convention), so such a model would get the state as its time and silently
-    compute something else. Decided once per function (its signature's first two positional names)."""
+def as_positional(model: Callable) -> Callable:
+    """The model as the package calls it, ``model(x, t, **extras)``.
+
+    flow_matching calls ``model(x=x, t=t, **extras)``, by keyword; the package calls by position (torch
+    modules and most functions take ``(x, t)``, whatever their names). The two agree unless the
+    signature names ``x`` and ``t`` in another order (``forward(self, t, x)``) or keyword-only
+    (``forward(self, *, x, t)``): such a model gets a wrapper that calls it by keyword, as flow_matching
+    does. A model whose first two names are torchdiffeq's order under other names (``f(t, y)``) would
+    get the state as its time: a TypeError. Decided once per function; the wrapper is one per model
+    (held weakly), so per-model caches such as CUDA graphs see the same object on every call.
+    """
     target = model.forward if isinstance(model, torch.nn.Module) else model
     func = getattr(target, "__func__", target)
     try:
-        names = _FIRST_NAMES.get(func)
+        kind = _CALLS.get(func)
     except TypeError:   # not weak-referenceable / hashable: looked at every time
-        names = None
-    if names is None:
+        kind = None
+    if kind is None:
+        kind = _calling_convention(target)
         try:
-            params = inspect.signature(target).parameters.values()
-            names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:2]
-        except (TypeError, ValueError):   # no signature (a builtin): nothing to check
-            names = ()
-        try:
-            _FIRST_NAMES[func] = names
+            _CALLS[func] = kind
         except TypeError:
             pass
-    if len(names) == 2 and names[0] in ("t", "time", "timestep", "sigma") and names[1] in ("x", "x_t", "xt", "y", "z"):
-        raise TypeError(f"the model's first arguments are ({names[0]}, {names[1]}), torchdiffeq's order, but it is "
-                        f"called as model(x, t, **extras) (flow_matching's): wrap it, e.g. "
-                        f"lambda x, t, **kw: model(t, x, **kw)")
+    if kind == "positional":
+        return model
+    if kind == "keywords":
+        try:
+            wrapper = _KEYWORD_CALLS.get(model)
+            if wrapper is None:
+                wrapper = _KEYWORD_CALLS[model] = KeywordCall(weakref.ref(model))
+            return wrapper
+        except TypeError:
+            return KeywordCall(model)
+    first, second = kind
+    raise TypeError(f"the model's first arguments are ({first}, {second}), torchdiffeq's order, but it is "
+                    f"called as model(x, t, **extras) (flow_matching's): wrap it, e.g. "
+                    f"lambda x, t, **kw: model(t, x, **kw)")
 
 
-_FIRST_NAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # function -> its first two argument names
+def _calling_convention(target):
+    """"positional", "keywords", or the (time, state) names of a torchdiffeq-order signature."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):   # no signature (a builtin): called by position
+        return "positional"
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    first = tuple(p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:2]
+    if first == ("x", "t"):
+        return "positional"
+    if all(name in params and params[name].kind in by_name for name in ("x", "t")):
+        return "keywords"
+    if len(first) == 2 and first[0] in ("t", "time", "timestep", "sigma") and first[1] in ("x", "x_t", "xt", "y", "z"):
+        return first
+    return "positional"
+
+
+def dtype_hint(model, call_dtype) -> str:
+    """For an error that mentions dtypes: why the model may have met x in a dtype it does not compute in
+    (a function around a bf16/fp16 network, or a module of mixed dtypes), or "" when neither applies."""
+    model = model.model if isinstance(model, KeywordCall) else model
+    module = getattr(model, "__self__", model)
+    if not isinstance(module, torch.nn.Module):
+        # a function around a low-precision network: only a module's own dtype is known to be its call dtype
+        low = sorted({str(p.dtype) for m in reachable_state(model)[0] for p in m.parameters() if p.dtype in LOW_PRECISION})
+        return (f" (the function reaches a network with {', '.join(low)} weights but is called with x in {call_dtype}: "
+                f"pass the module itself, which is called in its own dtype, or cast x inside the function)"
+                if low else "")
+    kinds = sorted({str(t.dtype) for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()})
+    if len(kinds) < 2:
+        return ""
+    return (f" (the module holds {', '.join(kinds)} tensors; it is called in {call_dtype}, the dtype of most of "
+            f"their elements: its forward must accept x in that dtype)")
+
+
+@contextlib.contextmanager
+def dtype_hint_on_error(model, call_dtype):
+    """Re-raise a model's dtype error with ``dtype_hint``'s reason, when there is one (sampling's)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        hint = dtype_hint(model, call_dtype) if "dtype" in str(exc).lower() else ""
+        if hint:
+            raise RuntimeError(f"{exc}{hint}") from exc
+        raise
+
+
+class KeywordCall:
+    """Calls ``model(x=x, t=t, **extras)`` (flow_matching's call) for a model whose signature needs it."""
+
+    __slots__ = ("_model", "__weakref__")
+
+    def __init__(self, model):
+        self._model = model   # the model, or a weak reference to it
+
+    @property
+    def model(self) -> Callable:
+        m = self._model
+        return m() if isinstance(m, weakref.ref) else m
+
+    def __call__(self, x: Tensor, t: Tensor, **extras):
+        return self.model(x=x, t=t, **extras)
+
+    @property
+    def network_forwards(self):
+        return getattr(self.model, "network_forwards", None)
+
+
+_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()           # function -> calling convention
+_KEYWORD_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its KeywordCall
 
 
 def check_velocity(v, x: Tensor, time: Tensor, method: str) -> None:

@@ -66,7 +66,7 @@ from .adaptive import check_tolerances, odeint_explained
 from ..solvers.tableaus import TABLEAUS, canonical_method
 from ..solvers.time_grid import as_time_grid, check_step_size, refuse_grid_gradients
 from ..groundtruth.inputs import check_velocity
-from ..groundtruth.inputs import model_call_dtype
+from ..groundtruth.inputs import as_positional, model_call_dtype
 from .sample import _cast_outputs, _check_extras, sample
 from .stats import ForwardCounter, SampleStats
 
@@ -210,6 +210,7 @@ def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], 
                          f"{type(x_1).__name__ if not torch.is_tensor(x_1) else f'{x_1.dtype} of shape {tuple(x_1.shape)}'}")
     refuse_grid_gradients(time_grid, enable_grad)
     low = model_call_dtype(model)
+    model = as_positional(model)
     if low is not None and x_1.dtype != low:   # a bf16/fp16 module: called in its own dtype, as sample() calls it
         model = _cast_outputs(model, low)
     grid = as_time_grid(time_grid)

@@ -18,7 +18,7 @@ from ..solvers.time_grid import (
 )
 from .cuda_graph import execute_graphed
 from .executor import StateDtype, execute
-from ..groundtruth.inputs import check_argument_order, first_tensor, model_call_dtype
+from ..groundtruth.inputs import as_positional, dtype_hint_on_error, first_tensor, model_call_dtype
 from ..integers import as_int
 from ..program import Program
 
@@ -93,6 +93,7 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
     _check_model_and_x0(model, x0)
     _check_extras(model_extras)
     low = model_call_dtype(model)
+    given, model = model, as_positional(model)   # a model flow_matching's keyword call reaches but ours would not
     if low is not None and x0.dtype != low:
         # a bf16/fp16 module and a float32/float64 state: called in its own dtype, the state kept in
         # x0's, as bx.train trained and validated the solver (a bf16 state would round every step)
@@ -112,14 +113,16 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
             grid = as_time_grid(time_grid)
             step = _check_torchdiffeq_args(name, nfe=nfe, step_size=step_size, atol=atol, rtol=rtol,
                                            cuda_graph=cuda_graph)
-            traj, stats = solve_adaptive(model, x0, grid, atol=atol, rtol=rtol, extras=model_extras,
-                                         enable_grad=enable_grad, method=name, step_size=step)
+            with dtype_hint_on_error(given, low or x0.dtype):
+                traj, stats = solve_adaptive(model, x0, grid, atol=atol, rtol=rtol, extras=model_extras,
+                                             enable_grad=enable_grad, method=name, step_size=step)
             return _result(traj[-1], traj, stats, return_intermediates, return_stats)
-    if cuda_graph and x0.is_cuda:
-        final, traj, stats = execute_graphed(program, model if isinstance(model, StateDtype) else _cast_outputs(model),
-                                             x0, model_extras)
-    else:  # the executor casts outputs of another dtype itself, from the first that needs it
-        final, traj, stats = execute(program, model, x0, model_extras, enable_grad=enable_grad)
+    with dtype_hint_on_error(given, low or x0.dtype):
+        if cuda_graph and x0.is_cuda:
+            final, traj, stats = execute_graphed(
+                program, model if isinstance(model, StateDtype) else _cast_outputs(model), x0, model_extras)
+        else:  # the executor casts outputs of another dtype itself, from the first that needs it
+            final, traj, stats = execute(program, model, x0, model_extras, enable_grad=enable_grad)
     return _result(final, traj, stats, return_intermediates, return_stats)
 
 
@@ -198,7 +201,6 @@ def _result(final, traj, stats, intermediates: bool, with_stats: bool):
 def _check_model_and_x0(model: Callable, x0) -> None:
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, **extras), got {type(model).__name__}")
-    check_argument_order(model)
     if not torch.is_tensor(x0):
         raise TypeError(f"x0 must be a tensor [batch, ...], got {type(x0).__name__}")
     if not x0.is_floating_point():

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..groundtruth.inputs import LOW_PRECISION, STATE_DTYPES, check_argument_order, model_call_dtype, pool_size, take
+from ..groundtruth.inputs import STATE_DTYPES, dtype_hint, model_call_dtype, pool_size, take
 from ..models.identity import reachable_state
 
 __all__ = ["probe_model", "model_device_dtype", "frozen"]
@@ -87,7 +87,6 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
     solves) and a 0-dim t (sampling and validation), conditions rows 0 and 1, model_extras. Raises a clear
     error unless the model accepts those names and returns a finite floating tensor of x's shape and dtype
     on ``device`` for both."""
-    check_argument_order(model)
     extras = dict(extras or {})
     call_dtype = model_call_dtype(model) or dtype
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device).to(call_dtype)
@@ -111,28 +110,13 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
         other = "a 0-dim t" if form == "t [2]" else "t [2]"
         _probe_once(model, x, t, shape, dtype, extras, cond, call,
                     hint=lambda exc: f" ({_TIME_HINTS[form]})" if calls_with(other) else
-                    _mixed_dtypes(model, call_dtype) if "dtype" in str(exc).lower() else "")
+                    dtype_hint(model, call_dtype) if "dtype" in str(exc).lower() else "")
     with torch.enable_grad():   # the losses differentiate through the model: its output must carry x's graph
         out = model(x.detach().requires_grad_(), forms["t [2]"], **extras, **cond)
     if not out.requires_grad:
         warnings.warn("bespoke_ext.train: the model's output does not depend on x through autograd (a forward under "
                       "torch.no_grad(), or a detached result): the losses differentiate through the model, so "
                       "training would follow a truncated gradient", RuntimeWarning, stacklevel=3)
-
-
-def _mixed_dtypes(model, call_dtype) -> str:
-    module = getattr(model, "__self__", model)
-    if not isinstance(module, torch.nn.Module):
-        # a function around a low-precision network: only a module's own dtype is known to be its call dtype
-        low = sorted({str(p.dtype) for m in reachable_state(model)[0] for p in m.parameters() if p.dtype in LOW_PRECISION})
-        return (f" (the function reaches a network with {', '.join(low)} weights but is called with x in {call_dtype}: "
-                f"pass the module itself, which is called in its own dtype, or cast x inside the function)"
-                if low else "")
-    kinds = sorted({str(t.dtype) for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()})
-    if len(kinds) < 2:
-        return ""
-    return (f" (the module holds {', '.join(kinds)} tensors; it is called in {call_dtype}, the dtype of most of "
-            f"their elements: its forward must accept x in that dtype)")
 
 
 def _probe_once(model, x, t, shape, dtype, extras: dict, cond: dict, call: str, hint) -> None:

@@ -55,7 +55,7 @@ import torch
 
 from ..integers import as_int
 from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache
-from ..groundtruth.inputs import check_conditions, model_call_dtype, pool_size
+from ..groundtruth.inputs import as_positional, check_conditions, model_call_dtype, pool_size
 from ..sampling.executor import StateDtype
 from ..models.identity import inputs_tag, training_tag
 from .batches import CachedBatches, OnlineBatches, derive_seed
@@ -131,6 +131,7 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     ctx = distributed_context(device)
     try:
         with frozen(model, keep=solver):
+            model = as_positional(model)   # after identity and freezing, which read the model itself
             probe_model(model, shape, device=device, dtype=dtype, extras=opts.model_extras, conditions=pool)
             return _Run(model, solver, shape, iterations, batch_size, seed, opts, device, dtype, ctx, pool, tag).run()
     except BaseException as exc:
