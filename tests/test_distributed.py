@@ -33,13 +33,13 @@ SCRIPT = textwrap.dedent("""
     rank = int(os.environ.get("RANK", "0"))
     m = GaussianMixtureFlow.random(dim=4, components=5, std=0.1, seed=0)
     results = {}
-    for mode in ("cached", "online", "cached+conditions", "online+conditions"):
+    for mode in ("cached", "online", "cached+conditions", "online+conditions", "cached-again"):
         # Batch 16 over 2 ranks = 8 each = one ground-truth group (gt_group_size 8) in both layouts.
         cond = mode.endswith("+conditions")
         kw = dict(conditions={"y": torch.tensor([0, 2, 1, 1, 0])}, iterations=4, val_every=2) if cond else \
             dict(iterations=8, val_every=4)
         solver = train(Shifted(m) if cond else m, BespokeSolver(3, 2), shape=(4,), batch_size=16, seed=3,
-                       gt=mode.split("+")[0], cache_dir=out + (".cond" if cond else "") + ".cache", cache_samples=64,
+                       gt=mode.split("+")[0].replace("-again", ""), cache_dir=out + (".cond" if cond else "") + ".cache", cache_samples=64,
                        cache_shard_size=16, gt_group_size=8, val_size=32, progress=False, dtype=torch.float64, **kw)
         h = solver.history
         results[mode] = {"params": torch.nn.utils.parameters_to_vector(solver.parameters()).tolist(),
@@ -59,7 +59,7 @@ def test_two_process_training_matches_single_process(tmp_path):
                         str(script), str(double)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = json.loads(single.read_text()), json.loads(double.read_text())
-    for mode in ("cached", "online", "cached+conditions", "online+conditions"):
+    for mode in ("cached", "online", "cached+conditions", "online+conditions", "cached-again"):
         # Reduction order: float64 sums in another order, then 8 Adam steps (measured differences ~1e-15).
         # The tolerance leaves room for the rare last-bit difference between two processes' ground truth
         # (seen once in ~40 runs of this test; an adaptive step decision can then move a state by ~1e-9).
@@ -67,6 +67,8 @@ def test_two_process_training_matches_single_process(tmp_path):
         np.testing.assert_allclose(b[mode]["loss"], a[mode]["loss"], rtol=1e-7, err_msg=mode)
         np.testing.assert_allclose(b[mode]["val_rmse"], a[mode]["val_rmse"], rtol=1e-7, err_msg=mode)
         assert max(abs(v) for v in a[mode]["params"]) > 1e-3   # it trained (raw parameters start at 0)
+    for r in (a, b):   # the second cached run read the validation ground truth the first kept (every rank)
+        assert r["cached-again"] == r["cached"]
     # The cache the two ranks built shard by shard holds the single-process cache's data: the same noise
     # (shards depend on (seed, shard) only) and the same trajectories.
     for folder, keys in ((".cache", ("x", "u")), (".cond.cache", ("x", "u", "rows"))):

@@ -219,3 +219,50 @@ def test_cache_build_resumes_and_is_independent_of_process_count(built, tmp_path
 def test_model_tag_follows_weights(mixture):
     assert model_tag(mixture(seed=0)) == model_tag(mixture(seed=0))
     assert model_tag(mixture(seed=0)) != model_tag(mixture(seed=1))
+
+
+def test_validation_ground_truth_is_kept_with_the_cache_and_read_only_when_it_is_this_set(tmp_path, mixture):
+    import bespoke_ext as bx
+
+    m = mixture(dim=3)
+    calls = []
+
+    class Counted(torch.nn.Module):   # the mixture, counting the validation-sized calls
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, t):
+            calls.append(x.shape[0])
+            return self.m(x, t)
+
+    model = Counted()
+    kw = dict(shape=(3,), iterations=1, batch_size=4, gt="cached", cache_dir=tmp_path / "c", cache_samples=8,
+              val_size=24, gt_group_size=24, progress=False, dtype=torch.float64)
+    first = bx.train(model, bx.BespokeSolver(2, 1), **kw)
+    solved = calls.count(24)
+    assert solved > 6 and first.history.gt_seconds > 0   # a dopri5 solve of the 24 samples
+    files = sorted(p.name for p in (tmp_path / "c").glob("validation_*"))
+    assert len(files) == 2
+    calls.clear()
+    second = bx.train(model, bx.BespokeSolver(2, 1), **kw)
+    assert calls.count(24) == 2 * second.nfe   # validations of iteration 0 and 1 only: no solve
+    assert second.history.val_rmse == first.history.val_rmse
+    # another set (size) is solved, next to the first
+    calls.clear()
+    third = bx.train(model, bx.BespokeSolver(2, 1), **{**kw, "val_size": 12, "gt_group_size": 12})
+    assert calls.count(12) > 6 and len(list((tmp_path / "c").glob("validation_*"))) == 4
+    # a damaged file is solved again (and rewritten), never used
+    npy = next((tmp_path / "c").glob(f"validation_{files[0].split('_')[1].split('.')[0]}.npy"))
+    arr = np.load(npy)
+    np.save(npy, arr + 1.0)
+    calls.clear()
+    again = bx.train(model, bx.BespokeSolver(2, 1), **kw)
+    assert calls.count(24) == solved and again.history.val_rmse == first.history.val_rmse
+    assert np.array_equal(np.load(npy), arr)
+    # a record is used only for its own key and noise (another torch's random stream: another checksum)
+    from bespoke_ext.groundtruth.validation_store import load_solved, store_solved
+    x0 = torch.randn(5, 3, dtype=torch.float64)
+    store_solved(tmp_path, {"size": 5}, x0, 2 * x0)
+    assert load_solved(tmp_path, {"size": 5}, x0).equal(2 * x0)
+    assert load_solved(tmp_path, {"size": 5}, x0 + 1) is None and load_solved(tmp_path, {"size": 6}, x0) is None

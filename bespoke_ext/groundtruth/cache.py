@@ -14,6 +14,7 @@ On disk (a folder):
     shard_00000.x.npy        states     [S, G+1, *shape]   (S samples of the shard)
     shard_00000.u.npy        velocities [S, G+1, *shape]
     shard_00000.rows.npy     int64 [S]: each trajectory's row of the conditions pool (only with conditions)
+    validation_<key>.*       training's validation ground truth, solved for this cache (validation_store.py)
 
 Version 2 (this one) added the inputs tag (constant extras' values and the conditions pool,
 ``models.identity.inputs_tag``), the pool's row count and the rows files; a version-1 cache is refused

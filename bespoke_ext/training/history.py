@@ -6,8 +6,8 @@ every ``val_every`` iterations and the last): ``val_iteration``, ``val_rmse``, `
 ground truth x(1)), ``val_times`` (the solver's time grid then) and ``val_wall`` (seconds since the
 run started, summed over resumed runs). Summary: ``best_iteration``/``best_rmse`` (the solver returned
 when keep_best), ``base_rmse`` (iteration 0), ``gt_seconds`` (ground-truth work: cache build or online
-solves), ``wall_seconds`` (whole run), ``nfe``. ``skipped_iterations``: the iterations (1-based, like
-``val_iteration``) whose loss or gradient was not finite and whose step was therefore not applied;
+solves, the validation set's solve), ``wall_seconds`` (whole run), ``nfe``. ``skipped_iterations``: the
+iterations (1-based, like ``val_iteration``) whose loss or gradient was not finite and whose step was therefore not applied;
 ``skipped`` is their count. With the least-squares start (TrainOptions.fit_start) iteration 0 is validated
 twice, the solver as given and then fitted (``fitted_rmse``); ``fit_seconds`` is the fit's own time (its
 ground-truth reads are in ``gt_seconds``), ``fit_warp`` the p of the time grid it chose (times as given ** p).

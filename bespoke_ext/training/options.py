@@ -87,7 +87,9 @@ class TrainOptions:
             shard size is another set of trajectories (and another cache), not a storage detail.
         cache_in_memory: bytes up to which the cache is read into memory instead of memory-mapped.
     Validation
-        val_size: held-out noise samples whose ground truth x(1) is solved once.
+        val_size: held-out noise samples whose ground truth x(1) is solved once (with gt="cached", kept in
+            the cache's folder: the next run on that cache with the same val_size, seed and gt_group_size
+            reads it instead of solving it again).
         val_every: iterations between validations (also the first and last iteration).
     Execution
         device: where the model runs (default: the device of the model's weights, for a plain function those

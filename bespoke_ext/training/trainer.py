@@ -309,7 +309,9 @@ class _Run:
             val = ValidationSet(self.model, self.shape, size=o.val_size, seed=derive_seed(self.seed, "validation"),
                                 dtype=self.dtype, device=self.device, rtol=o.gt_rtol, atol=o.gt_atol,
                                 group_size=o.gt_group_size, extras=self.extras, ctx=self.ctx, progress=self.show,
-                                conditions=self.pool, solved=state.get("validation_x1") if state else None)
+                                conditions=self.pool, solved=state.get("validation_x1") if state else None,
+                                store=self.cache_dir(self.cache_spec()) if o.gt == "cached" else None)
+            history.gt_seconds += val.seconds
 
             def validate(iteration):
                 nonlocal best_state
