@@ -74,7 +74,8 @@ def test_summary_explains_gains_cost_and_stages(demo):
         assert ns["rmse_over_rk2"] == pytest.approx(rows[("bespoke-ns", c["nfe"])]["rmse"] / mine["rmse"])
         assert 0 < ns["training_seconds"] and 0 < ns["training_cost_fraction"] < s["training_cost_fraction"]
         assert 0 < c["bespoke_rk2_training_cost_fraction"] < s["training_cost_fraction"]
-        assert c["bespoke_rk2_training_seconds"] > s["training_gt_seconds"]  # its iterations plus the ground truth
+        # its iterations plus the ground truth (both rounded to 0.1 s, so a quick run's may round to the same figure)
+        assert c["bespoke_rk2_training_seconds"] >= s["training_gt_seconds"]
     assert "targets" not in s  # internal targets belong to the benchmark report, not to what users read
     assert s["training_seconds"] > 0 and 0 < s["training_cost_fraction"]
     assert set(s["stages_seconds"]) == {"load", "ground truth", "train", "evaluate", "report"}
