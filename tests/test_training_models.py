@@ -134,3 +134,16 @@ def test_a_low_precision_network_behind_a_function_gets_a_hint(tmp_path):
     with pytest.raises(RuntimeError, match=r"reaches a network with torch.bfloat16 weights.*pass the module itself"):
         bx.train(lambda x, t: net(_with_time(x, t)), bx.BespokeSolver(2, 1), shape=(2,), cache_dir=str(tmp_path),
                  **SMALL)
+
+
+def test_paths_may_be_pathlib_and_the_trained_solver_saves(tmp_path):
+    """cache_dir and checkpoint as pathlib.Path (as users write them): kept as str, so the solver's metadata
+    (which records the options) is JSON and the file saves and loads."""
+    net = _mlp(6).eval()
+    solver = bx.train(lambda x, t: net(_with_time(x, t)), bx.BespokeSolver(2, 1), shape=(2,),
+                      cache_dir=tmp_path / "gt", checkpoint=tmp_path / "c.ckpt", **SMALL)
+    solver.save(tmp_path / "s.safetensors")
+    options = bx.BespokeSolver.load(tmp_path / "s.safetensors").metadata["training"]["options"]
+    assert options["cache_dir"] == str(tmp_path / "gt") and options["checkpoint"] == str(tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match="cache_dir must be a path"):
+        bx.train(net, bx.BespokeSolver(2, 1), shape=(2,), cache_dir=3, **SMALL)

@@ -14,6 +14,7 @@ Defaults were chosen from runs of 300 iterations, batch 256, order 2 with 5 step
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional
 
@@ -210,6 +211,11 @@ class TrainOptions:
                              "the bound loss makes independent evaluations, which chunk_size bounds")
         if not isinstance(self.model_extras, dict):
             raise ValueError(f"model_extras must be a dict of keyword arguments, got {type(self.model_extras).__name__}")
+        for name in ("cache_dir", "checkpoint"):  # a str or a pathlib.Path; kept as str (it goes into JSON metadata)
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a path (str or os.PathLike) or None, got {type(v).__name__}")
+            setattr(self, name, None if v is None else os.fspath(v))
 
     @property
     def schedule(self) -> str:
