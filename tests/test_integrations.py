@@ -393,6 +393,29 @@ def test_bespoke_scheduler_inside_sd3_after_save_and_load(sd3, tmp_path):
     assert (want - fresh).abs().max() > 1e-3
 
 
+def test_sd3_at_another_resolution_than_trained_warns(sd3, tmp_path):
+    """SD3's shift is fixed (no mu to compare): the latents' shape recorded at training tells the resolution."""
+    pipe, embeds = sd3
+    velocity = pipeline_velocity(pipe, height=H, width=W, guidance_scale=4.0)
+    pipe.scheduler = BespokeScheduler.from_solver(bx.BespokeSolver(2, 1), **velocity.scheduler_settings)
+    assert pipe.scheduler.config.trained_latent_shape == list(velocity.latent_shape)
+    same = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(pipe, embeds, same, 2, guidance_scale=4.0)
+    larger = torch.randn(2, 4, 2 * H // 8, 2 * W // 8, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"per-sample shape \(4, 8, 8\).*trained on \(4, 4, 4\)") as caught:
+        pipe(**embeds, latents=larger, height=2 * H, width=2 * W, num_inference_steps=2, output_type="latent",
+             guidance_scale=4.0)
+    assert sum("BespokeScheduler" in str(w.message) for w in caught) == 1   # once per trajectory
+    pipe.scheduler.save_pretrained(tmp_path)                                  # it travels with the config
+    strict = BespokeScheduler.from_pretrained(tmp_path, strict=True)
+    assert strict.config.trained_latent_shape == list(velocity.latent_shape)
+    strict.set_timesteps(2)
+    with pytest.raises(ValueError, match="per-sample shape"):
+        strict.step(torch.zeros_like(larger), strict.timesteps[0], larger)
+
+
 def test_pipeline_velocity_checks_latent_shape_and_pipeline(flux):
     pipe, embeds = flux
     velocity = pipeline_velocity(pipe, height=H, width=W)
@@ -539,7 +562,7 @@ def test_train_for_a_pipeline_then_sample_inside_it(flux, tmp_path):
                       val_every=2, lr=5e-2, progress=False, cache_dir=str(tmp_path / "gt"),
                       keep_best=False)
     assert any(not torch.equal(p, torch.zeros_like(p)) for p in solver.parameters())  # it trained
-    BespokeScheduler.from_solver(solver, trained_mu=velocity.mu).save_pretrained(tmp_path / "sched")
+    BespokeScheduler.from_solver(solver, **velocity.scheduler_settings).save_pretrained(tmp_path / "sched")
     pipe.scheduler = BespokeScheduler.from_pretrained(tmp_path / "sched")
     latents = torch.randn(2, *velocity.latent_shape, generator=torch.Generator().manual_seed(8))
     got = _run(pipe, embeds, latents, pipe.scheduler.steps)

@@ -18,7 +18,9 @@ metadata), so ``save_pretrained`` / ``from_pretrained`` never unpickle anything.
 absorbs the resolution shift it was trained at, so ``mu`` / ``sigmas`` from a pipeline are not applied;
 ``trained_mu`` records the pipeline's mu at training time and a different mu warns (raises if
 ``strict``). ``from_solver(solver, **pipeline_velocity(...).scheduler_settings)`` records it with the shift
-settings it came from, which Flux pipelines read back from this scheduler's config.
+settings it came from, which Flux pipelines read back from this scheduler's config, and the latents'
+per-sample shape (``trained_latent_shape``): a trajectory started from latents of another shape (another
+resolution; SD3's fixed shift has no mu to tell) warns too (raises if ``strict``).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
                  use_dynamic_shifting: bool = False, trained_mu: Optional[float] = None,
                  trained_shift: Optional[float] = None, trained_seq_len: Optional[int] = None,
                  guidance_scale: Optional[float] = None, model_tag: Optional[str] = None, strict: bool = False,
+                 trained_latent_shape: Optional[List[int]] = None,
                  base_image_seq_len: int = FLUX_SHIFT_DEFAULTS["base_image_seq_len"],
                  max_image_seq_len: int = FLUX_SHIFT_DEFAULTS["max_image_seq_len"],
                  base_shift: float = FLUX_SHIFT_DEFAULTS["base_shift"],
@@ -140,13 +143,14 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         self._returned_version = 0
         self._given_sigmas = False
         self._started = False
+        self._resolution_warned = False
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
     def from_solver(cls, solver, **config) -> "BespokeScheduler":
         """A scheduler for ``solver`` (BespokeSolver of order 1 or 2, NonStationarySolver). ``config``:
-        the other settings (trained_mu, trained_shift, trained_seq_len, guidance_scale, model_tag,
-        strict, num_train_timesteps, Flux's shift settings, ...: for a pipeline,
+        the other settings (trained_mu, trained_shift, trained_seq_len, trained_latent_shape, guidance_scale,
+        model_tag, strict, num_train_timesteps, Flux's shift settings, ...: for a pipeline,
         ``**pipeline_velocity(...).scheduler_settings``); model_tag defaults to the solver's metadata's."""
         record = solver_record(solver)
         clash = set(record) & set(config) | ({"steps", "solver_order"} & set(config))
@@ -211,6 +215,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None:
             warnings.warn("BespokeScheduler: custom timesteps are ignored; the solver uses its own learned grid",
                           stacklevel=2)
+        self._resolution_warned = False
         self._check_mu(mu)
         self._given_sigmas = sigmas is not None
         self.num_inference_steps = steps
@@ -227,12 +232,24 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         trained = self.config.trained_mu
         if mu is None or trained is None or abs(float(mu) - float(trained)) <= _MU_TOLERANCE:
             return
-        message = (f"BespokeScheduler: the pipeline's shift mu={float(mu):.4g} differs from the mu={float(trained):.4g} "
-                   f"the solver was trained at (another resolution?); its learned grid is tuned to the trained "
-                   f"one. Train a solver for this resolution.")
+        self._off_resolution(f"the pipeline's shift mu={float(mu):.4g} differs from the mu={float(trained):.4g} "
+                             f"the solver was trained at (another resolution?)", stacklevel=4)
+
+    def _check_latent_shape(self, sample: torch.Tensor) -> None:
+        trained = self.config.trained_latent_shape
+        if trained is None or self._resolution_warned or tuple(sample.shape[1:]) == tuple(trained):
+            return
+        self._off_resolution(f"the pipeline's latents have per-sample shape {tuple(sample.shape[1:])}, the solver "
+                             f"was trained on {tuple(trained)} (another resolution?)", stacklevel=4)
+
+    def _off_resolution(self, what: str, stacklevel: int) -> None:
+        """Warn once per trajectory (raise if strict) that the run is not at the solver's trained resolution."""
+        message = (f"BespokeScheduler: {what}; its learned grid is tuned to the trained one. Train a solver "
+                   f"for this resolution.")
         if self.config.strict:
             raise ValueError(message)
-        warnings.warn(message, stacklevel=3)
+        self._resolution_warned = True
+        warnings.warn(message, stacklevel=stacklevel)
 
     def step(self, model_output: torch.Tensor, timestep: Union[float, torch.Tensor], sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, return_dict: bool = True,
@@ -253,6 +270,8 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         # then the sample is taken as the new state
         mine = sample is self._returned and self._returned is not None and _version(sample) == self._returned_version
         x = None if mine else sample.to(dtype)
+        if not self._started:
+            self._check_latent_shape(sample)
         if not self._started and not self._stepper.startable(k):
             raise ValueError(f"BespokeScheduler: the solver cannot start at evaluation {k} of {self.nfe} "
                              f"(img2img strength / begin index): it needs earlier states")

@@ -98,7 +98,7 @@ class FluxVelocity(nn.Module):
         sequence length and guidance, and the shift settings FluxPipeline computes a run's mu from (read
         from the scheduler's config, so a BespokeScheduler must carry the ones this mu came from)."""
         return dict(trained_mu=self.mu, trained_seq_len=int(self.latent_shape[0]), guidance_scale=self.guidance_scale,
-                    **self.shift_settings)
+                    trained_latent_shape=list(self.latent_shape), **self.shift_settings)
 
     def _forward(self, x: Tensor, timestep: Tensor, embeds: Tensor, pooled: Tensor) -> Tensor:
         tr = self.transformer
@@ -137,8 +137,8 @@ class SD3Velocity(nn.Module):
     @property
     def scheduler_settings(self) -> dict:
         """BespokeScheduler.from_solver's settings for a solver trained on this field (SD3's shift is fixed:
-        no mu to record)."""
-        return dict(guidance_scale=self.guidance_scale)
+        no mu to record; the latents' shape tells the resolution)."""
+        return dict(guidance_scale=self.guidance_scale, trained_latent_shape=list(self.latent_shape))
 
     def forward(self, x: Tensor, t: Tensor, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor,
                 negative_prompt_embeds: Optional[Tensor] = None,
