@@ -315,6 +315,34 @@ def test_a_function_reading_another_global_model_does_not_reuse_its_cache(tmp_pa
         _GLOBAL_FIELD = None
 
 
+class _ForwardReadsAGlobal(torch.nn.Module):
+    """A wrapper module whose forward computes with a module-level network and scale."""
+
+    def forward(self, x, t):
+        return _GLOBAL_SCALE * _GLOBAL_FIELD(x, t)
+
+
+_GLOBAL_SCALE = 1.0
+
+
+def test_a_module_whose_forward_reads_a_global_network_is_tagged_by_it(mixture):
+    # the wrapper has no weights of its own: the network and the number its forward reads are its field
+    global _GLOBAL_FIELD, _GLOBAL_SCALE
+    wrapper = _ForwardReadsAGlobal()
+    try:
+        _GLOBAL_FIELD = mixture(4, seed=0)
+        first = model_tag(wrapper)
+        assert model_tag(wrapper) == first  # stable while nothing changes
+        _GLOBAL_FIELD = mixture(4, seed=1)
+        assert model_tag(wrapper) != first
+        _GLOBAL_FIELD, _GLOBAL_SCALE = mixture(4, seed=0), 2.0
+        assert model_tag(wrapper) != first
+        _GLOBAL_SCALE = 1.0
+        assert model_tag(wrapper) == first
+    finally:
+        _GLOBAL_FIELD, _GLOBAL_SCALE = None, 1.0
+
+
 # ------------------------------------------------------------------------------ the model probe
 
 class Probe(torch.nn.Module):

@@ -12,7 +12,10 @@ over everything the package can see that shapes the field:
 - plain objects held as attributes (a schedule), through their own settings (and a callable object's
   ``__call__``, as a function), and functions held as attributes, through their code, defaults, closure
   values and the globals their code reads;
-- for a bound method, the object it is bound to.
+- for a bound method, the object it is bound to;
+- for a module, the tensors, networks and numbers at module level that its class's ``forward`` reads
+  (``class Wrapper(nn.Module): def forward(self, x, t): return NET(x, t)``); other globals a forward
+  names (functions, helpers, loggers) are library code, left out so the tag stays stable.
 A class may name attributes that do not shape the field (call counters) in a class attribute
 ``identity_ignore``; they are left out, so the tag does not change as the model is used. A module class
 with ``identity_skip = True`` (the solvers: an object may hold its solver next to its network) is left out
@@ -132,6 +135,9 @@ class _Hasher:
                 # here is a plain attribute (a null-condition embedding, a scale), hashed by value
                 self.text(key)
                 self.value(v, 1)
+            for key, v in _forward_globals(type(sub)).items():
+                self.text(f"global|{key}")
+                self.value(v, 1)
 
     def obj(self, v: Any, depth: int) -> None:
         if id(v) in self.seen:
@@ -223,14 +229,34 @@ def _globals_read(fn) -> dict:
     names; attribute names that happen to match a global are included too, which can only over-separate.
     Globals the code assigns (``global calls; calls += 1``) are left out: state the function writes, such
     as a call counter, is not an input of the field, and would change the tag at every call."""
-    names, written, codes = set(), set(), [fn.__code__]
-    while codes:
-        code = codes.pop()
-        names.update(code.co_names)
-        written.update(i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
-        codes.extend(c for c in code.co_consts if inspect.iscode(c))
     scope = getattr(fn, "__globals__", {})
-    return {n: scope[n] for n in sorted(names - written) if n in scope}
+    return {n: scope[n] for n in _global_names(fn.__code__) if n in scope}
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> Tuple[str, ...]:
+    # per code object (a large network's modules share a few classes): the names only, never the values
+    names, written, codes = set(), set(), [code]
+    while codes:
+        c = codes.pop()
+        names.update(c.co_names)
+        written.update(i.argval for i in dis.get_instructions(c) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
+        codes.extend(k for k in c.co_consts if inspect.iscode(k))
+    return tuple(sorted(names - written))
+
+
+# what a forward reads at module level that shapes the field: weights and settings, not code
+_FIELD_STATE = (torch.Tensor, torch.nn.Module, bool, int, float, str)
+
+
+def _forward_globals(cls: type) -> dict:
+    """{name: value} of the module globals that ``cls.forward`` reads and that are field state (tensors,
+    networks, numbers, strings; see _globals_read), as they are now."""
+    forward = getattr(cls, "forward", None)
+    if not inspect.isfunction(forward):
+        return {}
+    # dunders (``type(self).__name__`` names the module's own ``__name__``) are the module's metadata
+    return {k: v for k, v in _globals_read(forward).items() if isinstance(v, _FIELD_STATE) and not k.startswith("__")}
 
 
 def model_tag(model, *, strict: bool = True) -> str:
