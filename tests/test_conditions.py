@@ -343,6 +343,32 @@ def test_a_module_whose_forward_reads_a_global_network_is_tagged_by_it(mixture):
         _GLOBAL_FIELD, _GLOBAL_SCALE = None, 1.0
 
 
+def test_training_freezes_and_places_a_global_network_a_module_forward_reads():
+    # the wrapper has no weights: the network its forward reads is what training must freeze (its weights
+    # would collect the losses' gradients) and whose dtype the states take
+    from bespoke_ext.training.probe import frozen, model_device_dtype
+
+    global _GLOBAL_FIELD
+    wrapper = _ForwardReadsAGlobal()
+    try:
+        _GLOBAL_FIELD = _TimeLinear(4).double().train()
+        assert model_device_dtype(wrapper) == (torch.device("cpu"), torch.float64)
+        with frozen(wrapper):
+            assert not any(p.requires_grad for p in _GLOBAL_FIELD.parameters()) and not _GLOBAL_FIELD.training
+        assert all(p.requires_grad for p in _GLOBAL_FIELD.parameters()) and _GLOBAL_FIELD.training  # restored
+    finally:
+        _GLOBAL_FIELD = None
+
+
+class _TimeLinear(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = torch.nn.Linear(dim + 1, dim)
+
+    def forward(self, x, t):
+        return self.lin(torch.cat([x, t.expand(x.shape[0], 1)], dim=1))
+
+
 # ------------------------------------------------------------------------------ the model probe
 
 class Probe(torch.nn.Module):

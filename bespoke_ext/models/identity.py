@@ -185,9 +185,10 @@ def _object_parts(v) -> Tuple[str, bytes, list]:
 def reachable_state(model, exclude=None) -> Tuple[list, list]:
     """(modules, tensors): the torch modules a model callable computes with, and the plain tensors that
     require grad outside them, found along the same edges as the identity (closures, the globals a
-    function reads, a partial's arguments, a bound method's object, plain objects' attributes). A plain
-    function around a network (``lambda x, t: net(x, t)``) reaches ``net``: training freezes its weights
-    and takes its device as a module's. ``exclude`` (the solver being trained, which a user's object may
+    function reads, a partial's arguments, a bound method's object, plain objects' attributes, the
+    module-level networks and tensors a module's forward reads). A plain function around a network
+    (``lambda x, t: net(x, t)``) reaches ``net``, and so does a module whose forward calls a global
+    ``NET``: training freezes its weights and takes its device as a module's. ``exclude`` (the solver being trained, which a user's object may
     hold next to its network) and optimizers are not followed."""
     modules, tensors, seen = [], [], {id(exclude)} if exclude is not None else set()
 
@@ -197,8 +198,15 @@ def reachable_state(model, exclude=None) -> Tuple[list, list]:
             return
         seen.add(id(v))
         if isinstance(v, torch.nn.Module):
-            if not getattr(type(v), "identity_skip", False):
-                modules.append(v)
+            if getattr(type(v), "identity_skip", False):
+                return
+            modules.append(v)
+            subs = list(v.modules())
+            seen.update(id(sub) for sub in subs)   # in v already: not a second entry
+            # a forward that calls a module-level network computes with it (the identity's edge too)
+            for sub in subs:
+                for g in _forward_globals(type(sub)).values():
+                    walk(g, depth + 1)
         elif torch.is_tensor(v):
             if v.requires_grad and v.is_leaf:
                 tensors.append(v)
