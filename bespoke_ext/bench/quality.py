@@ -264,6 +264,9 @@ def _reusable(path: Path, qm: QualityModel, method: str, cfg):
         return None
     if "fit_start" in budget and bool(options.get("fit_start") or False) != bool(budget["fit_start"]):
         return None
+    # (files from before the warp search existed fitted at their own grid only)
+    if "fit_warps" in budget and tuple(options.get("fit_warps") or (1.0,)) != tuple(budget["fit_warps"]):
+        return None
     return solver
 
 
