@@ -4,13 +4,16 @@ Ground truth is only ground truth for the model that produced it, so the identit
 whenever the velocity field can. ``model_tag(model)`` is the model's qualified name plus a sha256
 over everything the package can see that shapes the field:
 
-- every tensor of the state dict (names, dtypes, shapes, values);
-- the primitive settings (numbers, strings, bools, None, and tuples / lists / dicts of them) of the
+- every tensor of the state dict (names, dtypes, shapes, values) and every non-persistent buffer (a time
+  embedding's frequencies: not saved, yet part of the field);
+- the primitive settings (numbers, strings, bools, None, bytes, enum members, numpy arrays and scalars,
+  and tuples / lists / sets / dicts of them) of the
   module and of every submodule, e.g. ``ClassifierFreeGuidance.guidance_scale``,
   ``VelocityAdapter.prediction`` and ``t_eps``, and tensors held as plain attributes (neither
   parameter nor buffer, so not in the state dict), e.g. a tensor ``null_value``, by value;
-- plain objects held as attributes (a schedule), through their own settings (and a callable object's
-  ``__call__``, as a function), and functions held as attributes, through their code, defaults, closure
+- plain objects held as attributes (a schedule), through their own settings (``__dict__`` and
+  ``__slots__``, next to a ``to_dict()``, which may leave out what it cannot serialise; a callable object's
+  ``__call__`` as a function), and functions held as attributes, through their code, defaults, closure
   values and the globals their code reads;
 - for a bound method, the object it is bound to;
 - for a module, the tensors, networks and numbers at module level that its class's ``forward`` reads
@@ -35,6 +38,7 @@ imported module, a file): callers must then have an explicit tag or cache folder
 from __future__ import annotations
 
 import dis
+import enum
 import functools
 import hashlib
 import inspect
@@ -43,6 +47,7 @@ import os
 import types
 from typing import Any, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = ["model_tag", "training_tag", "inputs_tag", "reachable_state", "OpaqueModelError"]
@@ -93,6 +98,19 @@ class _Hasher:
             self.tensor(v)
         elif isinstance(v, (torch.dtype, torch.device)):
             self.text(f"{type(v).__name__}|{v}")
+        elif isinstance(v, enum.Enum):   # its fields are private: the member itself is the setting
+            self.text(f"enum|{_qualname(v)}|{v.name}")
+            self.value(v.value, depth + 1)
+        elif isinstance(v, (bytes, bytearray)):
+            self.text(f"bytes|{len(v)}")
+            self.h.update(bytes(v))
+        elif isinstance(v, (set, frozenset)):
+            self.text(f"set|{len(v)}")
+            for item in sorted(v, key=repr):
+                self.value(item, depth + 1)
+        elif isinstance(v, (np.ndarray, np.generic)):   # numpy arrays and scalars (np.float32(3)), by value
+            self.tensor(torch.from_numpy(np.ascontiguousarray(v).copy())) if np.asarray(v).dtype.kind in "biufc" \
+                else self.text(f"numpy|{np.asarray(v).dtype}|{np.asarray(v).tolist()!r}")
         elif isinstance(v, (list, tuple)):
             self.text(f"{type(v).__name__}|{len(v)}")
             for item in v:
@@ -125,6 +143,13 @@ class _Hasher:
         for key, t in sorted(m.state_dict().items()):
             self.text(key)
             self.tensor(t)
+        # buffers registered with persistent=False (a time embedding's frequencies) shape the field but are
+        # not in the state dict; keyed apart, so a persistent buffer's tag is the same as before
+        persistent = set(m.state_dict())
+        for key, t in sorted(m.named_buffers(remove_duplicate=False)):
+            if key not in persistent and t is not None:
+                self.text(f"buffer|{key}")
+                self.tensor(t)
         for name, sub in sorted(m.named_modules(), key=lambda kv: kv[0]):
             self.text(f"settings|{name}|{_qualname(sub)}")
             ignore = set(getattr(type(sub), "identity_ignore", ()))
@@ -168,18 +193,28 @@ def _object_parts(v) -> Tuple[str, bytes, list]:
         return f"function|{_qualname(v)}", code.co_code, [
             [c for c in code.co_consts if not inspect.iscode(c)], list(v.__defaults__ or ()),
             [cell.cell_contents for cell in (v.__closure__ or ())], _globals_read(v)]
-    if callable(getattr(v, "to_dict", None)) and _has_no_required_args(v.to_dict):
-        return f"object|{_qualname(v)}", b"", [v.to_dict()]
+    # a to_dict() (a diffusers config, a schedule) may leave out what it cannot serialise (a custom
+    # schedule's functions): it is hashed next to the object's own state, not instead of it
+    described = [v.to_dict()] if callable(getattr(v, "to_dict", None)) and _has_no_required_args(v.to_dict) else []
     # a callable object computes with its class's __call__: its code, and the globals that reads (a
     # module-level network), are part of it as a function's are
     call = getattr(type(v), "__call__", None)
     code = [call] if inspect.isfunction(call) else []
-    state = getattr(v, "__dict__", None)
-    if state is None:
-        return f"object|{_qualname(v)}", b"", code
     ignore = set(getattr(type(v), "identity_ignore", ()))
-    return f"object|{_qualname(v)}", b"", [{k: s for k, s in state.items() if not k.startswith("_") and k not in ignore},
-                                           *code]
+    state = {**_slot_state(v), **(getattr(v, "__dict__", None) or {})}
+    return f"object|{_qualname(v)}", b"", [*described, {k: s for k, s in state.items()
+                                                        if not k.startswith("_") and k not in ignore}, *code]
+
+
+def _slot_state(v) -> dict:
+    """{name: value} of the __slots__ attributes of v's classes (state kept out of __dict__)."""
+    state = {}
+    for cls in type(v).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in ((slots,) if isinstance(slots, str) else slots):
+            if name not in ("__dict__", "__weakref__") and hasattr(v, name):
+                state.setdefault(name.strip("_"), getattr(v, name))   # private slots are state too
+    return state
 
 
 def reachable_state(model, exclude=None) -> Tuple[list, list]:

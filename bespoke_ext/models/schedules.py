@@ -170,21 +170,22 @@ class CustomSchedule(Schedule):
         for arg, fn in (("d_alpha_fn", d_alpha_fn), ("d_sigma_fn", d_sigma_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"CustomSchedule: {arg} must be callable or None, got {type(fn).__name__}")
-        self._alpha, self._sigma = alpha_fn, sigma_fn
-        self._d_alpha, self._d_sigma = d_alpha_fn, d_sigma_fn
+        # public attributes: the model identity (models/identity.py) hashes them, code, closures and all
+        self.alpha_fn, self.sigma_fn = alpha_fn, sigma_fn
+        self.d_alpha_fn, self.d_sigma_fn = d_alpha_fn, d_sigma_fn
         self.name = name
 
     def alpha(self, t):
-        return self._alpha(t)
+        return self.alpha_fn(t)
 
     def sigma(self, t):
-        return self._sigma(t)
+        return self.sigma_fn(t)
 
     def d_alpha(self, t):
-        return self._d_alpha(t) if self._d_alpha is not None else _autograd_derivative(self._alpha, t)
+        return self.d_alpha_fn(t) if self.d_alpha_fn is not None else _autograd_derivative(self.alpha_fn, t)
 
     def d_sigma(self, t):
-        return self._d_sigma(t) if self._d_sigma is not None else _autograd_derivative(self._sigma, t)
+        return self.d_sigma_fn(t) if self.d_sigma_fn is not None else _autograd_derivative(self.sigma_fn, t)
 
     def to_dict(self):
         # Callables cannot be stored: a card naming a custom schedule cannot be reloaded from data.

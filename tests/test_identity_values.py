@@ -1,0 +1,91 @@
+"""Model identity over the kinds of values a field's settings come in: every one of them that differs must
+separate two models (a shared tag would hand one model the other's ground truth), and equal ones must not."""
+
+import copy
+import enum
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bespoke_ext.models.adapters import VelocityAdapter
+from bespoke_ext.models.identity import inputs_tag, model_tag
+from bespoke_ext.models.schedules import CustomSchedule
+
+
+class _Scaled(torch.nn.Module):
+    """A field with one setting of any type (its forward stands in for one that reads it)."""
+
+    def __init__(self, setting):
+        super().__init__()
+        self.setting = setting
+
+    def forward(self, x, t):
+        return x
+
+
+class _Mode(enum.Enum):
+    SLOW = 1
+    FAST = 2
+
+
+@pytest.mark.parametrize("first, second", [
+    (np.float32(1.0), np.float32(3.0)),
+    (np.arange(3.0), np.arange(3.0) + 1),
+    (np.array([True, False]), np.array([True, True])),
+    (_Mode.SLOW, _Mode.FAST),
+    ({1, 2}, {1, 3}),
+    (b"ab", b"ac"),
+], ids=["numpy scalar", "numpy array", "numpy bool", "enum", "set", "bytes"])
+def test_settings_of_every_kind_separate_models_by_value(first, second):
+    assert model_tag(_Scaled(first)) != model_tag(_Scaled(second))
+    assert model_tag(_Scaled(first)) == model_tag(_Scaled(copy.deepcopy(first)))   # by value, not by object
+
+
+def test_numpy_constant_extras_are_keyed_by_value():
+    assert inputs_tag({"scale": np.float32(1)}) != inputs_tag({"scale": np.float32(3)})
+    assert inputs_tag({"w": np.ones(4)}) != inputs_tag({"w": np.zeros(4)})
+    assert inputs_tag({"w": np.ones(4)}) == inputs_tag({"w": np.ones(4)})
+
+
+class _Frequencies(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.register_buffer("freqs", torch.arange(4.0) * scale, persistent=False)
+
+    def forward(self, x, t):
+        return x * self.freqs.sum()
+
+
+def test_a_non_persistent_buffer_is_part_of_the_tag():
+    # not in the state dict (a time embedding's frequencies), yet it shapes the field
+    assert model_tag(_Frequencies(1.0)) != model_tag(_Frequencies(1000.0))
+    assert model_tag(_Frequencies(2.0)) == model_tag(_Frequencies(2.0))
+
+
+class _SlottedCaller:
+    __slots__ = ("net",)
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x, t):
+        return self.net(x)
+
+
+def test_a_slotted_callable_is_tagged_by_the_network_it_holds():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert model_tag(_SlottedCaller(a)) != model_tag(_SlottedCaller(b))
+    assert model_tag(_SlottedCaller(a)) == model_tag(_SlottedCaller(a))
+
+
+def test_custom_schedules_separate_velocity_adapters():
+    # a CustomSchedule's to_dict() cannot hold its functions: they are hashed with the object's own state
+    net = torch.nn.Linear(2, 2)
+    ot = CustomSchedule(lambda t: t, lambda t: 1 - t)
+    cosine = CustomSchedule(lambda t: torch.sin(math.pi * t / 2), lambda t: torch.cos(math.pi * t / 2))
+    assert model_tag(VelocityAdapter(net, "noise", ot)) != model_tag(VelocityAdapter(net, "noise", cosine))
+    t = torch.tensor([0.25, 0.5])
+    assert torch.allclose(cosine.d_alpha(t), math.pi / 2 * torch.cos(math.pi * t / 2))   # autograd derivative intact
