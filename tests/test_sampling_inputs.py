@@ -179,3 +179,17 @@ def test_a_function_around_a_bf16_network_gets_the_reason_with_its_dtype_error()
             bx.sample(lambda x, t: net(x), torch.randn(2, 3), method=method, **({"nfe": 4} if method == "midpoint" else {}))
     # cast inside the function, as the hint says: the state stays float32
     assert bx.sample(lambda x, t: net(x.bfloat16()).float(), torch.randn(2, 3), method="midpoint", nfe=4).dtype == torch.float32
+
+
+def test_a_tensor_step_size_or_nfe_changed_in_place_is_read_anew():
+    # a tensor hashes by identity: the memoised program must follow the value, not the object
+    x0 = torch.randn(3, 2)
+    step, nfe = torch.tensor(0.25), torch.tensor(4)
+    bx.sample(field, x0, method="euler", step_size=step)
+    bx.sample(field, x0, method="euler", nfe=nfe)
+    step.fill_(0.5)
+    nfe.fill_(8)
+    _, stats = bx.sample(field, x0, method="euler", step_size=step, return_stats=True)
+    assert stats.nfe == 2
+    _, stats = bx.sample(field, x0, method="euler", nfe=nfe, return_stats=True)
+    assert stats.nfe == 8

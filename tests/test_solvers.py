@@ -41,7 +41,7 @@ def test_parameter_count_is_exact(steps, order, count):
     assert s.nfe == order * steps and s.steps == steps and s.order == order
 
 
-@pytest.mark.parametrize("steps, order", [(0, 2), (-1, 1), (2.0, 2), (True, 1), (3, 3), (3, 0), (3, "2")])
+@pytest.mark.parametrize("steps, order", [(0, 2), (-1, 1), (2.0, 2), (True, 1), (3, 3), (3, 0), (3, "2"), (3, 2.0), (3, 1.0)])
 def test_invalid_construction(steps, order):
     with pytest.raises(ValueError, match="steps|order"):
         BespokeSolver(steps, order)

@@ -242,6 +242,9 @@ def _fixed_program(name: str, time_grid, *, nfe, step_size, intermediates: bool)
     # batch it was a third of sample()'s overhead over the model's own cost (0.3 ms a call).
     # the grid's dtype is part of it: step_size grids are laid out in that dtype, as torchdiffeq does.
     # The default grid is keyed without building its tensor (about 20 us a call with a model's caches cold).
+    # a 0-dim tensor nfe / step_size is keyed by its value: a tensor hashes by identity, so one changed in
+    # place would find the program of its old value
+    nfe, step_size = (v.item() if torch.is_tensor(v) and v.dim() == 0 else v for v in (nfe, step_size))
     if time_grid is None:
         key = (name, DEFAULT_TIME_GRID, torch.get_default_dtype(), nfe, type(nfe), step_size, type(step_size), intermediates)
     else:
@@ -250,7 +253,7 @@ def _fixed_program(name: str, time_grid, *, nfe, step_size, intermediates: bool)
     try:
         hash(key)
         memo = _steps_at_most(key[1], nfe, step_size, _MEMO_STEPS)
-    except TypeError:  # e.g. a tensor step_size: derive without the memo
+    except TypeError:  # an unhashable argument (a 1-element list): derive without the memo
         memo = False
     if not memo:   # long programs are not kept: a step-size sweep would hold every one of them
         return _derive_fixed_program(name, torch.tensor(key[1], dtype=key[2]), nfe=nfe, step_size=step_size,
@@ -258,7 +261,11 @@ def _fixed_program(name: str, time_grid, *, nfe, step_size, intermediates: bool)
     return _memo_fixed_program(key)
 
 
-_MEMO_STEPS = 4096  # programs of more steps are built for each call (their build costs little next to their run)
+# Programs of more steps are built for each call (their build costs little next to their run). A program
+# holds about 2.4 KB per evaluation (its steps' views), so the memo's bound on steps bounds its memory: at
+# most 128 programs of 256 steps (rk4: 1024 evaluations, 2.5 MB), about 0.3 GB in the worst case, where
+# 4096 steps held up to 38 MB each, 10 GB over a step-size sweep.
+_MEMO_STEPS = 256
 
 
 def _steps_at_most(grid: Tuple[float, ...], nfe, step_size, bound: int) -> bool:
@@ -271,7 +278,7 @@ def _steps_at_most(grid: Tuple[float, ...], nfe, step_size, bound: int) -> bool:
     return len(grid) - 1 <= bound
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)
 def _memo_fixed_program(key) -> Program:
     name, grid, dtype, nfe, _, step_size, _, intermediates = key
     return _derive_fixed_program(name, torch.tensor(grid, dtype=dtype), nfe=nfe, step_size=step_size,

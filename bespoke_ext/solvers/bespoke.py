@@ -121,7 +121,7 @@ class BespokeSolver(nn.Module):
         super().__init__()
         if as_int(steps) is None or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if isinstance(order, bool) or order not in (1, 2):
+        if isinstance(order, bool) or as_int(order) not in (1, 2):   # as_int: 2.0 is not an order
             raise ValueError(f"order must be 1 (Euler base) or 2 (midpoint base), got {order!r}")
         self.steps = as_int(steps)
         self.order = int(order)   # checked above: 1 or 2 (numpy integers included)
