@@ -1,6 +1,7 @@
 """Tests for bespoke_ext.groundtruth: dopri5 solves, x_aux, Hermite interpolation, the trajectory cache."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -266,3 +267,21 @@ def test_validation_ground_truth_is_kept_with_the_cache_and_read_only_when_it_is
     store_solved(tmp_path, {"size": 5}, x0, 2 * x0)
     assert load_solved(tmp_path, {"size": 5}, x0).equal(2 * x0)
     assert load_solved(tmp_path, {"size": 5}, x0 + 1) is None and load_solved(tmp_path, {"size": 6}, x0) is None
+
+
+def test_ground_truth_never_evaluates_the_model_past_the_end_time():
+    # dopri5 steps past the last time and interpolates back unless told to land on it; a field that is only
+    # defined on [0, 1] only (here -x, NaN past 1, like a sqrt(1 - t) term) must still have ground truth
+    from bespoke_ext.groundtruth.odesolve import solve_trajectories
+
+    seen = []
+
+    def field(x, t):
+        t = torch.as_tensor(t).reshape(-1, 1)   # per sample or one time
+        seen.append(float(t.max()))
+        return -x * torch.where(t <= 1, 1.0, float("nan"))
+
+    x0 = torch.randn(8, 3, dtype=torch.float64)
+    states = solve_trajectories(field, x0, torch.linspace(0, 1, 5, dtype=torch.float64))
+    assert max(seen) <= 1.0 and torch.isfinite(states).all()
+    assert torch.allclose(states[-1], x0 * math.exp(-1.0), atol=1e-5)   # x0 e^(-t)
