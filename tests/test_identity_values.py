@@ -89,3 +89,29 @@ def test_custom_schedules_separate_velocity_adapters():
     assert model_tag(VelocityAdapter(net, "noise", ot)) != model_tag(VelocityAdapter(net, "noise", cosine))
     t = torch.tensor([0.25, 0.5])
     assert torch.allclose(cosine.d_alpha(t), math.pi / 2 * torch.cos(math.pi * t / 2))   # autograd derivative intact
+
+
+limit = 1.0  # a module-level number named like _Limited's attribute, which its forward does not read
+
+
+class _Limited(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.limit = 2.0
+
+    def forward(self, x, t):
+        return self.limit * x
+
+
+def test_a_global_named_like_an_attribute_the_forward_reads_stays_out_of_the_tag():
+    # self.limit is an attribute, not the global `limit`: changing the global must not refuse the same model's cache
+    global limit
+    model = _Limited()
+    before = model_tag(model)
+    try:
+        limit = 400.0
+        assert model_tag(model) == before
+        model.limit = 3.0   # the attribute itself still counts
+        assert model_tag(model) != before
+    finally:
+        limit = 1.0

@@ -269,7 +269,7 @@ def _has_no_required_args(fn) -> bool:
 
 def _globals_read(fn) -> dict:
     """{name: value} of the module globals that fn's code (nested functions and comprehensions included)
-    names; attribute names that happen to match a global are included too, which can only over-separate.
+    loads as globals (attribute names that happen to match a global are not).
     Globals the code assigns (``global calls; calls += 1``) are left out: state the function writes, such
     as a call counter, is not an input of the field, and would change the tag at every call."""
     scope = getattr(fn, "__globals__", {})
@@ -282,8 +282,13 @@ def _global_names(code: types.CodeType) -> Tuple[str, ...]:
     names, written, codes = set(), set(), [code]
     while codes:
         c = codes.pop()
-        names.update(c.co_names)
-        written.update(i.argval for i in dis.get_instructions(c) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
+        # names loaded as globals, not co_names (which also holds attribute names: self.limit would pull in
+        # an unrelated global `limit` and change the tag whenever it changed)
+        for i in dis.get_instructions(c):
+            if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+                names.add(i.argval)
+            elif i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+                written.add(i.argval)
         codes.extend(k for k in c.co_consts if inspect.iscode(k))
     return tuple(sorted(names - written))
 
