@@ -270,7 +270,7 @@ def test_validation_ground_truth_is_kept_with_the_cache_and_read_only_when_it_is
 
 
 def test_ground_truth_never_evaluates_the_model_past_the_end_time():
-    # dopri5 steps past the last time and interpolates back unless told to land on it; a field that is only
+    # dopri5 steps past the last time and interpolates back unless told to land on it; a field that is
     # defined on [0, 1] only (here -x, NaN past 1, like a sqrt(1 - t) term) must still have ground truth
     from bespoke_ext.groundtruth.odesolve import solve_trajectories
 

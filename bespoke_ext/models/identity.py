@@ -109,8 +109,11 @@ class _Hasher:
             for item in sorted(v, key=repr):
                 self.value(item, depth + 1)
         elif isinstance(v, (np.ndarray, np.generic)):   # numpy arrays and scalars (np.float32(3)), by value
-            self.tensor(torch.from_numpy(np.ascontiguousarray(v).copy())) if np.asarray(v).dtype.kind in "biufc" \
-                else self.text(f"numpy|{np.asarray(v).dtype}|{np.asarray(v).tolist()!r}")
+            a = np.array(v)   # a contiguous copy, which torch.from_numpy needs
+            if a.dtype.kind in "biufc":
+                self.tensor(torch.from_numpy(a))
+            else:   # strings, objects: by their values' repr
+                self.text(f"numpy|{a.dtype}|{a.tolist()!r}")
         elif isinstance(v, (list, tuple)):
             self.text(f"{type(v).__name__}|{len(v)}")
             for item in v:
@@ -140,14 +143,14 @@ class _Hasher:
             self.text(f"skipped|{_qualname(m)}")
             return
         self.text(f"module|{_qualname(m)}")
-        for key, t in sorted(m.state_dict().items()):
+        state = m.state_dict()
+        for key, t in sorted(state.items()):
             self.text(key)
             self.tensor(t)
         # buffers registered with persistent=False (a time embedding's frequencies) shape the field but are
         # not in the state dict; keyed apart, so a persistent buffer's tag is the same as before
-        persistent = set(m.state_dict())
         for key, t in sorted(m.named_buffers(remove_duplicate=False)):
-            if key not in persistent and t is not None:
+            if key not in state:
                 self.text(f"buffer|{key}")
                 self.tensor(t)
         for name, sub in sorted(m.named_modules(), key=lambda kv: kv[0]):

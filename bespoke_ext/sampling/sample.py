@@ -244,7 +244,10 @@ def _fixed_program(name: str, time_grid, *, nfe, step_size, intermediates: bool)
     # The default grid is keyed without building its tensor (about 20 us a call with a model's caches cold).
     # a 0-dim tensor nfe / step_size is keyed by its value: a tensor hashes by identity, so one changed in
     # place would find the program of its old value
-    nfe, step_size = (v.item() if torch.is_tensor(v) and v.dim() == 0 else v for v in (nfe, step_size))
+    if torch.is_tensor(nfe) and nfe.dim() == 0:
+        nfe = nfe.item()
+    if torch.is_tensor(step_size) and step_size.dim() == 0:
+        step_size = step_size.item()
     if time_grid is None:
         key = (name, DEFAULT_TIME_GRID, torch.get_default_dtype(), nfe, type(nfe), step_size, type(step_size), intermediates)
     else:
