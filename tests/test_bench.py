@@ -167,8 +167,15 @@ def test_bench_quick_run_writes_results_and_report(tmp_path, monkeypatch):
     assert {"bespoke-ns", "bespoke-rk2", "bespoke-rk1", "euler", "midpoint", "heun", "rk4", "dopri5",
             "dpm++2m"} <= methods
     assert sorted(entry["solvers"]["trained_here"]) == ["ns-nfe10", "rk1-nfe10", "rk2-nfe10"]
-    assert set(results["training"]["models"]["moons2d"]["runs"]) == {"cached", "online"}
+    trained = results["training"]["models"]["moons2d"]
+    assert set(trained["runs"]) == {"cached", "online", "nonstationary"}
+    assert trained["runs"]["nonstationary"]["family"] == "bespoke-ns"
+    now = trained["pretraining_now"]
+    assert now["seconds"] > 0 and now["parts"][0]["card_iterations"] == 6000
+    assert trained["runs"]["cached"]["fraction_of_pretraining_now"] == pytest.approx(
+        trained["runs"]["cached"]["wall_seconds"] / now["seconds"])
     report = (tmp_path / "REPORT.md").read_text()
+    assert "of pretraining now" in report and "training cost <= 3% of pretraining, bespoke-ns" in report
     for heading in ("## Targets", "## Quality versus NFE", "## Wall-clock at equal NFE", "## Training cost", "## GPU"):
         assert heading in report
     assert "GPU figures are missing" in report and "benchmarks/gpu/run.sh" in report
@@ -379,6 +386,28 @@ def test_readme_section_goes_between_the_markers(tmp_path):
         bench_report.insert_readme_section(readme, "x")
 
 
+def test_readme_training_table_comes_from_the_cpu_machine_that_measured_it(tmp_path):
+    """Training cost is a ratio within one run: the README tables it from whichever CPU results file has a
+    training section, naming that machine when it is not the one the other tables come from."""
+    from bespoke_ext.bench.results import Results
+
+    def machine(cpu):
+        return {"cpu": cpu, "cpu_count": 2, "torch": "2.13.0+cpu", "python": "3.11.7", "threads": 1}
+
+    run = {"wall_seconds": 30.0, "gt_seconds": 10.0, "fraction_of_pretraining": 0.01,
+           "fraction_of_pretraining_now": 0.025}
+    training = {"nfe": 10, "models": {"mnist": {"pretraining_seconds": 3000.0, "pretraining_now": {"seconds": 1200.0},
+                                                "runs": {"cached": run}}}}
+    res = Results(tmp_path)
+    res.bench["cpu-a"] = {"machine": machine("CPU A"), "quality": None}
+    res.bench["cpu-b"] = {"machine": machine("CPU B"), "training": training}
+    section = bench_report.render_readme_section(res)
+    assert "CPU A" in section.split("**Training cost**")[0]
+    assert "same run, on CPU B" in section and "| mnist | 30 s: 2.5% (1.0%) | - | - | 1200 s (3000 s) |" in section
+    res.bench["cpu-a"]["training"] = training  # its own: no second machine named
+    assert "CPU B" not in bench_report.render_readme_section(res)
+
+
 def test_committed_report_and_readme_follow_from_the_committed_results():
     """REPORT.md, readme_performance.md and the README's performance section are what the report code makes
     of benchmarks/results today (regenerate with `bespoke-ext bench --report-only --out benchmarks/results
@@ -539,3 +568,28 @@ def test_guided_targets_read_psnr_gains_and_variants_cover_the_conditional_model
     qm = bench_quality.quality_models(["mnist_cond-g4"])[0]
     assert qm.guidance == 4.0 and qm.extras(12)["y"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert bench_quality.weights_id("mnist_cond-g4") == bench_quality.weights_id("mnist_cond")
+
+
+def test_pretraining_replay_scales_timed_iterations_and_follows_init_from(monkeypatch):
+    """replay() times the card's own loop (a fake here: 0.25 s per iteration for mnist, 0.5 s for
+    mnist_cond), discards the first, warming run, grows k until a run lasts about ``seconds``, and adds
+    the model a card was initialised from."""
+    from bespoke_ext.models import pretraining_replay
+    from bespoke_ext.models.embedded import read_card
+
+    calls = []
+
+    def fake_loop(name, iterations):
+        calls.append((name, iterations))
+        per = {"mnist_cond": 0.5, "mnist": 0.25}[name]
+        return {"wall": per * iterations, "cpu": 0.9 * per * iterations, "call": per * iterations + 1.0}
+
+    monkeypatch.setattr(pretraining_replay, "_loop_seconds", fake_loop)
+    now = pretraining_replay.replay("mnist_cond", read_card("mnist_cond"), seconds=4.0)
+    cond, base = read_card("mnist_cond")["training"], read_card("mnist")["training"]
+    assert [p["model"] for p in now["parts"]] == ["mnist_cond", "mnist"]
+    assert now["seconds"] == pytest.approx(0.5 * cond["iterations"] + 0.25 * base["iterations"])
+    assert now["cpu_seconds"] == pytest.approx(0.9 * now["seconds"])
+    # per model: a first run of 4 iterations, then one of about 4 s; never timed from the first run alone
+    assert calls == [("mnist_cond", 4), ("mnist_cond", 8), ("mnist", 4), ("mnist", 16)]
+    assert pretraining_replay.replay("x", {"name": "x", "training": {}}) is None

@@ -79,9 +79,39 @@ def test_summary_explains_gains_cost_and_stages(demo):
     assert "targets" not in s  # internal targets belong to the benchmark report, not to what users read
     assert s["training_seconds"] > 0 and 0 < s["training_cost_fraction"]
     assert set(s["stages_seconds"]) == {"load", "ground truth", "train", "evaluate", "report"}
+    # a quick run shares costs against the card's pretraining figure, and says so
+    assert s["pretraining_source"] == "card" and s["pretraining_seconds"] == s["pretraining_card_seconds"] > 0
     md = (out / "results.md").read_text()
     assert md.startswith(f"| method | NFE | RMSE | PSNR (dB) | {s['distribution_metric']} |")
     assert "over midpoint" in md and "target" not in md and s["distribution_floor"] >= 0
+
+
+def test_a_full_run_shares_training_cost_against_pretraining_replayed_now(monkeypatch):
+    """Outside a quick run the cost's denominator is the pretraining loop timed in this run, not the card's
+    figure (measured once under that day's load), and the summary says which it read."""
+    import importlib
+
+    from bespoke_ext.models import pretraining_replay
+
+    demo_run = importlib.import_module("bespoke_ext.demo.run")  # the module (``run`` above is its function)
+    calls = []
+
+    def fake_replay(name, card):
+        calls.append(name)
+        return {"seconds": 123.4, "cpu_seconds": 120.0, "threads": 1, "parts": []}
+
+    monkeypatch.setattr(pretraining_replay, "replay", fake_replay)
+    em = type("EM", (), {"name": "mnist_cond", "card": {"name": "mnist_cond",
+                                                       "training": {"wall_clock_seconds": 5000.0, "cpu_seconds": 900.0}}})
+    clock, said = demo_run._Clock(), []
+    ref = demo_run.pretraining_reference(em, False, clock, said.append)
+    assert calls == ["mnist_cond"] and "pretraining replay" in clock.stages and said
+    assert ref == {"seconds": 123.4, "cpu_seconds": 120.0, "source": "replayed", "card_seconds": 5000.0}
+    words = demo_run.pretraining_words({"pretraining_source": "replayed", "pretraining_card_seconds": 5000.0})
+    assert "replayed" in words and "5000 s" in words
+    quick = demo_run.pretraining_reference(em, True, demo_run._Clock(), said.append)
+    assert calls == ["mnist_cond"] and quick["source"] == "card" and quick["seconds"] == 5000.0
+    assert quick["cpu_seconds"] == 900.0 and demo_run.pretraining_words({"pretraining_source": "card"}) == "from its card"
 
 
 def test_every_figure_is_a_valid_png(demo):

@@ -193,3 +193,29 @@ def test_a_tensor_step_size_or_nfe_changed_in_place_is_read_anew():
     assert stats.nfe == 2
     _, stats = bx.sample(field, x0, method="euler", nfe=nfe, return_stats=True)
     assert stats.nfe == 8
+
+
+def test_model_inputs_named_x0_or_model_reach_the_model_when_the_leading_arguments_are_positional():
+    """sample()'s model and x0 are positional-only: a model input named x0 (an image to edit, a
+    reference) or model is an extra like any other; given by keyword, they are still the leading
+    arguments, as before."""
+    seen = []
+
+    def net(x, t, x0=None, model=None):
+        seen.append((x0, model))
+        return -x if x0 is None else x0 - x
+
+    noise, image = torch.randn(3, 2), torch.randn(3, 2)
+    out = bx.sample(net, noise, x0=image, model="tag", method="euler", nfe=4)
+    assert all(a is image and b == "tag" for a, b in seen)
+    # dx/dt = image - x from noise: x(1) = image + (noise - image) (3/4)^4 with four Euler steps
+    torch.testing.assert_close(out, image + (noise - image) * 0.75 ** 4)
+    seen.clear()
+    by_keyword = bx.sample(model=net, x0=noise, method="euler", nfe=4)
+    assert seen and all(a is None and b is None for a, b in seen)
+    torch.testing.assert_close(by_keyword, noise * 0.75 ** 4)
+    torch.testing.assert_close(bx.sample(net, x0=noise, method="euler", nfe=4), by_keyword)
+    with pytest.raises(TypeError, match="'x0'"):
+        bx.sample(net, method="euler")
+    with pytest.raises(TypeError, match="'model'"):
+        bx.sample(x0=noise)

@@ -62,16 +62,29 @@ def render_readme_section(res: Results) -> str:
         lines += md_table(["model", "NFE", "sample() midpoint", "sample() Bespoke", "flow_matching", "torchdiffeq",
                          "diffusers DPM++", "plain loop", "speed-up vs flow_matching"], body)
         lines.append("")
-    t = m.get("training")
+    # training cost is a ratio within one run, so it may come from another CPU machine than the tables above
+    trained = [(n, x) for n, x in res.bench.items() if not x.get("machine", {}).get("gpu")
+               and (x.get("training") or {}).get("models")]
+    t_name, t_m = next(((n, x) for n, x in trained if n == name), trained[0] if trained else (name, m))
+    t = t_m.get("training")
     if t and t.get("models"):
-        lines += [f"**Training cost** of one NFE-{t.get('nfe')} solver, as a share of the model's pretraining "
-                  f"wall-clock{quick_mark(t)}.", ""]
+        where = f", on {machine_line(t_m)}" if t_name != name else ""
+        lines += [f"**Training cost** of one NFE-{t.get('nfe')} solver (ground truth included), as a share of the "
+                  f"model's pretraining timed in the same run{where}; in brackets, of the card's wall-clock"
+                  f"{quick_mark(t)}.", ""]
         def share(run: Optional[dict]) -> str:
-            return f"{fmt_s(run['wall_seconds'])} s ({100 * run['fraction_of_pretraining']:.1f}%)" if run else "-"
+            if not run:
+                return "-"
+            now = run.get("fraction_of_pretraining_now")
+            return (f"{fmt_s(run['wall_seconds'])} s: {f'{100 * now:.1f}%' if now is not None else '-'} "
+                    f"({100 * run['fraction_of_pretraining']:.1f}%)")
 
         body = [[model, share(e["runs"].get("cached")), share(e["runs"].get("online")),
-                 f"{fmt_s(e['pretraining_seconds'])} s"] for model, e in t["models"].items()]
-        lines += md_table(["model", "cached ground truth", "online ground truth", "pretraining"], body)
+                 share(e["runs"].get("nonstationary")),
+                 f"{fmt_s((e.get('pretraining_now') or {}).get('seconds'))} s ({fmt_s(e['pretraining_seconds'])} s)"]
+                for model, e in t["models"].items()]
+        lines += md_table(["model", "Bespoke o2, cached ground truth", "Bespoke o2, online", "non-stationary, cached",
+                           "pretraining now (card)"], body)
         lines.append("")
     lines += ["**Targets**:", ""]
     lines += [f"- {target}: {measured}; {status}" for target, measured, status in targets(res)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import statistics
 from typing import List, Sequence, Tuple
 
-from .report_format import fmt_g, fmt_x, met_status, shape_label
+from .report_format import fmt_g, fmt_s, fmt_x, met_status, shape_label
 from .results import Results
 
-__all__ = ["targets", "gpu_bandwidth", "kernel_targets", "GPU_RUN"]
+__all__ = ["targets", "training_targets", "gpu_bandwidth", "kernel_targets", "GPU_RUN"]
 
 GPU_RUN = "benchmarks/gpu/run.sh"  # the script whose results fill in the GPU targets
 
@@ -37,6 +37,7 @@ def targets(res: Results) -> List[Tuple[str, str, str]]:
                     status = met_status(t["met"]) if entry.get("embedded", True) else \
                         f"{'ahead' if t['met'] else 'behind'} (for information: the target names the embedded models)"
                     out.append((f"{t['target']} [{model}]", measured, status))
+        out += training_targets(m.get("training") or {}, name)
     gpu = [(path, t) for path, data in res.gpu_sampling for t in data.get("targets", [])]
     for path, t in gpu:
         out.append((f"{t['target']} [{path.parent.name}]", fmt_x(t["value"]), met_status(t["met"])))
@@ -94,3 +95,20 @@ def kernel_targets(summary: Sequence[dict]) -> List[str]:
     check("backward >= 2x eager autograd", [r for r in summary if r["op"] == "rk_update_backward"],
           "eager_over_fused", 2.0)
     return lines
+
+
+def training_targets(t: dict, machine: str) -> List[Tuple[str, str, str]]:
+    """Issues 11 and 14: training, ground truth included, at most 3% of pretraining, read against the
+    pretraining loop timed in the same run (the card's own wall-clock was measured under another day's load)."""
+    out, limit = [], t.get("target")
+    for model, e in t.get("models", {}).items():
+        for key, r in e.get("runs", {}).items():
+            share = r.get("fraction_of_pretraining_now")
+            if limit is None or share is None or r.get("gt") == "online":
+                continue
+            out.append((f"training cost <= {100 * limit:.0f}% of pretraining, {r.get('family', key)} NFE {t.get('nfe')} "
+                        f"[{model}, {machine}]",
+                        f"{fmt_s(r['wall_seconds'])} s of {fmt_s(e['pretraining_now']['seconds'])} s pretraining now "
+                        f"({100 * share:.1f}%; card: {100 * r['fraction_of_pretraining']:.1f}%)",
+                        met_status(share <= limit)))
+    return out

@@ -21,7 +21,8 @@ Stages, each timed:
                   digits; and the trained solver once more through ``bx.sample`` (pipeline parity)
     5. report     results.md / results.json, figures (samples.png, rmse_vs_nfe.png, bespoke_schedules.png),
                   the targets (Bespoke vs FlowMatchEuler and vs midpoint at NFE 8), training cost with its
-                  ground truth as a share of the model's pretraining (wall-clock and CPU seconds, its card)
+                  ground truth as a share of the model's pretraining (wall-clock and CPU seconds, its loop
+                  replayed in this run; a quick run reads its card)
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from ..sampling import sample
 from ..solvers import BespokeSolver
 from ..training import train
 from .presets import LOSSES, check_nfes
-from .run import _Clock, _find, _gain_error, closing_lines, publish, solver_file_name
+from .run import (_Clock, _find, _gain_error, closing_lines, pretraining_reference, pretraining_words, publish,
+                  solver_file_name)
 
 __all__ = ["run", "is_pipeline_model", "PipelineSettings", "pipeline_settings", "METHODS", "TARGET_NFE",
            "TARGET_GAIN_DB"]
@@ -228,6 +230,7 @@ def _run(name, nfes, out, cfg, seed, quick, progress, guidance, stream, weights_
     with clock.stage("train"), tempfile.TemporaryDirectory(prefix="bespoke-pipeline-gt-") as cache_dir:
         solvers = _train(pl, em, nfes, cfg, seed, cache_dir, out, progress)
     train_cpu = time.process_time() - cpu0
+    pretraining = pretraining_reference(em, quick, clock, say)
 
     with clock.stage("evaluate"):
         rows, samples = compare(pl.pipe, x0, truth, _runs(pl, solvers, cfg, nfes, prompts, prompts),
@@ -239,7 +242,7 @@ def _run(name, nfes, out, cfg, seed, quick, progress, guidance, stream, weights_
             parity[str(s.nfe)] = float((via_sample - samples[("bespoke", s.nfe)]).abs().max())
 
     with clock.stage("report"):
-        summary = _summarise(em, rows, samples, truth.x, nfes, solvers, train_cpu, reference, quick)
+        summary = _summarise(em, rows, samples, truth.x, nfes, solvers, train_cpu, pretraining, reference, quick)
         summary["pipeline_vs_bx_sample_max_abs"] = parity
         figures = _figures(out, em.name, x0, samples, rows, solvers, nfes, truth)
         table = markdown_table(rows, reference.metric)
@@ -293,9 +296,8 @@ def _gain(samples, truth, rows, nfe: int, other: str) -> Optional[dict]:
             "gain_se_db": _gain_error(samples, truth, ("bespoke", nfe), (other, nfe))}
 
 
-def _summarise(em, rows, samples, truth, nfes, solvers, train_cpu, reference, quick) -> dict:
-    tr = em.card.get("training", {})
-    pretrain, pretrain_cpu = tr.get("wall_clock_seconds"), tr.get("cpu_seconds")
+def _summarise(em, rows, samples, truth, nfes, solvers, train_cpu, pretraining, reference, quick) -> dict:
+    pretrain, pretrain_cpu = pretraining["seconds"], pretraining["cpu_seconds"]
     wall = sum(s.history.wall_seconds for s in solvers)
     gt = sum(s.history.gt_seconds for s in solvers)
     curves = {m: [(r.nfe, r.rmse) for r in rows if r.method == m] for m in ("flowmatch-euler", "midpoint")}
@@ -319,7 +321,8 @@ def _summarise(em, rows, samples, truth, nfes, solvers, train_cpu, reference, qu
         "targets": {"nfe": TARGET_NFE, "gain_db": TARGET_GAIN_DB, "results": targets},
         "training_seconds": round(wall, 1), "training_gt_seconds": round(gt, 1),
         "training_cpu_seconds": round(train_cpu, 1), "pretraining_seconds": pretrain,
-        "pretraining_cpu_seconds": pretrain_cpu,
+        "pretraining_cpu_seconds": pretrain_cpu, "pretraining_source": pretraining["source"],
+        "pretraining_card_seconds": pretraining["card_seconds"],
         "training_cost_fraction": wall / pretrain if pretrain else None,
         "training_cpu_fraction": train_cpu / pretrain_cpu if pretrain_cpu else None,
         "quick": quick,
@@ -353,7 +356,7 @@ def _summary_lines(s: dict) -> List[str]:
                f"{100 * s['training_cpu_fraction']:.1f}%" if s["training_cpu_fraction"] else "")
         lines.append(f"training the {len(s['comparisons'])} solver(s) took {s['training_seconds']:.0f} s, ground truth "
                      f"included ({s['training_gt_seconds']:.0f} s): {100 * s['training_cost_fraction']:.1f}% of the "
-                     f"model's pretraining ({s['pretraining_seconds']:.0f} s wall-clock, from its card){cpu}")
+                     f"model's pretraining ({s['pretraining_seconds']:.0f} s wall-clock, {pretraining_words(s)}){cpu}")
     return lines + closing_lines(s)
 
 

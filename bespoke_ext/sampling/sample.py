@@ -28,7 +28,17 @@ METHODS = (*TABLEAUS, DPM_METHOD, *TORCHDIFFEQ_METHODS)
 DEFAULT_METHOD = "euler"  # flow_matching's default
 
 
-def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = None,
+class _Required:
+    """The default of sample()'s two leading arguments: given positionally or by keyword, never left out."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_REQUIRED = _Required()
+
+
+def sample(model: Callable = _REQUIRED, x0: Tensor = _REQUIRED, /, *, solver=None, method: Optional[str] = None,
            nfe: Optional[int] = None, step_size: Optional[float] = None, time_grid=None,
            atol: float = 1e-5, rtol: float = 1e-5, return_intermediates: bool = False,
            enable_grad: bool = False, return_stats: bool = False, cuda_graph: bool = False,
@@ -89,7 +99,12 @@ def sample(model: Callable, x0: Tensor, *, solver=None, method: Optional[str] = 
     argument: a model taking ``**kwargs`` would swallow them while the solver silently did its
     default. (Bind a model input that really has such a name with
     ``functools.partial(model, steps=...)``.)
+
+    ``model`` and ``x0`` may be given by keyword, as flow_matching's ``sample(x_init=...)`` habit
+    suggests; given positionally, the keywords ``x0=`` and ``model=`` are free for the model's own
+    inputs: ``sample(net, noise, x0=image)`` calls ``net(x, t, x0=image)``.
     """
+    model, x0 = _leading_arguments(model, x0, model_extras)
     _check_model_and_x0(model, x0)
     _check_extras(model_extras)
     low = model_call_dtype(model)
@@ -196,6 +211,20 @@ def _short_repr(value) -> str:
 def _result(final, traj, stats, intermediates: bool, with_stats: bool):
     out = traj if intermediates else final
     return (out, stats) if with_stats else out
+
+
+def _leading_arguments(model, x0, extras: dict):
+    """model and x0, positional-only so that a model input named ``x0`` or ``model`` can still be an
+    extra; a call that names them by keyword gets them from the keywords instead."""
+    if model is _REQUIRED:
+        if "model" not in extras:
+            raise TypeError("sample() missing required argument 'model' (pos 1)")
+        model = extras.pop("model")
+    if x0 is _REQUIRED:
+        if "x0" not in extras:
+            raise TypeError("sample() missing required argument 'x0' (pos 2): the initial state, a tensor [batch, ...]")
+        x0 = extras.pop("x0")
+    return model, x0
 
 
 def _check_model_and_x0(model: Callable, x0) -> None:
