@@ -379,7 +379,8 @@ def publish(out: Path, rows, summary: dict, table: str, lines: List[str], say) -
 def closing_lines(s: dict) -> List[str]:
     """The summary's last lines (this demo's and the pipeline demo's): wall-clock per stage, quick-run caveat."""
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in s["stages_seconds"].items())
-    lines = [f"wall-clock: {stages}; total {s['total_seconds']:.0f} s on {s['settings']['threads']} threads"]
+    threads = s["settings"]["threads"]
+    lines = [f"wall-clock: {stages}; total {s['total_seconds']:.0f} s on {threads} thread{'s' if threads != 1 else ''}"]
     if s["quick"]:
         lines.append("quick run: tiny batch and training, the numbers above only show that everything runs")
     return lines
