@@ -219,3 +219,48 @@ def test_model_inputs_named_x0_or_model_reach_the_model_when_the_leading_argumen
         bx.sample(net, method="euler")
     with pytest.raises(TypeError, match="'model'"):
         bx.sample(x0=noise)
+
+
+class _OutputBuffer:
+    """A model writing every velocity into one preallocated tensor (from call ``fresh_calls`` on)."""
+
+    def __init__(self, fresh_calls=0):
+        self.calls, self.fresh_calls, self.buf = 0, fresh_calls, None
+
+    def __call__(self, x, t):
+        self.calls += 1
+        v = torch.sin(x) * (1 + t)
+        if self.calls <= self.fresh_calls:
+            return v
+        if self.buf is None:
+            self.buf = torch.empty_like(v)
+        return self.buf.copy_(v)
+
+
+@pytest.mark.parametrize("fresh_calls", [0, 1])
+def test_a_model_rewriting_one_output_tensor_is_refused_where_a_solver_still_needs_the_old_velocity(fresh_calls):
+    """Heun / RK4 / learned solvers combine earlier velocities after later evaluations: an output buffer
+    written over in place would silently corrupt them (flow_matching returns wrong numbers there). Euler and
+    midpoint read each velocity before the next evaluation, so the same model runs there, exactly."""
+    x = torch.randn(4, 3)
+    fresh = lambda x, t: torch.sin(x) * (1 + t)
+    for method in ("euler", "midpoint"):
+        torch.testing.assert_close(bx.sample(_OutputBuffer(fresh_calls), x, method=method, nfe=4),
+                                   bx.sample(fresh, x, method=method, nfe=4), rtol=0, atol=0)
+    for method, nfe in (("heun", 4), ("rk4", 8)):
+        with pytest.raises(ValueError, match="previous call, written over in place"):
+            bx.sample(_OutputBuffer(fresh_calls), x, method=method, nfe=nfe)
+    with pytest.raises(ValueError, match="written over in place"):  # a multistep member of the family
+        bx.sample(_OutputBuffer(fresh_calls), x, solver=bx.NonStationarySolver(6))
+    # a constant tensor returned again, never written, is harmless
+    const = torch.randn(4, 3)
+    torch.testing.assert_close(bx.sample(lambda x, t: const, x, method="rk4", nfe=8), x + const)
+
+
+def test_adaptive_tolerances_finer_than_a_half_precision_state_are_named_as_the_cause():
+    """dopri5 on a float16 state at the default 1e-5: the step control cannot get the error estimate below the
+    state's rounding, so the step vanishes; the error says so instead of blaming a finite velocity."""
+    x0 = torch.randn(4, 3).half()
+    with pytest.raises(ValueError, match="float16 state resolves about 9.8e-04") as info:
+        bx.sample(lambda x, t: torch.sin(x) * (1 + t), x0, method="dopri5")
+    assert "not finite" not in str(info.value) and "x0.float()" in str(info.value)

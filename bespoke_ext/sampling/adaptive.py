@@ -93,9 +93,17 @@ def odeint_explained(func, y0, time_grid: Tensor, *, method: str, atol, rtol, op
     except AssertionError as exc:
         if "underflow" not in str(exc):
             raise
-        cause = ("x0 holds NaN or inf" if not bool(torch.isfinite(x0).all()) else
-                 "the model's velocity is probably not finite (NaN or inf) somewhere on the way, or the field is "
-                 "too stiff for these tolerances")
+        eps = torch.finfo(x0.dtype).eps
+        tol = min(float(torch.as_tensor(atol).min()), float(torch.as_tensor(rtol).min()))
+        if not bool(torch.isfinite(x0).all()):
+            cause = "x0 holds NaN or inf"
+        elif tol < eps:
+            # the error estimate cannot fall below the state's rounding: the step shrinks until it vanishes
+            cause = (f"a {str(x0.dtype).replace('torch.', '')} state resolves about {eps:.1e}, coarser than these "
+                     f"tolerances: solve in float32 (x0.float()), or use atol and rtol of at least {eps:.0e}")
+        else:
+            cause = ("the model's velocity is probably not finite (NaN or inf) somewhere on the way, or the field is "
+                     "too stiff for these tolerances")
         raise ValueError(f"method {method!r}: the adaptive step size underflowed to 0 (torchdiffeq: {exc}): "
                          f"{cause}; atol={atol}, rtol={rtol}") from exc
 

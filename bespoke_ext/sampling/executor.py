@@ -186,15 +186,18 @@ def _combine_differentiable(terms: List[Tensor], coeffs: Tensor, out: Optional[T
 
 def run_steps(steps: List[Step], slots: List[Optional[Tensor]], model: Callable, extras: dict,
               combine: Callable, first_eval: Optional[Callable] = None) -> None:
-    """The hot loop: a model call or one fused combination per instruction, nothing else."""
-    check = first_eval
-    for is_eval, dst, src, arg in steps:
+    """The hot loop: a model call or one fused combination per instruction, and an identity test of each
+    output against the previous one (``_rewritten_output``)."""
+    check, last, last_dst, version = first_eval, None, 0, 0
+    for k, (is_eval, dst, src, arg) in enumerate(steps):
         if is_eval:
             v = model(slots[src], arg, **extras)
             if check is not None:
                 v, model = check(v, slots[src], arg, model)
                 check = None
-            slots[dst] = v
+            elif v is last and v._version != version and _still_read(steps, k, last_dst):
+                raise _rewritten_output()
+            slots[dst], last, last_dst, version = v, v, dst, v._version
         else:
             terms = [slots[i] for i in src]
             try:
@@ -204,6 +207,28 @@ def run_steps(steps: List[Step], slots: List[Optional[Tensor]], model: Callable,
                 # that changed dtype or shape instead of the fused op's complaint about its terms
                 _explain_changed_output(terms, exc)
                 raise
+
+
+def _still_read(steps: List[Step], k: int, slot: int) -> bool:
+    """Whether a combination after step k reads ``slot`` before an instruction writes it anew."""
+    for is_eval, dst, src, _ in steps[k:]:
+        if not is_eval and slot in src:
+            return True
+        if dst == slot:
+            return False
+    return False
+
+
+def _rewritten_output() -> ValueError:
+    """A model that writes every velocity into one preallocated tensor and returns it overwrites the earlier
+    velocities a step still combines (Heun, RK4, every multistep and learned solver), silently. Its in-place
+    write bumps the tensor's version counter: an identity test and an integer compare per evaluation find the
+    rare case, and ``_still_read`` refuses it only where the overwritten velocity was still to be read (Euler
+    and midpoint read each velocity before the next evaluation; a constant tensor returned again unwritten is
+    harmless)."""
+    return ValueError("the model returned the tensor of its previous call, written over in place (a preallocated "
+                      "output buffer): solvers keep earlier velocities, so each call must return a new tensor "
+                      "(return out.clone(), or allocate the output per call)")
 
 
 def _explain_changed_output(terms: List[Tensor], exc: RuntimeError) -> None:

@@ -85,7 +85,9 @@ def sample(model: Callable = _REQUIRED, x0: Tensor = _REQUIRED, /, *, solver=Non
       no effect for CPU tensors; an error with the torchdiffeq methods or enable_grad.
 
     The model is called as ``model(x, t, **model_extras)`` with t a 0-dim tensor in x's dtype and
-    must return a new tensor of x's shape and device (checked on the first call). A floating-point
+    must return a new tensor of x's shape and device (checked on the first call; a model that writes
+    every velocity into one preallocated tensor is refused where a solver still needs the velocity it
+    wrote over: Heun, RK4, multistep and learned solvers). A floating-point
     output of another dtype, such as the float16 / bfloat16 outputs of a model run under
     ``torch.autocast`` for a float32 state, is cast to the state's dtype (CUDA graphs included);
     the first evaluation decides, so a model's outputs must keep one dtype through the run. A
