@@ -587,7 +587,8 @@ def test_cli_model_specs_resolve():
 
     weights = Path(embedded.WEIGHTS_DIR) / "moons2d.safetensors"
     assert weights.exists(), f"{weights} ships with the package"
-    model, shape, name = resolve_model(str(weights))
+    model, shape, name, card = resolve_model(str(weights))
+    assert card["weights"]["sha256"]   # the checkpoint's card comes with it
     assert shape == (2,) and name == "moons2d" and model(torch.zeros(3, 2), torch.zeros(3)).shape == (3, 2)
     with pytest.raises(ValueError, match="neither module:attribute"):
         resolve_model("no-such-model")

@@ -18,11 +18,11 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["resolve_model", "check_device", "import_target", "parse_shape", "parse_extras", "DTYPES"]
+__all__ = ["resolve_model", "ResolvedModel", "check_device", "import_target", "parse_shape", "parse_extras", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
 
@@ -71,8 +71,18 @@ def import_target(spec: str, what: str = "model"):
     return obj
 
 
-def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[Tuple[int, ...]], str]:
-    """(velocity model, per-sample shape or None, a name for file names) from a command-line spec."""
+class ResolvedModel(NamedTuple):
+    """A command-line model: the velocity field, its per-sample shape (None: not known), a name for file names,
+    and its card (embedded models and checkpoints; None for module:attribute)."""
+
+    model: object
+    shape: Optional[Tuple[int, ...]]
+    name: str
+    card: Optional[dict] = None
+
+
+def resolve_model(spec: str, device=None, dtype=None) -> ResolvedModel:
+    """The model a command-line spec names (module docstring)."""
     kw = {}
     if dtype is not None:
         kw["dtype"] = dtype
@@ -85,7 +95,7 @@ def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[
         if not path.with_suffix(".json").is_file():
             raise FileNotFoundError(f"model checkpoint {path}: its card {path.with_suffix('.json')} is missing")
         m = load_embedded(path.stem, weights_dir=path.parent, **kw)
-        return m.velocity, tuple(m.shape), path.stem
+        return ResolvedModel(m.velocity, tuple(m.shape), path.stem, m.card)
     if ":" in spec:
         attr = spec.rpartition(":")[2]
         obj = _factory_or_model(import_target(spec, "model"))
@@ -95,14 +105,16 @@ def resolve_model(spec: str, device=None, dtype=None) -> Tuple[object, Optional[
             raise ValueError(f"model {spec!r} is not callable as model(x, t) (got {type(model).__name__})")
         if isinstance(model, torch.nn.Module):
             model = model.to(**{k: v for k, v in kw.items()})
-        return model, (tuple(int(s) for s in shape) if shape is not None else None), attr.split(".")[-1]
+        card = getattr(obj, "card", None)   # an embedded-style model from a factory says its conditioning there
+        return ResolvedModel(model, tuple(int(s) for s in shape) if shape is not None else None, attr.split(".")[-1],
+                             card if isinstance(card, dict) else None)
     from ..models.embedded import list_embedded, load_embedded
 
     if spec not in list_embedded():
         raise ValueError(f"model {spec!r} is neither module:attribute, nor an existing .safetensors checkpoint, nor an "
                          f"embedded model ({', '.join(list_embedded()) or 'none installed'})")
     m = load_embedded(spec, **kw)
-    return m.velocity, tuple(m.shape), spec
+    return ResolvedModel(m.velocity, tuple(m.shape), spec, m.card)
 
 
 def check_device(device) -> torch.device:

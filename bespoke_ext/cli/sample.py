@@ -2,9 +2,11 @@
 
     bespoke-ext sample moons2d --solver bespoke-moons2d-rk2-nfe10.safetensors -n 1000
     bespoke-ext sample mnist --method dpm++2m --nfe 10 -o digits.safetensors
+    bespoke-ext sample mnist_cond --solver bespoke-mnist_cond-rk2-nfe10.safetensors --labels 3,7 -n 8
 
 The model is given as for ``bespoke-ext train`` (an embedded model's name, a checkpoint file with its
-JSON card, or ``module:attribute``). Samples are written as safetensors (tensor ``samples``, with the
+JSON card, or ``module:attribute``); a conditional one takes --guidance, --labels or --conditions
+(cli/conditioning.py). Samples are written as safetensors (tensor ``samples``, with the
 method, NFE, seed and model in the metadata): data only, like every file of the package.
 """
 
@@ -12,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 
 from ..sampling import METHODS
+from .conditioning import add_condition_arguments, conditioning
 from .model_spec import DTYPES, parse_shape, resolve_model
 from .paths import writable_dir, writable_file
 
@@ -41,12 +46,14 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="adaptive methods (dopri5, dopri8, bosh3, ...): rtol = atol (default 1e-5)")
     parser.add_argument("--step-size", type=float, default=None,
                         help="multistep methods (explicit_adams, implicit_adams, fixed_adams): the step (default 0.1)")
-    parser.add_argument("-n", "--num", type=int, default=16, help="number of samples (default 16)")
+    parser.add_argument("-n", "--num", type=int, default=None,
+                        help="number of samples (default 16, or the rows of --conditions)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise x0")
     parser.add_argument("--shape", default=None, help="per-sample shape, e.g. 2 or 1,28,28 (default: the model's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None)
     parser.add_argument("-o", "--output", default=None, help="samples file (default samples-<model>-<method>-nfe<N>.safetensors)")
+    add_condition_arguments(parser, sampling=True)
     return parser
 
 
@@ -64,6 +71,14 @@ def _warn_if_trained_for_another(solver, model) -> None:
     if ":" in tag and tag != trained:
         print(f"warning: this solver was trained for the model {trained}, not for this one ({tag}): its "
               f"schedule is tuned to that model's field, and may sample this one poorly", file=sys.stderr)
+
+
+def _trained_guidance(solver) -> Optional[float]:
+    """The guidance scale a solver file records (``bespoke-ext train`` and the demo write it), else None."""
+    try:
+        return float(solver.metadata["guidance"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _method_options(args: argparse.Namespace, method: str) -> dict:
@@ -90,10 +105,10 @@ def run_sample(args: argparse.Namespace) -> int:
     from ..sampling import sample
     from ..solvers import load_solver
 
-    if args.num < 1:
+    if args.num is not None and args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
     dtype = DTYPES[args.dtype]
-    model, shape, name = resolve_model(args.model, device=args.device, dtype=dtype)
+    model, shape, name, card = resolve_model(args.model, device=args.device, dtype=dtype)
     if args.shape is not None:
         shape = parse_shape(args.shape)
     if not shape:
@@ -106,10 +121,9 @@ def run_sample(args: argparse.Namespace) -> int:
         writable_file(output, "-o")
     else:
         writable_dir(Path.cwd(), "the current folder")
-    x0 = torch.randn((args.num, *shape), generator=torch.Generator().manual_seed(args.seed),
-                     dtype=dtype or torch.float32).to(device)
 
     kwargs: dict = {}
+    solver = None
     if args.solver:
         if args.nfe is not None or args.tol is not None or args.step_size is not None:
             raise ValueError("--nfe, --tol and --step-size apply to --method; a solver file fixes its own steps")
@@ -118,30 +132,50 @@ def run_sample(args: argparse.Namespace) -> int:
         label = f"{solver.method} from {args.solver}"
         if solver.metadata.get("model"):
             print(f"solver trained for model {solver.metadata['model']!r}")
-        _warn_if_trained_for_another(solver, model)
     else:
         method = args.method or "midpoint"
         kwargs["method"] = method
         kwargs.update(_method_options(args, method))
         label = method
+    trained_g = _trained_guidance(solver)
+    cond = conditioning(model, card, args, default_guidance=trained_g)
+    extras = {k: v.to(device) for k, v in cond.sample_inputs(args.labels, args.num).items()}
+    taken = sorted(set(extras) & set(inspect.signature(sample).parameters))
+    if taken:
+        raise ValueError(f"--conditions: {taken} are bespoke_ext.sample()'s own arguments, so they cannot reach the "
+                         f"model under those names; rename them in the file and in the model's signature")
+    num = next(iter(extras.values())).shape[0] if extras else (16 if args.num is None else args.num)
+    if cond.describe():
+        print(cond.describe())
+    if trained_g is not None and cond.guidance is not None and trained_g != cond.guidance:
+        print(f"warning: this solver was trained at guidance g = {trained_g:g}, not {cond.guidance:g}: its "
+              f"schedule is tuned to that field", file=sys.stderr)
+    elif solver is not None:
+        _warn_if_trained_for_another(solver, cond.model)
+    x0 = torch.randn((num, *shape), generator=torch.Generator().manual_seed(args.seed),
+                     dtype=dtype or torch.float32).to(device)
 
     start = time.perf_counter()
-    samples, stats = sample(model, x0, return_stats=True, **kwargs)
+    samples, stats = sample(cond.model, x0, return_stats=True, **kwargs, **extras)
     if samples.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
 
     bad = int((~torch.isfinite(samples.reshape(samples.shape[0], -1))).any(1).sum())
     if bad:
-        raise ValueError(f"{bad} of {args.num} samples hold NaN or inf ({label}): nothing written; check the model "
+        raise ValueError(f"{bad} of {num} samples hold NaN or inf ({label}): nothing written; check the model "
                          f"and the solver file (a solver trained for another model?)")
     output = output or Path(f"samples-{name}-{stats.method}-nfe{stats.nfe}.safetensors")
     meta = {"method": stats.method, "nfe": str(stats.nfe), "seed": str(args.seed), "model": str(args.model),
-            "solver": str(args.solver or ""), "stats": json.dumps(dataclasses.asdict(stats))}
+            "solver": str(args.solver or ""), "stats": json.dumps(dataclasses.asdict(stats)),
+            **({"guidance": str(cond.guidance)} if cond.guidance is not None else {})}
+    tensors = {"samples": samples.detach().cpu().contiguous()}
+    if cond.key is not None:   # which label each sample shows
+        tensors["labels"] = extras[cond.key].cpu().contiguous()
     try:
-        save_file({"samples": samples.detach().cpu().contiguous()}, str(output), metadata=meta)
+        save_file(tensors, str(output), metadata=meta)
     except Exception as exc:   # safetensors' own error type: the path, not a traceback
         raise ValueError(f"-o {output}: the samples could not be written ({exc})") from None
-    print(f"{args.num} samples of shape {tuple(shape)} with {label}: NFE {stats.nfe}, "
+    print(f"{num} samples of shape {tuple(shape)} with {label}: NFE {stats.nfe}, "
           f"network forwards {stats.network_forwards}, {seconds:.3f} s -> {output}")
     return 0

@@ -5,6 +5,8 @@
     bespoke-ext train moons2d --solver nonstationary --init bespoke-moons2d-rk2-nfe10.safetensors
     bespoke-ext train mypackage.models:make_model --shape 1,28,28 -o solver.safetensors
     bespoke-ext train path/to/model.safetensors          (an embedded-style model: weights + JSON card)
+    bespoke-ext train mnist_cond --guidance 2            (class-conditional: every label, guided; cli/conditioning.py)
+    bespoke-ext train mypackage.models:make_model --conditions prompts.safetensors   (a pool of per-sample inputs)
 
 The model is ``module:attribute``, a checkpoint file with its JSON card, or an embedded model's name
 (cli/model_spec.py). Writes the solver file (data only) and a learning-curve PNG next to it; prints the validation RMSE of
@@ -18,6 +20,7 @@ import os
 from pathlib import Path
 
 from ..training.options import GT_MODES, LOSSES, LR_SCHEDULES, TrainOptions
+from .conditioning import add_condition_arguments, conditioning, training_pool
 from .model_spec import DTYPES, parse_extras, parse_shape, resolve_model
 from .paths import writable_file
 
@@ -73,6 +76,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for every model call (VALUE parsed as JSON, else kept as text); repeatable")
     g.add_argument("--no-progress", action="store_true")
+    add_condition_arguments(parser, sampling=False)
     return parser
 
 
@@ -82,11 +86,13 @@ def run_train(args: argparse.Namespace) -> int:
     from ..training.distributed import launched_by_torchrun
 
     dtype = DTYPES[args.dtype]
-    model, shape, name = resolve_model(args.model, device=args.device, dtype=dtype)
+    model, shape, name, card = resolve_model(args.model, device=args.device, dtype=dtype)
     if args.shape is not None:
         shape = parse_shape(args.shape)
     if shape is None:
         raise ValueError(f"model {args.model!r} does not say its per-sample shape: pass --shape (e.g. --shape 2)")
+    cond = conditioning(model, card, args)
+    pool = training_pool(cond)
     solver = _initial_solver(args)
     ns = args.solver == "nonstationary"
     kind = "ns" if ns else f"rk{solver.order}"
@@ -101,16 +107,22 @@ def run_train(args: argparse.Namespace) -> int:
         writable_file(output, "-o")
         writable_file(plot, "--plot")
     loss = args.loss or ("log_mse" if ns else _DEFAULTS.loss)
-    solver = train(model, solver, shape=shape, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
+    if rank == 0 and cond.describe():
+        rows = next(iter(pool.values())).shape[0]
+        print(f"{cond.describe()}; each training sample draws one of {rows} condition rows")
+    solver = train(cond.model, solver, shape=shape, iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
                    lr=args.lr, L_tau=args.L_tau, loss=loss, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
                    gt=args.gt, gt_rtol=args.gt_tol, gt_atol=args.gt_tol, cache_dir=args.cache_dir,
                    cache_samples=args.cache_samples, val_size=args.val_size, val_every=args.val_every,
                    device=args.device, dtype=dtype, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                   model_tag=args.model_tag, model_extras=parse_extras(args.extra), progress=not args.no_progress)
+                   model_tag=args.model_tag, model_extras=parse_extras(args.extra), progress=not args.no_progress,
+                   **({"conditions": pool} if pool is not None else {}))
     if rank != 0:
         return 0
     h = solver.history
-    solver.save(output, metadata={"model": args.model})
+    solver.save(output, metadata={"model": args.model,
+                                  **({"guidance": cond.guidance} if cond.guidance is not None else {}),
+                                  **({"conditions": args.conditions} if args.conditions is not None else {})})
     base = f"--init {args.init}" if args.init is not None else \
         solver.metadata.get("initialised_from") or getattr(solver, "base", None) or ("midpoint" if solver.order == 2 else "Euler")
     if not h.val_rmse:  # --iterations 0 without a fit: nothing was solved or measured

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..training.options import LOSSES, TrainOptions
+from .conditioning import read_conditions
 from .model_spec import check_device, import_target
 from .paths import writable_dir
 
@@ -119,16 +120,11 @@ def _names(velocity):
 def load_embeddings(path, velocity, dtype=None) -> dict:
     """The conditions pool for ``velocity`` from a safetensors file (module docstring), checked: every name the
     transformer needs is there, no other name, one leading dimension, last sizes the transformer's."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not path.is_file():
-        raise PipelineTrainingError(f"--embeddings {path}: no such file")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PipelineTrainingError(f"--embeddings {path}: not a safetensors file ({exc})") from exc
+    try:   # a file, of named tensors sharing one leading dimension M: the conditions format
+        tensors = read_conditions(path, "--embeddings")
+    except ValueError as exc:
+        raise PipelineTrainingError(str(exc)) from None
     required, accepted = _names(velocity)
     kind = type(velocity.transformer).__name__
     missing, unknown = sorted(required - set(tensors)), sorted(set(tensors) - accepted)
@@ -138,10 +134,6 @@ def load_embeddings(path, velocity, dtype=None) -> dict:
     if unknown:
         raise PipelineTrainingError(f"--embeddings {path}: {unknown} are not inputs of this pipeline's transformer "
                                     f"call; the names it takes are {sorted(accepted)}")
-    rows = {name: int(t.shape[0]) if t.dim() else 0 for name, t in tensors.items()}
-    if len(set(rows.values())) != 1:
-        raise PipelineTrainingError(f"--embeddings {path}: every tensor needs the same leading dimension M (one row "
-                                    f"per prompt, the same prompt in every name); got {rows}")
     config = velocity.transformer.config
     for name, t in tensors.items():
         pooled = "pooled" in name
