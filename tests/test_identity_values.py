@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bespoke_ext.models.adapters import VelocityAdapter
-from bespoke_ext.models.identity import inputs_tag, model_tag
-from bespoke_ext.models.schedules import CustomSchedule
+from bespoke_ext.models.adapters import ScalarTimeAdapter, VelocityAdapter
+from bespoke_ext.models.identity import inputs_tag, model_tag, reachable_state
+from bespoke_ext.models.schedules import CustomSchedule, Schedule
 
 
 class _Scaled(torch.nn.Module):
@@ -115,3 +115,75 @@ def test_a_global_named_like_an_attribute_the_forward_reads_stays_out_of_the_tag
         assert model_tag(model) != before
     finally:
         limit = 1.0
+
+
+class _PrivateScale(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(3, 2)
+        self._scale = scale
+
+    def forward(self, x, t):
+        return self._scale * self.net(torch.cat([x, torch.as_tensor(t).expand(x.shape[0])[:, None]], 1))
+
+
+class _PrivateNetHolder:
+    """A plain object keeping its network in a private attribute; its bound method is the model."""
+
+    def __init__(self, net):
+        self._net = net
+
+    def velocity(self, x, t):
+        return self._net(torch.cat([x, t.expand(x.shape[0])[:, None]], 1))
+
+
+class _PowerSchedule(Schedule):
+    name = "power"
+
+    def __init__(self, p):
+        self._p = float(p)
+
+    def alpha(self, t):
+        return t ** self._p
+
+    def sigma(self, t):
+        return 1 - t ** self._p
+
+    def d_alpha(self, t):
+        return self._p * t ** (self._p - 1)
+
+    def d_sigma(self, t):
+        return -self._p * t ** (self._p - 1)
+
+
+def test_private_attributes_are_settings_too():
+    # a module's self._scale, a plain object's self._net, a schedule's self._p: each changes the field
+    assert model_tag(_PrivateScale(1.0)) != model_tag(_PrivateScale(3.0))
+    assert model_tag(_PrivateScale(2.0)) == model_tag(_PrivateScale(2.0))
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert model_tag(_PrivateNetHolder(a).velocity) != model_tag(_PrivateNetHolder(b).velocity)
+    net = torch.nn.Linear(2, 2)
+    assert model_tag(VelocityAdapter(net, "data", _PowerSchedule(1))) != model_tag(VelocityAdapter(net, "data", _PowerSchedule(3)))
+
+
+def test_a_network_held_privately_is_reached_and_frozen_by_training():
+    net = torch.nn.Linear(3, 2)
+    modules, _ = reachable_state(_PrivateNetHolder(net).velocity)
+    assert any(m is net for m in modules)
+
+
+def test_torch_bookkeeping_and_use_leave_the_tag_alone():
+    # hook tables, a compiled wrapper's per-process id and a warned-once flag are not the field
+    model = _PrivateScale(2.0)
+    before = model_tag(model)
+    model.register_forward_hook(lambda *args: None)
+    assert model_tag(model) == before
+    compiled = torch.compile(model)
+    assert model_tag(compiled) == model_tag(torch.compile(_PrivateScale(2.0)))
+    adapter = ScalarTimeAdapter(model, time_as="float")
+    tag = model_tag(adapter)
+    with pytest.warns(UserWarning, match="gradient with respect to t is zero"):
+        adapter(torch.randn(3, 2), torch.tensor(0.5, requires_grad=True))
+    assert model_tag(adapter) == tag

@@ -270,7 +270,7 @@ class ScalarTimeAdapter(nn.Module):
     graph: the gradient with respect to t is then zero (a warning says so once).
     """
 
-    identity_ignore = ("calls",)  # a counter: not part of the model's identity (identity.py)
+    identity_ignore = ("calls", "_warned")  # a counter, a warned-once flag: not the model's identity (identity.py)
 
     def __init__(self, model, time_as: str = "tensor"):
         super().__init__()

@@ -19,8 +19,10 @@ over everything the package can see that shapes the field:
 - for a module, the tensors, networks and numbers at module level that its class's ``forward`` reads
   (``class Wrapper(nn.Module): def forward(self, x, t): return NET(x, t)``); other globals a forward
   names (functions, helpers, loggers) are library code, left out so the tag stays stable.
-A class may name attributes that do not shape the field (call counters) in a class attribute
-``identity_ignore``; they are left out, so the tag does not change as the model is used. A module class
+Private attributes (``self._scale``) count as public ones do; torch's own bookkeeping on a module (its
+parameter, buffer and hook tables) does not. A class may name attributes that do not shape the field
+(call counters, a warned-once flag, a lazily filled cache) in a class attribute ``identity_ignore``; they
+are left out, so the tag does not change as the model is used. A module class
 with ``identity_skip = True`` (the solvers: an object may hold its solver next to its network) is left out
 wherever it is reached, so training that solver does not change the model's tag.
 
@@ -157,8 +159,9 @@ class _Hasher:
             self.text(f"settings|{name}|{_qualname(sub)}")
             ignore = set(getattr(type(sub), "identity_ignore", ()))
             for key, v in sorted(vars(sub).items()):
-                if key.startswith("_") or key == "training" or key in ignore or isinstance(v, torch.nn.Module):
+                if _module_internal(key) or key in ignore or isinstance(v, torch.nn.Module):
                     continue  # submodules have their own entry
+                # a private attribute (self._scale) is as much a setting as a public one
                 # parameters and buffers live in _parameters / _buffers (the state dict, above): a tensor
                 # here is a plain attribute (a null-condition embedding, a scale), hashed by value
                 self.text(key)
@@ -205,8 +208,8 @@ def _object_parts(v) -> Tuple[str, bytes, list]:
     code = [call] if inspect.isfunction(call) else []
     ignore = set(getattr(type(v), "identity_ignore", ()))
     state = {**_slot_state(v), **(getattr(v, "__dict__", None) or {})}
-    return f"object|{_qualname(v)}", b"", [*described, {k: s for k, s in state.items()
-                                                        if not k.startswith("_") and k not in ignore}, *code]
+    # private attributes too: a wrapper's self._net, a schedule's self._p shape the field as public ones do
+    return f"object|{_qualname(v)}", b"", [*described, {k: s for k, s in state.items() if k not in ignore}, *code]
 
 
 def _slot_state(v) -> dict:
@@ -294,6 +297,17 @@ def _global_names(code: types.CodeType) -> Tuple[str, ...]:
                 written.add(i.argval)
         codes.extend(k for k in c.co_consts if inspect.iscode(k))
     return tuple(sorted(names - written))
+
+
+# torch's own bookkeeping on every module, as a bare Module has it in this torch (_parameters, _buffers and
+# _modules, hashed through the state dict and named_modules; hook tables; the training flag), and what
+# torch.compile and gradient checkpointing attach: how the field is run, not what it is (and a compiled
+# wrapper's id differs per process)
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {"_compiled_call_impl", "_gradient_checkpointing_func"}
+
+
+def _module_internal(key: str) -> bool:
+    return key in _MODULE_INTERNALS or key.startswith("_torchdynamo")
 
 
 # what a forward reads at module level that shapes the field: weights and settings, not code
