@@ -446,6 +446,34 @@ def test_probe_and_checks_name_bad_conditions_and_extras(tmp_path, label_flow):
     assert not (tmp_path / "gt").exists()
 
 
+class EmbeddingFlow(torch.nn.Module):
+    """A field conditioned on a per-sample embedding c and a constant offset e (a text encoder's outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.net = torch.nn.Linear(4 + 1 + 3, 4)
+
+    def forward(self, x, t, c, e):
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        return -x + 0.3 * torch.tanh(self.net(torch.cat([x, t.to(x.dtype)[:, None], c + e], 1)))
+
+
+@pytest.mark.parametrize("loss", ["bound", "log_mse"])
+def test_condition_and_extra_tensors_from_an_encoder_are_inputs_not_parameters(tmp_path, loss):
+    # embeddings computed without torch.no_grad() still carry the encoder's graph: training must not send its
+    # gradients there (nor backpropagate through that graph twice, which fails at the second step)
+    encoder = torch.nn.Linear(3, 3)
+    pool, offset = encoder(torch.randn(5, 3)), encoder(torch.randn(1, 3))
+    solver = train(EmbeddingFlow(), BespokeSolver(2, 1), shape=(4,), iterations=3, batch_size=4, cache_samples=8,
+                   cache_shard_size=8, val_size=4, loss=loss, conditions={"c": pool}, model_extras={"e": offset},
+                   cache_dir=str(tmp_path / "gt"), progress=False)
+    assert len(solver.history.loss) == 3 and all(np.isfinite(v) for v in solver.history.loss)
+    assert all(p.grad is None for p in encoder.parameters())
+    assert pool.requires_grad and offset.requires_grad   # the caller's tensors themselves are left as they were
+
+
 # ------------------------------------------------------------------------------ dtype policy
 
 class HalfNet(torch.nn.Module):

@@ -475,6 +475,11 @@ def test_options_are_checked_with_clear_errors(mixture):
     bad_device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(ValueError, match="no CUDA device|CUDA device\\(s\\) are visible"):
         train(m, s, shape=(4,), iterations=1, batch_size=2, device=bad_device)
+    with pytest.raises(ValueError, match="device must be a torch device or its name.*'gpu'"):
+        train(m, s, shape=(4,), iterations=1, batch_size=2, device="gpu")
+    for name in ("keep_best", "progress"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
+            train(m, s, shape=(4,), iterations=1, batch_size=2, **{name: "no"})
     with pytest.raises(TypeError, match="BespokeSolver"):
         train(m, object(), shape=(4,), iterations=1, batch_size=2)
     with pytest.raises(ValueError, match="max_nonfinite_steps"):

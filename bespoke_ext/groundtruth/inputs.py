@@ -39,7 +39,7 @@ Rows = Dict[str, Tensor]
 
 
 def check_conditions(conditions, extras: Optional[Mapping] = None) -> Optional[Dict[str, Tensor]]:
-    """Validate a conditions pool; returns it as a dict (None for None or {}). Clear errors for a
+    """Validate a conditions pool; returns it as a dict of detached tensors (None for None or {}). Clear errors for a
     non-dict, non-tensor values, 0-dim tensors, an empty pool, mismatched leading dimensions, or a
     name that is also a constant extra."""
     if conditions is None:
@@ -62,7 +62,9 @@ def check_conditions(conditions, extras: Optional[Mapping] = None) -> Optional[D
                              f"(a constant input belongs in model_extras)")
         if value.shape[0] == 0:
             raise ValueError(f"conditions[{name!r}] has no rows (leading dimension 0)")
-        out[name], sizes[name] = value, int(value.shape[0])
+        # model inputs, not parameters: rows still attached to the graph that made them (an encoder's output)
+        # would leak the losses' gradients into it and fail at the second backward through that graph
+        out[name], sizes[name] = value.detach(), int(value.shape[0])
     if len(set(sizes.values())) > 1:
         raise ValueError(f"conditions must share one leading dimension M (every sample draws the same row of "
                          f"every name); got leading dimensions {sizes}")

@@ -194,6 +194,12 @@ class TrainOptions:
             raise ValueError(f"cache_grid must be >= 2 intervals, got {self.cache_grid}")
         if self.cache_grid_kind not in GRID_KINDS:
             raise ValueError(f"cache_grid_kind must be one of {GRID_KINDS}, got {self.cache_grid_kind!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"device must be a torch device or its name ('cpu', 'cuda', 'cuda:1'), "
+                                 f"got {self.device!r}") from exc
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64 (or None: the model's), got {self.dtype!r}")
         if self.fit_start is not None and not isinstance(self.fit_start, bool):
@@ -204,13 +210,17 @@ class TrainOptions:
             raise ValueError(f"fit_warps must be a sequence of positive powers starting with 1.0 (the grid as "
                              f"given), got {warps!r}")
         self.fit_warps = tuple(float(p) for p in warps)
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        for name in ("gradient_checkpointing", "keep_best", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.gradient_checkpointing and self.loss == "bound":
             raise ValueError("gradient_checkpointing applies to the end-to-end losses (a rollout through the solver); "
                              "the bound loss makes independent evaluations, which chunk_size bounds")
         if not isinstance(self.model_extras, dict):
             raise ValueError(f"model_extras must be a dict of keyword arguments, got {type(self.model_extras).__name__}")
+        # constant inputs, not parameters: a tensor still attached to the graph that made it (an encoder's
+        # output) would collect the losses' gradients into that encoder, and fail at the second backward
+        self.model_extras = {k: v.detach() if torch.is_tensor(v) else v for k, v in self.model_extras.items()}
         for name in ("cache_dir", "checkpoint"):  # a str or a pathlib.Path; kept as str (it goes into JSON metadata)
             v = getattr(self, name)
             if v is not None and not isinstance(v, (str, os.PathLike)):
