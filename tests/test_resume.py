@@ -144,9 +144,32 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, mixture):
     train(m, BespokeSolver(2, 1), **kw)
     with pytest.raises(ValueError, match="lr: checkpoint has 0.005"):
         train(m, BespokeSolver(2, 1), lr=0.1, **{k: v for k, v in kw.items()})
-    ckpt.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read"):
+    damaged = ckpt.read_bytes()
+    ckpt.write_bytes(damaged[:len(damaged) // 2])
+    with pytest.raises(ValueError, match="cannot be read.*delete it to start over"):
         train(m, BespokeSolver(2, 1), **kw)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a bespoke_ext training checkpoint; checkpoint= names"):
+        train(m, BespokeSolver(2, 1), **kw)
+    solver_file = tmp_path / "solver.bespoke"
+    BespokeSolver(2, 1).save(solver_file)
+    with pytest.raises(ValueError, match=r"not a bespoke_ext training checkpoint \(a safetensors file"):
+        train(m, BespokeSolver(2, 1), **{**kw, "checkpoint": str(solver_file)})
+
+
+def test_a_finished_run_extends_from_the_solver_it_returned(tmp_path, mixture):
+    """keep_best returns the best iterate, neither the start nor the last: given back with more iterations, it
+    is the same run, which goes on from its last iterate."""
+    m = mixture(3, components=4, std=0.15, seed=1)
+    ckpt = tmp_path / "run.ckpt"
+    kw = dict(shape=(3,), batch_size=4, gt="online", val_size=8, val_every=1, lr=0.05, progress=False,
+              checkpoint=str(ckpt), model_tag="mixture-3d")
+    best = train(m, BespokeSolver(2, 1), iterations=8, **kw)
+    assert 0 < best.history.best_iteration < 8   # the case under test: the best iterate is a middle one
+    extended = train(m, best, iterations=10, **kw)
+    assert extended.history.iterations == 10 and extended.history.val_iteration[-1] == 10
+    with pytest.raises(ValueError, match="solver_start"):   # a solver this run never held is still refused
+        train(m, BespokeSolver(2, 2), iterations=12, **kw)
 
 
 def test_checkpoint_never_resumes_into_another_starting_solver(tmp_path, mixture):

@@ -37,11 +37,20 @@ def save_checkpoint(path, state: Dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
 def load_checkpoint(path) -> Optional[Dict[str, Any]]:
     """The state saved at ``path`` (None when there is no file); clear errors for foreign or damaged files."""
     path = Path(path)
     if not path.exists():
         return None
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head.startswith(_ZIP_MAGIC):   # torch.save writes a zip archive: this file is something else
+        kind = " (a safetensors file: a saved solver?)" if head[8:9] == b"{" else ""
+        raise ValueError(f"{path} is not a bespoke_ext training checkpoint{kind}; checkpoint= names the file "
+                         f"train() saves its progress to: give it a path of its own")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files

@@ -267,7 +267,10 @@ class _Run:
 
         state = load_checkpoint(o.checkpoint) if o.checkpoint else None
         if state is not None:
-            if _solver_start(solver) == _solver_start(solver, state["solver"]):   # this run's solver, interrupted
+            # this run's solver given back: as it was interrupted (its last iterate), or as a finished run with
+            # keep_best returned it (its best iterate); the run goes on from its last iterate either way
+            given = _solver_start(solver)
+            if any(given == _solver_start(solver, saved) for saved in (state["solver"], state["best_solver"]) if saved):
                 fingerprint["solver_start"] = json.loads(state["fingerprint"]).get("solver_start")
             check_fingerprint(o.checkpoint, state["fingerprint"], fingerprint)
             check_iterations(o.checkpoint, json.loads(state["fingerprint"])["iterations"], int(state["iteration"]),
