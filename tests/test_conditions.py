@@ -446,6 +446,28 @@ def test_probe_and_checks_name_bad_conditions_and_extras(tmp_path, label_flow):
     assert not (tmp_path / "gt").exists()
 
 
+class ThreeClasses(torch.nn.Module):
+    """Takes labels 0, 1 and 2 only (an Embedding of 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(3, 4)
+
+    def forward(self, x, t, y):
+        return -x + 0.1 * self.emb(y)
+
+
+def test_probe_tries_the_pools_extreme_labels_before_any_ground_truth(tmp_path):
+    # labels 3..9 reach past the model's three classes: the probe, not the ground-truth solve, finds them
+    kw = dict(shape=(4,), iterations=2, batch_size=2, cache_dir=str(tmp_path / "gt"), progress=False)
+    labels = torch.tensor([1, 0, 2, 9, 4, 2])
+    with pytest.raises(RuntimeError, match=r"conditions rows \[1, 3\] \(those of the smallest and largest y\).*IndexError"):
+        train(ThreeClasses(), BespokeSolver(2, 1), conditions={"y": labels}, **kw)
+    assert not (tmp_path / "gt").exists()
+    done = train(ThreeClasses(), BespokeSolver(2, 1), conditions={"y": labels % 3}, cache_samples=4, val_size=2, **kw)
+    assert done.history.iterations == 2
+
+
 class EmbeddingFlow(torch.nn.Module):
     """A field conditioned on a per-sample embedding c and a constant offset e (a text encoder's outputs)."""
 

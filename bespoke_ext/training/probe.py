@@ -66,6 +66,21 @@ def frozen(model, keep=None):
             sub.train(mode)
 
 
+def _probe_rows(conditions):
+    """(rows, what they are) of the pool the probe calls with: rows 0 and 1, or, where an entry holds integers
+    (class labels, token ids), the rows of its smallest and largest value, so that a pool reaching past what
+    the model takes (labels 0-9 for an Embedding of 3) fails here, not midway through the ground truth."""
+    m = pool_size(conditions)
+    if not m:
+        return None, ""
+    for name, v in conditions.items():
+        if not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
+            flat = v.reshape(m, -1)
+            low, high = int(flat.min(1).values.argmin()), int(flat.max(1).values.argmax())
+            return torch.tensor([low, high]), f"those of the smallest and largest {name}"
+    return torch.tensor([0, 1 % m]), "the first two"
+
+
 def _describe(v) -> str:
     return f"{type(v).__name__} {tuple(v.shape)} {v.dtype} on {v.device}" if torch.is_tensor(v) else type(v).__name__
 
@@ -84,15 +99,17 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
                 extras: Optional[dict] = None, conditions: Optional[dict] = None) -> None:
     """Two calls on a batch of 2 before any ground truth, as training will call the model: x [2, *shape] in
     the model's dtype (``dtype``, or its own bf16/fp16), t [2] (training's batched steps and ground-truth
-    solves) and a 0-dim t (sampling and validation), conditions rows 0 and 1, model_extras. Raises a clear
+    solves) and a 0-dim t (sampling and validation), two rows of the conditions pool (``_probe_rows``),
+    model_extras. Raises a clear
     error unless the model accepts those names and returns a finite floating tensor of x's shape and dtype
     on ``device`` for both."""
     extras = dict(extras or {})
     call_dtype = model_call_dtype(model) or dtype
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device).to(call_dtype)
-    m = pool_size(conditions)
-    cond = take(conditions, torch.tensor([0, 1 % m]) if m else None, device=device)
+    rows, which = _probe_rows(conditions)
+    cond = take(conditions, rows, device=device)
     names = ", ".join([f"{k}=<{_describe(v)}>" for k, v in cond.items()] + [f"{k}=..." for k in extras])
+    rows_note = f", conditions rows {rows.tolist()} ({which})" if rows is not None else ""
     forms = {"t [2]": torch.tensor([0.25, 0.75], dtype=dtype, device=device),
              "a 0-dim t": torch.tensor(0.5, dtype=dtype, device=device)}
 
@@ -106,7 +123,7 @@ def probe_model(model: Callable, shape: Sequence[int], *, device: torch.device, 
 
     for form, t in forms.items():
         call = (f"model(x, t{', ' + names if names else ''}) with x [2, {', '.join(map(str, shape))}] {call_dtype} "
-                f"on {device} and {form}")
+                f"on {device} and {form}{rows_note}")
         other = "a 0-dim t" if form == "t [2]" else "t [2]"
         _probe_once(model, x, t, shape, dtype, extras, cond, call,
                     hint=lambda exc: f" ({_TIME_HINTS[form]})" if calls_with(other) else
