@@ -301,9 +301,11 @@ def _global_names(code: types.CodeType) -> Tuple[str, ...]:
 
 # torch's own bookkeeping on every module, as a bare Module has it in this torch (_parameters, _buffers and
 # _modules, hashed through the state dict and named_modules; hook tables; the training flag), and what
-# torch.compile and gradient checkpointing attach: how the field is run, not what it is (and a compiled
-# wrapper's id differs per process)
-_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {"_compiled_call_impl", "_gradient_checkpointing_func"}
+# torch.compile, gradient checkpointing, diffusers' hook registry (attached at a pipeline's first call) and
+# accelerate's offload hooks attach: how the field is run, not what it is (and a compiled wrapper's id
+# differs per process)
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {
+    "_compiled_call_impl", "_gradient_checkpointing_func", "_diffusers_hook", "_hf_hook", "_old_forward"}
 
 
 def _module_internal(key: str) -> bool:
