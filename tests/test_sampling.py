@@ -588,6 +588,17 @@ def test_sample_command_errors_are_one_line_and_a_foreign_solver_is_warned(tmp_p
     own.save(path)
     assert main(["sample", "moons2d", "-n", "3", "--solver", str(path), "-o", str(tmp_path / "s.safetensors")]) == 0
     assert "warning" not in capsys.readouterr().err
+    # where the file records the weights' sha256 (demo, bench, bespoke-ext train), the weights decide: a tag
+    # from an older package version is no reason to warn, other weights are
+    from bespoke_ext.models.embedded import read_card
+
+    weights = read_card("moons2d")["weights"]["sha256"]
+    for recorded, warned in ((weights, False), ("0" * 64, True)):
+        own.metadata.update(model_weights_sha256=recorded, training={"model_tag": "bespoke_ext.old:0123456789abcdef"})
+        own.save(path)
+        assert main(["sample", "moons2d", "-n", "3", "--solver", str(path), "-o", str(tmp_path / "s.safetensors")]) == 0
+        err = capsys.readouterr().err
+        assert ("trained for the weights 0000000000000000..." in err) is warned and ("warning" in err) is warned
 
 
 def test_program_builder_refuses_evaluations_into_buffers_and_combinations_into_velocities():

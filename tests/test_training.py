@@ -508,6 +508,15 @@ def test_cli_train_with_module_factory_writes_solver_and_curve(tmp_path, monkeyp
     assert solver.order == 1 and solver.steps == 2 and solver.metadata["model"] == "my_flow_models:make"
     assert solver.metadata["training"]["iterations"] == 4
     assert out.with_suffix(".png").stat().st_size > 1000
+    assert "model_weights_sha256" not in solver.metadata   # a factory has no card
+    # an embedded model's file records its weights' sha256, which `bespoke-ext sample` checks against
+    from bespoke_ext.models.embedded import read_card
+
+    args = parser.parse_args(["moons2d", "--steps", "2", "--iterations", "1", "--batch-size", "8", "--val-size", "8",
+                              "--cache-samples", "16", "--cache-dir", str(tmp_path / "gt2"), "-o", str(out),
+                              "--no-progress"])
+    assert run_train(args) == 0
+    assert BespokeSolver.load(out).metadata["model_weights_sha256"] == read_card("moons2d")["weights"]["sha256"]
 
 
 

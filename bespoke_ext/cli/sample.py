@@ -57,10 +57,19 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def _warn_if_trained_for_another(solver, model) -> None:
-    """A warning when the solver file records a training model whose identity differs from ``model``'s."""
+def _warn_if_trained_for_another(solver, model, card: Optional[dict] = None) -> None:
+    """A warning when the solver file records a training model whose identity differs from ``model``'s: by the
+    weights' sha256 where both the file and the model's card have it (the demo, the bench and ``bespoke-ext
+    train`` record it; stable across package versions), else by the model tag."""
     from ..models.identity import model_tag
 
+    recorded, weights = solver.metadata.get("model_weights_sha256"), ((card or {}).get("weights") or {}).get("sha256")
+    if recorded and weights:
+        if recorded != weights:
+            print(f"warning: this solver was trained for the weights {recorded[:16]}..., not for this model's "
+                  f"({weights[:16]}...): its schedule is tuned to that model's field, and may sample this one poorly",
+                  file=sys.stderr)
+        return
     trained = (solver.metadata.get("training") or {}).get("model_tag")
     if not trained:
         return
@@ -151,7 +160,7 @@ def run_sample(args: argparse.Namespace) -> int:
         print(f"warning: this solver was trained at guidance g = {trained_g:g}, not {cond.guidance:g}: its "
               f"schedule is tuned to that field", file=sys.stderr)
     elif solver is not None:
-        _warn_if_trained_for_another(solver, cond.model)
+        _warn_if_trained_for_another(solver, cond.model, card)
     x0 = torch.randn((num, *shape), generator=torch.Generator().manual_seed(args.seed),
                      dtype=dtype or torch.float32).to(device)
 

@@ -120,7 +120,8 @@ def run_train(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     h = solver.history
-    solver.save(output, metadata={"model": args.model,
+    weights = ((card or {}).get("weights") or {}).get("sha256")   # an embedded-style model's weights, as the demo records
+    solver.save(output, metadata={"model": args.model, **({"model_weights_sha256": weights} if weights else {}),
                                   **({"guidance": cond.guidance} if cond.guidance is not None else {}),
                                   **({"conditions": args.conditions} if args.conditions is not None else {})})
     base = f"--init {args.init}" if args.init is not None else \
