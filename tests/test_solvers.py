@@ -275,3 +275,30 @@ def test_dpm_solver_first_step_is_euler():
     x0 = torch.randn(8, 2, dtype=F64)
     one = sample(smooth_field, x0, method="dpm++2m", time_grid=[0.0, 0.4])
     assert torch.allclose(one, sample(smooth_field, x0, method="euler", time_grid=[0.0, 0.4]), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float()],
+                         ids=["half", "to-bf16", "float"])
+def test_dtype_casts_leave_learned_solvers_in_float64(cast):
+    # a solver held next to a half-precision network is cast with it: its numbers must not be rounded (a
+    # trained solver would drift from what was validated, a fresh non-stationary one would leave midpoint)
+    from bespoke_ext.solvers import NonStationarySolver
+
+    g = torch.Generator().manual_seed(0)
+    trained = BespokeSolver(5, 2)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    for solver in (trained, NonStationarySolver.from_solver(trained), NonStationarySolver(20, "midpoint")):
+        before = {k: v.clone() for k, v in solver.state_dict().items()}
+        holder = torch.nn.Module()
+        holder.solver, holder.net = solver, torch.nn.Linear(2, 2)
+        cast(holder)
+        assert holder.net.weight.dtype != torch.float64                       # the network is cast as asked
+        for k, v in solver.state_dict().items():
+            assert v.dtype == torch.float64 and torch.equal(v, before[k]), k   # the solver is not
+        assert all(p.requires_grad for p in solver.parameters())              # still trainable
+    x0 = torch.randn(4, 3, generator=g)
+    fresh = NonStationarySolver(20, "midpoint").half()
+    field = lambda x, t: torch.sin(3 * x) * (1 + t)
+    assert torch.equal(sample(field, x0, solver=fresh), sample(field, x0, method="midpoint", nfe=20))

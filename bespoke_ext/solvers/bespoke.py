@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ..integers import as_int
 from ..program import Program, ProgramBuilder
 from .files import SolverFileError, read_solver_file, write_solver_file
+from .float64_module import Float64Module
 
 __all__ = ["BespokeSolver", "BespokeGrid", "StepCoefficients"]
 
@@ -107,7 +108,7 @@ class StepCoefficients:
     mid: Optional[Tensor] = None
 
 
-class BespokeSolver(nn.Module):
+class BespokeSolver(Float64Module):
     """A learnable n-step solver on an Euler (order 1) or midpoint (order 2) base.
 
     Identity-initialised: a fresh solver samples exactly like Euler / midpoint with the same NFE.

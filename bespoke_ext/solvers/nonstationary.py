@@ -50,6 +50,7 @@ from ..integers import as_int
 from ..program import Program, ProgramBuilder
 from .bespoke import _BOUND, _SOFTPLUS_ONE, _clamp, _map_location, _relative_softplus, check_samples_finitely
 from .files import SolverFileError, read_solver_file, write_solver_file
+from .float64_module import Float64Module
 from .nonstationary_conversion import NonStationaryTables, convert_program, method_program
 
 __all__ = ["NonStationarySolver", "NonStationaryTables", "max_terms", "convert_program"]
@@ -93,7 +94,7 @@ def _check_scale(name: str, value) -> float:
     return float(value)
 
 
-class NonStationarySolver(nn.Module):
+class NonStationarySolver(Float64Module):
     """A learnable non-stationary solver with ``nfe`` model evaluations (method.md §9). Fresh, it samples
     bitwise like ``bespoke_ext.sample(model, x0, method=base, nfe=nfe)`` (base "euler", or "midpoint"
     with nfe even); ``from_solver`` starts from any other member. ``time_scale`` / ``coeff_scale``: the
