@@ -562,3 +562,10 @@ def test_model_tag_of_a_buffer_with_stride_zero():
     assert m.b.stride() == (0, 0)
     assert model_tag(one) == model_tag(GaussianMixtureFlow(torch.zeros(1, 2), 0.1)) and ":" in model_tag(m)
     assert model_tag(one) != model_tag(GaussianMixtureFlow(torch.zeros(1, 2), 0.2))
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 2, 2)])
+def test_oracle_takes_an_empty_batch(shape):
+    gm = GaussianMixtureFlow.random(dim=4, components=3, std=0.2, seed=0, shape=shape)
+    x = torch.randn(0, *shape)
+    assert gm(x, torch.tensor(0.5)).shape == x.shape and gm(x, torch.rand(0)).shape == x.shape

@@ -95,7 +95,7 @@ class GaussianMixtureFlow(nn.Module):
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}")
         t = as_time(t, x)
-        xf = x.reshape(b, -1)                                       # [B, D]
+        xf = x.reshape(b, self.means.shape[1])                      # [B, D] (B = 0 too)
         tb = t.reshape(-1, 1) if t.dim() == 1 else t                # [B, 1] or 0-dim
         mu = self.means.to(x.dtype)                                 # [K, D]
         s2 = self.stds.to(x.dtype) ** 2                             # [K]
