@@ -64,7 +64,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--grad-clip", type=float, default=None)
     g.add_argument("--gt", choices=GT_MODES, default=_DEFAULTS.gt, help="ground truth: cached trajectories or online solves")
     g.add_argument("--gt-tol", type=float, default=_DEFAULTS.gt_rtol, help="dopri5 rtol = atol of the ground truth (<= 1e-5)")
-    g.add_argument("--cache-dir", default=None)
+    g.add_argument("--cache-dir", default=None,
+                   help="folder of the cached ground truth (default: one per model and settings under "
+                        "$BESPOKE_EXT_CACHE_DIR, else $XDG_CACHE_HOME/bespoke_ext/trajectories, ~/.cache by default)")
     g.add_argument("--cache-samples", type=int, default=_DEFAULTS.cache_samples)
     g.add_argument("--val-size", type=int, default=_DEFAULTS.val_size)
     g.add_argument("--val-every", type=int, default=_DEFAULTS.val_every)
