@@ -488,3 +488,24 @@ def test_samples_solved_exactly_give_zero_gradients_not_skipped_steps(tmp_path, 
              cache_grid=16, val_size=16, progress=False, cache_dir=str(tmp_path))
     assert solver.history.skipped_iterations == []
     assert all(math.isfinite(v) for v in solver.history.loss)
+
+
+def test_changed_scales_are_not_sampled_from_a_stale_program():
+    # time_scale and coeff_scale are plain attributes the tables are computed from: a program memoised before
+    # they changed must not be reused after
+    g = torch.Generator().manual_seed(0)
+    ns = NonStationarySolver(6, "midpoint")
+    with torch.no_grad():
+        for p in ns.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    field = lambda x, t: torch.sin(2 * x) - t * x
+    x0 = torch.randn(5, 3, generator=g)
+    before = bx.sample(field, x0, solver=ns)
+    ns.time_scale, ns.coeff_scale = 3.0, 2.0
+    after = bx.sample(field, x0, solver=ns)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(ns.program().times, ns.times()[:-1].to(ns.program().times.dtype))
+    rebuilt = NonStationarySolver(6, "midpoint")
+    rebuilt.load_state_dict(ns.state_dict())
+    rebuilt.time_scale, rebuilt.coeff_scale = 3.0, 2.0
+    assert torch.equal(after, bx.sample(field, x0, solver=rebuilt))

@@ -271,7 +271,7 @@ class NonStationarySolver(Float64Module):
 
         ``intermediates``: record the states at times() (n + 1). ``max_terms``: chain combinations above
         this many terms (default and cap: the op's limit). Without autograd the program is memoised
-        against a copy of the parameters and base tables (compared by value)."""
+        against a copy of the parameters and base tables (compared by value) and the scales and refs."""
         limit = _op_limit() if max_terms is None else max_terms
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
             raise ValueError(f"max_terms must be an integer >= 2, got {limit!r}")
@@ -281,12 +281,14 @@ class NonStationarySolver(Float64Module):
             return self._build_program(*key)
         memo = self._programs.get(key)
         state = [t.detach() for t in (*self.parameters(), *self.buffers())]
-        if memo is not None and len(memo[0]) == len(state) and all(
+        # the plain settings the tables are computed from too: they are attributes, which a user may set
+        settings = (float(self.time_scale), float(self.coeff_scale), tuple(self.refs))
+        if memo is not None and memo[2] == settings and len(memo[0]) == len(state) and all(
                 a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
                 for a, b in zip(memo[0], state)):
             return memo[1]
         program = self._build_program(*key)
-        self._programs[key] = ([s.clone() for s in state], program)
+        self._programs[key] = ([s.clone() for s in state], program, settings)
         return program
 
     def _build_program(self, intermediates: bool, limit: int) -> Program:
