@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from flow_matching.solver import ODESolver
@@ -559,6 +561,9 @@ def test_sample_command_writes_samples(tmp_path):
         with safe_open(str(out), "pt") as f:
             assert f.get_tensor("samples").shape == (5, 2)
             assert f.metadata()["method"] == method and f.metadata()["nfe"] == str(nfe)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert out.stat().st_mode & 0o777 == 0o666 & ~umask   # a file as any other the user makes, not owner-only
 
 
 def test_sample_command_errors_are_one_line_and_a_foreign_solver_is_warned(tmp_path, capsys, monkeypatch):

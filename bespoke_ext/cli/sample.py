@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 
+from ..groundtruth.atomic import atomic_save_tensors
 from ..sampling import METHODS
 from .conditioning import add_condition_arguments, conditioning
 from .model_spec import DTYPES, parse_shape, resolve_model
@@ -182,7 +182,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if cond.key is not None:   # which label each sample shows
         tensors["labels"] = extras[cond.key].cpu().contiguous()
     try:
-        save_file(tensors, str(output), metadata=meta)
+        atomic_save_tensors(output, tensors, metadata=meta)
     except Exception as exc:   # safetensors' own error type: the path, not a traceback
         raise ValueError(f"-o {output}: the samples could not be written ({exc})") from None
     print(f"{num} samples of shape {tuple(shape)} with {label}: NFE {stats.nfe}, "

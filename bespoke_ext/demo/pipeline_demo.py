@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors.torch import save_file
 
 from ..compare import (GT_TOL, GroundTruth, Reference, Run, compare, ground_truth, markdown_table, nfe_to_match, stream_seed,
                        torch_threads)
 from ..figures import save_error_curves, save_sample_grid, save_schedules
+from ..groundtruth.atomic import atomic_save_tensors
 from ..models import flux_mnist as fm
 from ..models.embedded import load_embedded, read_card
 from ..sampling import sample
@@ -223,8 +223,9 @@ def _run(name, nfes, out, cfg, seed, quick, progress, guidance, stream, weights_
         truth_latents = ground_truth(pl.velocity, latents, tol=cfg.gt_tol, progress=progress, extras=prompts)
     truth = GroundTruth(fm.latents_to_images(truth_latents.x), truth_latents.nfe, truth_latents.seconds,
                         truth_latents.tol)
-    save_file({"latents": latents.contiguous(), "ground_truth_latents": truth_latents.x.contiguous(), "labels": labels,
-               **{k: v.contiguous() for k, v in prompts.items()}}, str(out / "evaluation_batch.safetensors"))
+    atomic_save_tensors(out / "evaluation_batch.safetensors", {
+        "latents": latents.contiguous(), "ground_truth_latents": truth_latents.x.contiguous(), "labels": labels,
+        **{k: v.contiguous() for k, v in prompts.items()}})
 
     cpu0 = time.process_time()
     with clock.stage("train"), tempfile.TemporaryDirectory(prefix="bespoke-pipeline-gt-") as cache_dir:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import metrics
@@ -40,6 +39,7 @@ from ..compare import (BASELINES, Reference, Row, baseline_labels, baseline_run,
                        ground_truth, markdown_table, nfe_to_match, solver_label, solver_run, stream_seed, torch_threads,
                        write_results)
 from ..figures import save_error_curves, save_nonstationary, save_sample_grid, save_schedules
+from ..groundtruth.atomic import atomic_save_tensors
 from ..models.embedded import DEFAULT_MODEL, list_embedded, load_embedded
 from ..solvers import BespokeSolver, NonStationarySolver
 from ..training import train
@@ -115,8 +115,8 @@ def _run(model, nfe, out, batch, iterations, loss, seed, quick, progress, guidan
     with clock.stage("ground truth"):
         truth = ground_truth(em.velocity, x0, progress=progress, extras=extras)
     # kept, so that any row of the table can be recomputed from the saved solvers
-    save_file({"x0": x0.contiguous(), "ground_truth": truth.x.contiguous(),
-               **{k: v.contiguous() for k, v in extras.items()}}, str(out / "evaluation_batch.safetensors"))
+    atomic_save_tensors(out / "evaluation_batch.safetensors", {"x0": x0.contiguous(), "ground_truth": truth.x.contiguous(),
+                                                             **{k: v.contiguous() for k, v in extras.items()}})
 
     with clock.stage("train"), tempfile.TemporaryDirectory(prefix="bespoke-demo-gt-") as cache_dir:
         solvers, train_seconds, gt_seconds = train_solvers(em, nfes, cfg, seed, cache_dir, out, progress)

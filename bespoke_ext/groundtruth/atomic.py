@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Callable, IO
 
-__all__ = ["atomic_write", "atomic_write_json", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_save_tensors", "sha256_file"]
 
 
 def atomic_write(path, write: Callable[[IO[bytes]], None]) -> None:
@@ -32,6 +32,15 @@ def atomic_write(path, write: Callable[[IO[bytes]], None]) -> None:
 
 def atomic_write_json(path, obj) -> None:
     data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_save_tensors(path, tensors, metadata=None) -> None:
+    """A safetensors file written atomically, with the permissions of any file the user creates
+    (safetensors' own save_file makes it readable by its owner alone)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
 
 
