@@ -264,3 +264,15 @@ def test_adaptive_tolerances_finer_than_a_half_precision_state_are_named_as_the_
     with pytest.raises(ValueError, match="float16 state resolves about 9.8e-04") as info:
         bx.sample(lambda x, t: torch.sin(x) * (1 + t), x0, method="dopri5")
     assert "not finite" not in str(info.value) and "x0.float()" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["rk4", "bespoke", "nonstationary"])
+def test_sampling_under_inference_mode(kind):
+    # inference tensors keep no version counter, which the rewritten-output check reads
+    kw = {"rk4": dict(method="rk4", nfe=8), "bespoke": dict(solver=bx.BespokeSolver(4, 2)),
+          "nonstationary": dict(solver=bx.NonStationarySolver(8, "midpoint"))}[kind]
+    x0 = torch.randn(3, 3)
+    want = bx.sample(field, x0, **kw)
+    with torch.inference_mode():
+        got = bx.sample(field, x0, **kw)
+    assert torch.equal(got, want)

@@ -36,6 +36,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from ..integers import as_int
+from ..sampling.executor import tensor_version
 from ..solvers import BespokeSolver, NonStationarySolver, read_solver_file, write_solver_file
 from .pipelines import FLUX_SHIFT_DEFAULTS, pipeline_velocity
 from .stepping import ProgramStepper, state_dtype
@@ -77,12 +78,6 @@ def solver_from_record(kind: str, config: dict, tensors: dict, info: Optional[di
         raise ValueError(f"BespokeScheduler config (scheduler_config.json): its {kind} solver_tensors are not a "
                          f"valid solver (shapes {shapes}, solver_config {dict(config)}): "
                          f"{str(exc).replace(path, 'solver_tensors')}") from None
-
-
-def _version(t: torch.Tensor) -> int:
-    """The tensor's version counter (bumped by in-place edits); inference tensors keep none (an in-place
-    edit of one, possible only inside inference_mode, cannot be seen: 0)."""
-    return 0 if t.is_inference() else t._version
 
 
 class BespokeScheduler(SchedulerMixin, ConfigMixin):
@@ -268,7 +263,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         dtype = state_dtype(sample.dtype)
         # the state returned last, unless a callback replaced it or edited it in place (its version moved):
         # then the sample is taken as the new state
-        mine = sample is self._returned and self._returned is not None and _version(sample) == self._returned_version
+        mine = sample is self._returned and self._returned is not None and tensor_version(sample) == self._returned_version
         x = None if mine else sample.to(dtype)
         if not self._started:
             self._check_latent_shape(sample)
@@ -279,7 +274,7 @@ class BespokeScheduler(SchedulerMixin, ConfigMixin):
         self._started = True
         self._step_index = k + 1
         prev = prev.to(model_output.dtype)
-        self._returned, self._returned_version = prev, _version(prev)
+        self._returned, self._returned_version = prev, tensor_version(prev)
         if self._step_index == self.nfe:
             self._stepper.reset()
             self._returned = None

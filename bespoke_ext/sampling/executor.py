@@ -28,7 +28,7 @@ from ..groundtruth.inputs import check_velocity
 from ..program import Eval, Program
 from .stats import ForwardCounter, SampleStats, network_forwards_of
 
-__all__ = ["execute", "coefficient_dtype", "device_tables", "StateDtype"]
+__all__ = ["execute", "coefficient_dtype", "device_tables", "StateDtype", "tensor_version"]
 
 _rk_update_out = torch.ops.bespoke_ext.rk_update_out.default
 
@@ -184,6 +184,12 @@ def _combine_differentiable(terms: List[Tensor], coeffs: Tensor, out: Optional[T
     return ops.rk_update(terms, coeffs)
 
 
+def tensor_version(t: Tensor) -> int:
+    """The tensor's version counter (bumped by in-place edits); inference tensors keep none (an in-place
+    edit of one, possible only inside inference_mode, cannot be seen: 0)."""
+    return 0 if t.is_inference() else t._version
+
+
 def run_steps(steps: List[Step], slots: List[Optional[Tensor]], model: Callable, extras: dict,
               combine: Callable, first_eval: Optional[Callable] = None) -> None:
     """The hot loop: a model call or one fused combination per instruction, and an identity test of each
@@ -195,9 +201,9 @@ def run_steps(steps: List[Step], slots: List[Optional[Tensor]], model: Callable,
             if check is not None:
                 v, model = check(v, slots[src], arg, model)
                 check = None
-            elif v is last and v._version != version and _still_read(steps, k, last_dst):
+            elif v is last and tensor_version(v) != version and _still_read(steps, k, last_dst):
                 raise _rewritten_output()
-            slots[dst], last, last_dst, version = v, v, dst, v._version
+            slots[dst], last, last_dst, version = v, v, dst, tensor_version(v)
         else:
             terms = [slots[i] for i in src]
             try:
