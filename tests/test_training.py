@@ -1,6 +1,8 @@
 """Tests for bespoke_ext.training: the bound loss against a slow reference, gradients against finite
 differences, the identity solver against the base methods' local errors, and training itself."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -608,3 +610,19 @@ def test_cli_model_specs_resolve():
         resolve_model("no-such-model")
     with pytest.raises(ValueError, match="cannot import"):
         resolve_model("no_such_module_xyz:f")
+
+
+def test_a_run_that_never_beats_its_start_says_so(mixture):
+    # keep_best then returns the start unchanged, which must not pass for a trained solver silently
+    from bespoke_ext.solvers import NonStationarySolver
+
+    kw = dict(shape=(4,), iterations=10, batch_size=16, gt="online", val_size=32, val_every=5, progress=False,
+              fit_start=False)
+    m = mixture()
+    with pytest.warns(RuntimeWarning, match=r"no iteration improved on the starting solver.*lr \(this run: 0.05\)"):
+        done = train(m, NonStationarySolver(20, "midpoint"), lr=5e-2, **kw)
+    assert done.history.best_iteration == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        improved = train(m, BespokeSolver(4, 2), lr=5e-3, **kw)
+    assert improved.history.best_iteration > 0
