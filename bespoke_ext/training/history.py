@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -71,6 +72,15 @@ class TrainHistory:
         d = json.loads(text)
         d["best_rmse"] = math.inf if d.get("best_rmse") is None else d["best_rmse"]
         return cls(**d)
+
+    def warn_if_start_kept(self, lr: float) -> None:
+        """Warn when no iteration improved on the start (keep_best then hands it back unchanged, which would
+        otherwise pass for a trained result; a learning rate too large for this NFE, typically)."""
+        if self.best_iteration == 0 and self.val_iteration and self.val_iteration[-1] > 0:
+            warnings.warn(f"bespoke_ext.train: no iteration improved on the starting solver's validation RMSE "
+                          f"({self.best_rmse:.4g}; after {self.val_iteration[-1]} iterations {self.val_rmse[-1]:.4g}), "
+                          f"so keep_best returns the start unchanged; try a lower lr (this run: {lr:g}) or more "
+                          f"iterations", RuntimeWarning, stacklevel=4)
 
     def truncate(self, iterations: int, validations: int) -> None:
         """Drop records beyond ``iterations`` losses and ``validations`` validations (interrupt rollback)."""

@@ -391,14 +391,8 @@ class _Run:
                 bar.close()
         if o.keep_best and best_state is not None:
             solver.load_state_dict(best_state)
-            if history.best_iteration == 0 and history.val_iteration[-1] > 0 and start < self.iterations \
-                    and self.ctx.is_main:
-                # every step made the solver worse: keep_best hands back the start, which would otherwise look
-                # like a trained result (a learning rate too large for this NFE, typically)
-                warnings.warn(f"bespoke_ext.train: no iteration improved on the starting solver's validation RMSE "
-                              f"({history.best_rmse:.4g}; after {history.val_iteration[-1]} iterations "
-                              f"{history.val_rmse[-1]:.4g}), so keep_best returns the start unchanged; try a lower "
-                              f"lr (this run: {o.lr:g}) or more iterations", RuntimeWarning, stacklevel=2)
+            if start < self.iterations and self.ctx.is_main:
+                history.warn_if_start_kept(o.lr)
         history.wall_seconds = clock()
         solver.history = history
         if isinstance(getattr(solver, "metadata", None), dict):
