@@ -276,3 +276,44 @@ def test_sampling_under_inference_mode(kind):
     with torch.inference_mode():
         got = bx.sample(field, x0, **kw)
     assert torch.equal(got, want)
+
+
+def test_a_compiled_function_calling_sample_or_the_likelihood_runs_them_eagerly():
+    # Dynamo cannot trace sample()'s preparation (weakly keyed per-model caches): it raised inside the trace
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x, t):
+            return torch.tanh(self.lin(x)) * (1 + t)
+
+    net = Net()
+    solver = bx.NonStationarySolver(6, "midpoint")
+    x0 = torch.randn(5, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (bx.sample(net, x, method="midpoint", nfe=6), bx.sample(net, x, solver=solver)))
+    with torch.no_grad():
+        got = compiled(x0)
+    assert torch.equal(got[0], bx.sample(net, x0, method="midpoint", nfe=6))
+    assert torch.equal(got[1], bx.sample(net, x0, solver=solver))
+    log_p0 = lambda x: -0.5 * x.pow(2).sum(1)
+    compiled = torch.compile(lambda x: bx.compute_likelihood(net, x, log_p0, step_size=None, nfe=4, method="midpoint",
+                                                             exact_divergence=True)[1])
+    assert torch.equal(compiled(x0), bx.compute_likelihood(net, x0, log_p0, step_size=None, nfe=4, method="midpoint",
+                                                           exact_divergence=True)[1])
+
+
+def test_an_embedded_model_is_sampled_through_its_velocity_as_train_takes_it():
+    from bespoke_ext.models.embedded import load_embedded
+
+    m = load_embedded("moons2d")
+    x0 = torch.randn(7, 2)
+    assert torch.equal(bx.sample(m, x0, method="heun", nfe=4), bx.sample(m.velocity, x0, method="heun", nfe=4))
+    x1 = bx.sample(m, x0, method="midpoint", nfe=4)
+    got = bx.compute_likelihood(m, x1, lambda x: -0.5 * x.pow(2).sum(1), step_size=None, nfe=4, exact_divergence=True)
+    want = bx.compute_likelihood(m.velocity, x1, lambda x: -0.5 * x.pow(2).sum(1), step_size=None, nfe=4,
+                                 exact_divergence=True)
+    assert torch.equal(got[1], want[1])
+    with pytest.raises(TypeError, match="model must be callable"):
+        bx.sample(object(), x0)

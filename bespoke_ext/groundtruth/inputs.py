@@ -110,6 +110,13 @@ def for_positions(cond: Optional[Mapping], positions: slice, batch: int) -> Rows
     return rows_of(cond, p % batch)
 
 
+def velocity_of(model):
+    """The velocity field of what a user passes as the model: the object itself when it is callable, else
+    its ``velocity`` field (an embedded model from ``bespoke_ext.models.load_embedded``), else the object
+    as given (for the caller's own "not callable" error)."""
+    return model if callable(model) else getattr(model, "velocity", model)
+
+
 def model_call_dtype(model) -> Optional[torch.dtype]:
     """The dtype a module computes in when that is bf16/fp16, else None: the dtype holding most of its
     floating parameter and buffer elements. Most, not the first: a diffusers model keeps a few modules

@@ -65,8 +65,7 @@ from .adaptive import check_tolerances, odeint_explained
 
 from ..solvers.tableaus import TABLEAUS, canonical_method
 from ..solvers.time_grid import as_time_grid, check_step_size, refuse_grid_gradients
-from ..groundtruth.inputs import check_velocity
-from ..groundtruth.inputs import as_positional, model_call_dtype
+from ..groundtruth.inputs import as_positional, check_velocity, model_call_dtype, velocity_of
 from .sample import _cast_outputs, _check_extras, sample
 from .stats import ForwardCounter, SampleStats
 
@@ -162,6 +161,7 @@ class AugmentedVelocity:
         return out if self.differentiable else out.detach()
 
 
+@torch.compiler.disable(reason="bespoke_ext.compute_likelihood runs eagerly, as sample() does")
 def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], Tensor], *,
                        step_size: Optional[float], method: str = "euler", atol: float = 1e-5,
                        rtol: float = 1e-5, time_grid=(1.0, 0.0), return_intermediates: bool = False,
@@ -196,8 +196,10 @@ def compute_likelihood(model: Callable, x_1: Tensor, log_p0: Callable[[Tensor], 
     executor's methods) and ``return_stats`` (also return a SampleStats; ``nfe`` counts model
     evaluations, each of which costs D backward passes (exact) or one (Hutchinson)).
     ``model(x, t, **model_extras)`` is called with t a 0-dim tensor in x's dtype and must be
-    differentiable in x.
+    differentiable in x. Under ``torch.compile`` it runs eagerly, as ``sample`` does (compile the model
+    instead); an embedded model is used through its ``velocity``, as there.
     """
+    model = velocity_of(model)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, **extras), got {type(model).__name__}")
     _check_extras(model_extras, "compute_likelihood", {

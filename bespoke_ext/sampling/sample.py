@@ -18,7 +18,7 @@ from ..solvers.time_grid import (
 )
 from .cuda_graph import execute_graphed
 from .executor import StateDtype, execute
-from ..groundtruth.inputs import as_positional, dtype_hint_on_error, first_tensor, model_call_dtype
+from ..groundtruth.inputs import as_positional, velocity_of, dtype_hint_on_error, first_tensor, model_call_dtype
 from ..integers import as_int
 from ..program import Program
 
@@ -38,6 +38,11 @@ class _Required:
 _REQUIRED = _Required()
 
 
+# Inside a torch.compile'd function sample() runs eagerly, a graph break: its preparation (argument checks,
+# per-model caches keyed weakly on the module, program building) is Python bookkeeping Dynamo cannot
+# trace, and the work it launches is already fused. To compile the model calls, compile the model:
+# sample(torch.compile(model), x0, ...).
+@torch.compiler.disable(reason="bespoke_ext.sample runs eagerly; compile the model instead")
 def sample(model: Callable = _REQUIRED, x0: Tensor = _REQUIRED, /, *, solver=None, method: Optional[str] = None,
            nfe: Optional[int] = None, step_size: Optional[float] = None, time_grid=None,
            atol: float = 1e-5, rtol: float = 1e-5, return_intermediates: bool = False,
@@ -102,11 +107,17 @@ def sample(model: Callable = _REQUIRED, x0: Tensor = _REQUIRED, /, *, solver=Non
     default. (Bind a model input that really has such a name with
     ``functools.partial(model, steps=...)``.)
 
+    Under ``torch.compile`` (a compiled function that calls sample) sample runs eagerly, a graph break:
+    compile the model itself for faster model calls, ``sample(torch.compile(model), x0, ...)``. An
+    object with a ``velocity`` field, such as an embedded model (``bespoke_ext.models.load_embedded``),
+    is sampled through it, as ``bespoke_ext.train`` does.
+
     ``model`` and ``x0`` may be given by keyword, as flow_matching's ``sample(x_init=...)`` habit
     suggests; given positionally, the keywords ``x0=`` and ``model=`` are free for the model's own
     inputs: ``sample(net, noise, x0=image)`` calls ``net(x, t, x0=image)``.
     """
     model, x0 = _leading_arguments(model, x0, model_extras)
+    model = velocity_of(model)
     _check_model_and_x0(model, x0)
     _check_extras(model_extras)
     low = model_call_dtype(model)

@@ -55,7 +55,7 @@ import torch
 
 from ..integers import as_int
 from ..groundtruth import CacheSpec, TrajectoryCache, build_cache, fine_grid, finalize_cache
-from ..groundtruth.inputs import as_positional, check_conditions, model_call_dtype, pool_size
+from ..groundtruth.inputs import as_positional, check_conditions, velocity_of, model_call_dtype, pool_size
 from ..sampling.executor import StateDtype
 from ..models.identity import inputs_tag, training_tag
 from .batches import CachedBatches, OnlineBatches, derive_seed
@@ -109,7 +109,7 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     if opts.loss == "bound" and not getattr(solver, "supports_bound_loss", True):
         raise ValueError(f"loss='bound' needs a scale-time solver's per-step coefficients; {type(solver).__name__} "
                          f"is trained on its final sample: pass loss='log_mse' (its paper's loss) or 'end_to_end'")
-    model = getattr(model, "velocity", model) if not callable(model) else model
+    model = velocity_of(model)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
     shape = _check_shape(shape)
