@@ -56,7 +56,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="solver file (default bespoke-<model>-<rk<order> | ns>-nfe<NFE>.safetensors)")
     parser.add_argument("--plot", default=None, help="learning-curve PNG (default: the solver file with .png)")
     g = parser.add_argument_group("training options (see bespoke_ext.training.TrainOptions)")
-    g.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"default {_DEFAULTS.lr:g}; nonstationary (fitted by least squares first): 0.01 / NFE")
     g.add_argument("--L-tau", dest="L_tau", type=float, default=_DEFAULTS.L_tau)
     g.add_argument("--loss", choices=LOSSES, default=None,
                    help=f"default {_DEFAULTS.loss} for bespoke, log_mse for nonstationary")

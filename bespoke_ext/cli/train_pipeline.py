@@ -69,7 +69,8 @@ def add_train_pipeline_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for scheduler_config.json "
                                                                              "and solver.safetensors")
     g = parser.add_argument_group("training options (see bespoke_ext.training.TrainOptions)")
-    g.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"default {_DEFAULTS.lr:g}; nonstationary (fitted by least squares first): 0.01 / NFE")
     g.add_argument("--loss", choices=LOSSES, default=None, help="default: bound (bespoke), log_mse (nonstationary), "
                                                                 "end_to_end (bespoke with --gradient-checkpointing)")
     g.add_argument("--gradient-checkpointing", action="store_true",

@@ -22,7 +22,7 @@ import torch
 
 from ..groundtruth.grid import DEFAULT_GRID_INTERVALS, DEFAULT_GRID_KIND, GRID_KINDS
 
-__all__ = ["TrainOptions", "LOSSES", "GT_MODES", "LR_SCHEDULES"]
+__all__ = ["TrainOptions", "LOSSES", "GT_MODES", "LR_SCHEDULES", "solver_defaults"]
 
 LOSSES = ("bound", "end_to_end", "log_mse")
 GT_MODES = ("cached", "online")
@@ -34,7 +34,9 @@ class TrainOptions:
     """Options of ``bespoke_ext.train`` (pass them as keyword arguments).
 
     Optimisation
-        lr: Adam learning rate on the solver's raw parameters.
+        lr: Adam learning rate on the solver's raw parameters (5e-3; without an lr, ``bx.train`` uses the
+            solver's own where it has one: a NonStationarySolver after the least-squares start takes
+            1e-2 / nfe, ``NonStationarySolver.default_lr``).
         L_tau: Lipschitz stand-in of the model in the bound loss's weights M_i (method.md §5).
         loss: "bound" (the paper's: sum_i M_i d_i over teacher-forced local errors) or "end_to_end"
             (|| x_n(theta) - x(1) || through the whole solver: a fine-tuning stage; start it from a
@@ -245,3 +247,19 @@ class TrainOptions:
         d["model_extras"] = {k: (f"<tensor {tuple(v.shape)}>" if torch.is_tensor(v) else repr(v))
                              for k, v in self.model_extras.items()}
         return d
+
+
+def solver_defaults(solver, options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` with the defaults that depend on the solver filled in where they are not given: the
+    loss (``solver.default_loss``: "bound" for BespokeSolver, "log_mse" for NonStationarySolver),
+    fit_start (True for solvers linear in their coefficients, ``supports_least_squares_start``) and the
+    lr (``solver.default_lr(fitted)``, where the solver has one; lr=None counts as not given)."""
+    out = {"loss": getattr(solver, "default_loss", "bound"), **options}
+    if out.get("fit_start") is None:
+        out["fit_start"] = bool(getattr(solver, "supports_least_squares_start", False))
+    if out.get("lr") is None:   # not given, or None (the command line's "not given")
+        out.pop("lr", None)
+        lr = solver.default_lr(out["fit_start"] is True) if hasattr(solver, "default_lr") else None
+        if lr is not None:
+            out["lr"] = lr
+    return out

@@ -64,7 +64,7 @@ from .distributed import DistContext, distributed_context, note_failure, resolve
 from .history import TrainHistory
 from .least_squares_start import least_squares_start, warped
 from .loss import Recomputed, bound_loss, end_to_end_loss, solver_table
-from .options import TrainOptions
+from .options import TrainOptions, solver_defaults
 from .probe import frozen, model_device_dtype, probe_model
 from .validation import ValidationSet
 
@@ -101,8 +101,7 @@ def train(model: Callable, solver, *, shape: Sequence[int], iterations: int, bat
     Returns the solver, with ``solver.history`` (a ``TrainHistory``) attached; with keep_best (default) its
     parameters are those of the best validation RMSE seen.
     """
-    # without a loss, the solver's own: the bound loss for BespokeSolver, log-MSE for NonStationarySolver
-    opts = TrainOptions.from_kwargs(**{"loss": getattr(solver, "default_loss", "bound"), **options})
+    opts = TrainOptions.from_kwargs(**solver_defaults(solver, options))  # the solver's own loss, fit_start, lr
     if opts.fit_start and not getattr(solver, "supports_least_squares_start", False):
         raise ValueError(f"fit_start=True needs a solver that is linear in its coefficients (NonStationarySolver); "
                          f"{type(solver).__name__} is not: leave fit_start unset")
@@ -191,10 +190,9 @@ class _Run:
 
     @property
     def fits_start(self) -> bool:
-        """Whether the run begins with the least-squares start (TrainOptions.fit_start)."""
-        if self.opts.fit_start is not None:
-            return self.opts.fit_start
-        return bool(getattr(self.solver, "supports_least_squares_start", False))
+        """Whether the run begins with the least-squares start (TrainOptions.fit_start, resolved by
+        options.solver_defaults)."""
+        return bool(self.opts.fit_start)
 
     def fit_start(self, batches) -> Tuple[dict, float]:
         """The least-squares start (training/least_squares_start.py) on ``fit_samples`` trajectories; returns
