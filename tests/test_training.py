@@ -626,3 +626,7 @@ def test_a_run_that_never_beats_its_start_says_so(mixture):
         warnings.simplefilter("error", RuntimeWarning)
         improved = train(m, BespokeSolver(4, 2), lr=5e-3, **kw)
     assert improved.history.best_iteration > 0
+    # a least-squares start that training cannot improve on (here at the ground truth's accuracy) is named
+    with pytest.warns(RuntimeWarning, match=r"improved on the least-squares start's .*iterations=0 only fits"):
+        fitted = train(m, NonStationarySolver(20, "midpoint"), lr=5e-2, **{**kw, "fit_start": True})
+    assert fitted.history.best_rmse == fitted.history.fitted_rmse

@@ -77,10 +77,13 @@ class TrainHistory:
         """Warn when no iteration improved on the start (keep_best then hands it back unchanged, which would
         otherwise pass for a trained result; a learning rate too large for this NFE, typically)."""
         if self.best_iteration == 0 and self.val_iteration and self.val_iteration[-1] > 0:
-            warnings.warn(f"bespoke_ext.train: no iteration improved on the starting solver's validation RMSE "
+            # the least-squares start, when it was the best, can sit at the ground truth's own accuracy
+            fitted = self.best_rmse == self.fitted_rmse
+            start = "the least-squares start" if fitted else "the starting solver"
+            warnings.warn(f"bespoke_ext.train: no iteration improved on {start}'s validation RMSE "
                           f"({self.best_rmse:.4g}; after {self.val_iteration[-1]} iterations {self.val_rmse[-1]:.4g}), "
-                          f"so keep_best returns the start unchanged; try a lower lr (this run: {lr:g}) or more "
-                          f"iterations", RuntimeWarning, stacklevel=4)
+                          f"so keep_best returns it unchanged; try a lower lr (this run: {lr:g}) or more iterations"
+                          + (", or none (iterations=0 only fits)" if fitted else ""), RuntimeWarning, stacklevel=4)
 
     def truncate(self, iterations: int, validations: int) -> None:
         """Drop records beyond ``iterations`` losses and ``validations`` validations (interrupt rollback)."""
